@@ -1,0 +1,118 @@
+"""The `niftidrop` command line (SPEC §6).
+
+Every settings field is also a flag (`--inbox`, `--no-fsync`, `--library A
+--library B`, ...), so the settings model stays the single source of truth. The
+commands themselves live in the modules they belong to; this module parses,
+loads settings and maps outcomes to exit codes. `main(argv)` takes its arguments
+so tests call it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+from niftidrop import __version__
+from niftidrop.errors import ConfigError
+from niftidrop.settings import Settings, load_settings
+
+
+class ExitCode(IntEnum):
+    """Exit statuses of every command."""
+
+    OK = 0
+    FAILED = 1  # some input was rejected, a name had no reference, unhealthy
+    BAD_CONFIG = 2
+
+
+Command = Callable[[Settings, argparse.Namespace], int]
+
+
+def _settings_flags() -> argparse.ArgumentParser:
+    """A parent parser with one flag per settings field."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("settings (also NIFTIDROP_<NAME> and the TOML file)")
+    group.add_argument("--config", type=Path, default=None, help="TOML settings file")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = field.description or ""
+        origin = typing.get_origin(field.annotation)
+        if field.annotation is bool:
+            group.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        elif name == "library":
+            group.add_argument(flag, dest=name, action="append", default=None, help=help_text)
+        elif origin is list or name == "default_affine":
+            group.add_argument(flag, dest=name, default=None, help=help_text + " (JSON)")
+        else:
+            group.add_argument(flag, dest=name, default=None, help=help_text)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags, by field name."""
+    return {
+        name: getattr(args, name)
+        for name in Settings.model_fields
+        if getattr(args, name, None) is not None
+    }
+
+
+def _cmd_check(settings: Settings, args: argparse.Namespace) -> int:
+    """Validate the folders and print the effective settings as JSON."""
+    import json
+
+    problems = []
+    for label, folder in (
+        ("inbox", settings.inbox_dir),
+        ("outbox", settings.outbox_dir),
+        ("archive", settings.archive_dir),
+        ("failed", settings.failed_dir),
+    ):
+        if folder.exists() and not folder.is_dir():
+            problems.append(f"{label}: {folder} exists and is not a folder")
+    for folder in settings.library_dirs:
+        if not folder.is_dir():
+            problems.append(f"library: {folder} is not a folder")
+    effective = settings.model_dump(mode="json")
+    print(json.dumps(effective, indent=2, sort_keys=True))
+    for problem in problems:
+        print(f"niftidrop: {problem}", file=sys.stderr)
+    return ExitCode.BAD_CONFIG if problems else ExitCode.OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser: global options and one subcommand per SPEC §6 command."""
+    flags = _settings_flags()
+    parser = argparse.ArgumentParser(
+        prog="niftidrop", description="Turn NumPy predictions into NIfTI files."
+    )
+    parser.add_argument("--version", action="version", version=f"niftidrop {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = commands.add_parser("check", parents=[flags], help="validate config and folders")
+    check.set_defaults(handler=_cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config, **_overrides(args))
+    except ConfigError as exc:
+        print(f"niftidrop: {exc}", file=sys.stderr)
+        return ExitCode.BAD_CONFIG
+    handler: Command = args.handler
+    return int(handler(settings, args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

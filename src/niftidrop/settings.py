@@ -1,0 +1,268 @@
+"""The one settings model (SPEC §5): defaults < TOML file < environment < flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from niftidrop.errors import ConfigError
+
+ENV_PREFIX = "NIFTIDROP_"
+SYSTEM_CONFIG = Path("/etc/niftidrop/niftidrop.toml")
+LOCAL_CONFIG = Path("niftidrop.toml")
+
+# The TOML file chosen for the settings being built (see `load_settings`).
+_toml_file: ContextVar[Path | None] = ContextVar("niftidrop_toml_file", default=None)
+
+DtypePolicy = Annotated[str, Field(description="auto, keep, or a NumPy dtype name")]
+
+
+def _default_workers() -> int:
+    return os.cpu_count() or 1
+
+
+class Settings(BaseSettings):
+    """Every knob of niftidrop. The CLI, environment and TOML file only fill it."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        validate_default=True,
+        frozen=True,
+    )
+
+    # Folders (SPEC §1). Relative paths are resolved against `root`.
+    root: Path = Field(default=Path(), description="base of relative folder paths")
+    inbox: Path = Field(default=Path("inbox"), description="where producers drop inputs")
+    outbox: Path = Field(default=Path("outbox"), description="where NIfTI outputs appear")
+    archive: Path = Field(default=Path("archive"), description="converted inputs")
+    failed: Path = Field(default=Path("failed"), description="rejected inputs + .error.json")
+    library: Annotated[list[Path], NoDecode] = Field(
+        default_factory=lambda: [Path("library")],
+        description="reference NIfTI folders, searched recursively",
+    )
+    state_dir: Path | None = Field(default=None, description="work files; <inbox>/.niftidrop")
+
+    # The file protocol (SPEC §1).
+    settle_seconds: float = Field(default=1.0, ge=0, description="quiet time before a read")
+    incomplete_timeout: float = Field(default=600.0, gt=0, description="then: truncated")
+    fsync: bool = Field(default=True, description="fsync outputs and folders")
+    after_success: Literal["archive", "delete"] = Field(default="archive")
+    recursive: bool = Field(default=True, description="watch inbox subfolders")
+    rescan_interval: float = Field(default=30.0, gt=0, description="full inbox rescan period")
+    observer: Literal["auto", "inotify", "polling"] = Field(default="auto")
+    poll_interval: float = Field(default=1.0, gt=0, description="polling observer period")
+
+    # Reference matching (SPEC §2).
+    separators: str = Field(default="_-.", min_length=1, description="key token separators")
+    key_pattern: str | None = Field(default=None, description="regex with a group named key")
+    reference_wait: float = Field(default=0.0, ge=0, description="wait for a late reference")
+    missing_reference: Literal["fail", "identity"] = Field(default="fail")
+    default_affine: Annotated[list[list[float]] | None, NoDecode] = Field(
+        default=None, description="4x4 affine used by missing_reference=identity"
+    )
+
+    # Conversion (SPEC §3).
+    npz_key: str | None = Field(default=None, description=".npz member to convert")
+    compress: bool = Field(default=True, description="write .nii.gz (else .nii)")
+    on_conflict: Literal["overwrite", "rename", "fail"] = Field(default="overwrite")
+    dtype: DtypePolicy = Field(default="auto")
+    axis_order: Literal["xyz", "zyx"] = Field(default="xyz")
+    channels: Literal["keep", "argmax", "split"] = Field(default="keep")
+    max_input_bytes: int = Field(default=16 * 1024**3, gt=0)
+    compression_level: int = Field(default=1, ge=0, le=3, description="igzip level 0-3")
+    compression_threads: int = Field(default=0, ge=0, description="0: one per CPU")
+    sidecar: bool = Field(default=False, description="write <stem>.json provenance")
+
+    # Service (SPEC §5, §7).
+    workers: int = Field(default_factory=_default_workers, ge=1)
+    shutdown_timeout: float = Field(default=30.0, ge=0)
+    log_format: Literal["auto", "json", "console"] = Field(default="auto")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
+    heartbeat_interval: float = Field(default=5.0, gt=0)
+    metrics_address: str | None = Field(default=None, description="host:port for /metrics")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = _toml_file.get()
+        if toml_file is None:
+            return (init_settings, env_settings)
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file))
+
+    @field_validator("library", mode="before")
+    @classmethod
+    def _split_library(cls, value: Any) -> Any:
+        # From the environment: a JSON list, or paths separated by os.pathsep.
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [part for part in value.split(os.pathsep) if part]
+        if isinstance(value, Path):
+            return [value]
+        return value
+
+    @field_validator("library")
+    @classmethod
+    def _library_not_empty(cls, value: list[Path]) -> list[Path]:
+        if not value:
+            raise ValueError("needs at least one folder")
+        return value
+
+    @field_validator("default_affine", mode="before")
+    @classmethod
+    def _parse_affine(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else None
+        return value
+
+    @field_validator("default_affine")
+    @classmethod
+    def _affine_is_4x4(cls, value: list[list[float]] | None) -> list[list[float]] | None:
+        if value is not None:
+            matrix = np.asarray(value, dtype=np.float64)
+            if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
+                raise ValueError(f"expected a finite 4x4 matrix, found shape {matrix.shape}")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value in ("auto", "keep"):
+            return value
+        try:
+            dtype = np.dtype(value)
+        except TypeError:
+            raise ValueError(
+                f"expected auto, keep or a NumPy dtype name, found {value!r}"
+            ) from None
+        if dtype.kind not in "biufc" or dtype.itemsize > 16:
+            raise ValueError(f"expected a numeric dtype, found {value!r}")
+        return dtype.name
+
+    @field_validator("key_pattern")
+    @classmethod
+    def _pattern_has_key(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            pattern = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        if "key" not in pattern.groupindex:
+            raise ValueError("expected a named group (?P<key>...)")
+        return value
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected host:port, found {value!r}")
+        return value
+
+    # Resolved folders.
+
+    def resolve(self, path: Path) -> Path:
+        """`path` made absolute against `root` (user `~` expanded)."""
+        path = path.expanduser()
+        return path if path.is_absolute() else (self.root.expanduser().absolute() / path)
+
+    @property
+    def inbox_dir(self) -> Path:
+        return self.resolve(self.inbox)
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.resolve(self.outbox)
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.resolve(self.archive)
+
+    @property
+    def failed_dir(self) -> Path:
+        return self.resolve(self.failed)
+
+    @property
+    def library_dirs(self) -> list[Path]:
+        return [self.resolve(folder) for folder in self.library]
+
+    @property
+    def state_path(self) -> Path:
+        if self.state_dir is None:
+            return self.inbox_dir / ".niftidrop"
+        return self.resolve(self.state_dir)
+
+    @property
+    def threads(self) -> int:
+        """Compression threads, `compression_threads` or one per CPU."""
+        return self.compression_threads or (os.cpu_count() or 1)
+
+
+def find_config_file(explicit: Path | None = None) -> Path | None:
+    """The TOML file to read: `--config`, `NIFTIDROP_CONFIG`, ./niftidrop.toml, /etc."""
+    from_env = os.environ.get(ENV_PREFIX + "CONFIG")
+    named = explicit or (Path(from_env) if from_env else None)
+    if named is not None:
+        if not named.is_file():
+            raise ConfigError(f"config: file {str(named)!r} does not exist")
+        return named
+    for candidate in (LOCAL_CONFIG, SYSTEM_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@contextmanager
+def _reading_toml(path: Path | None) -> Iterator[None]:
+    token = _toml_file.set(path)
+    try:
+        yield
+    finally:
+        _toml_file.reset(token)
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from every source; `overrides` are command-line values.
+
+    Raises `ConfigError` naming the offending setting(s).
+    """
+    config_file = find_config_file(config)
+    try:
+        with _reading_toml(config_file):
+            return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        where = f" (config file {config_file})" if config_file else ""
+        raise ConfigError(f"invalid settings{where}: {problems}") from None
+    except (ValueError, OSError) as exc:  # unreadable TOML, bad JSON in the environment
+        where = f"config file {config_file}" if config_file else "settings"
+        raise ConfigError(f"{where}: {exc}") from None

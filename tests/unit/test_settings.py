@@ -1,0 +1,94 @@
+"""Tests of the settings model and its sources (SPEC §5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from niftidrop.errors import ConfigError
+from niftidrop.settings import Settings, find_config_file, load_settings
+
+
+class TestDefaults:
+    def test_folders_default_under_root(self, tmp_path: Path) -> None:
+        """Relative folders resolve against root; state lives in the inbox."""
+        settings = load_settings(root=tmp_path)
+        assert settings.inbox_dir == tmp_path / "inbox"
+        assert settings.library_dirs == [tmp_path / "library"]
+        assert settings.state_path == tmp_path / "inbox" / ".niftidrop"
+
+    def test_contract_defaults(self) -> None:
+        """The defaults are the ones SPEC.md promises."""
+        settings = Settings()
+        assert settings.settle_seconds == 1.0
+        assert settings.incomplete_timeout == 600
+        assert settings.rescan_interval == 30
+        assert settings.separators == "_-."
+        assert settings.dtype == "auto"
+        assert settings.compression_level == 1
+        assert settings.max_input_bytes == 16 * 1024**3
+        assert settings.shutdown_timeout == 30
+        assert settings.heartbeat_interval == 5
+        assert settings.metrics_address is None
+        assert settings.workers >= 1
+
+
+class TestSources:
+    def test_precedence(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Flags beat the environment, which beats the TOML file, which beats defaults."""
+        config = tmp_path / "n.toml"
+        config.write_text('workers = 3\nsettle_seconds = 2.5\ndtype = "float32"\n')
+        monkeypatch.setenv("NIFTIDROP_WORKERS", "5")
+        monkeypatch.setenv("NIFTIDROP_DTYPE", "uint8")
+        settings = load_settings(config, dtype="int16")
+        assert settings.workers == 5
+        assert settings.settle_seconds == 2.5
+        assert settings.dtype == "int16"
+
+    def test_config_search_order(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """NIFTIDROP_CONFIG is used, then ./niftidrop.toml."""
+        Path("niftidrop.toml").write_text("workers = 4\n")
+        assert load_settings().workers == 4
+        other = tmp_path / "other.toml"
+        other.write_text("workers = 6\n")
+        monkeypatch.setenv("NIFTIDROP_CONFIG", str(other))
+        assert find_config_file() == other
+        assert load_settings().workers == 6
+
+    def test_missing_config_file_is_an_error(self, tmp_path: Path) -> None:
+        """A named config file that does not exist stops the start."""
+        with pytest.raises(ConfigError, match="does not exist"):
+            load_settings(tmp_path / "absent.toml")
+
+    def test_library_from_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The library list reads as JSON or as os.pathsep-separated paths."""
+        monkeypatch.setenv("NIFTIDROP_LIBRARY", "a:b")
+        assert load_settings().library == [Path("a"), Path("b")]
+        monkeypatch.setenv("NIFTIDROP_LIBRARY", '["c"]')
+        assert load_settings().library == [Path("c")]
+
+
+class TestValidation:
+    @pytest.mark.parametrize(
+        ("name", "value"),
+        [
+            ("dtype", "object"),
+            ("dtype", "nonsense"),
+            ("key_pattern", "(?P<nokey>.*)"),
+            ("key_pattern", "("),
+            ("metrics_address", "9464"),
+            ("workers", 0),
+            ("compression_level", 9),
+            ("observer", "fsevents"),
+            ("default_affine", "[[1, 0], [0, 1]]"),
+        ],
+    )
+    def test_invalid_value_names_the_setting(self, name: str, value: object) -> None:
+        """Every invalid value is a ConfigError whose message names the setting."""
+        with pytest.raises(ConfigError, match=name):
+            load_settings(**{name: value})
+
+    def test_dtype_is_normalised(self) -> None:
+        """Dtype names are stored in NumPy's spelling."""
+        assert load_settings(dtype="f4").dtype == "float32"
