@@ -1,0 +1,556 @@
+"""The reference library: an in-memory index of reference scans and the matching rules.
+
+SPEC §2. The library folders are scanned once into a table of keys → paths; every
+lookup after that is a few dict lookups and one bisect in memory, never a disk
+access. While started, a watchdog observer and a periodic rescan keep the table
+current; all changes go through one writer at a time, and readers only ever see
+a whole table (a rebuild is swapped in at once).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import threading
+import time
+from bisect import bisect_left, insort
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Final, Literal
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+
+from niftidrop.errors import ConversionError, ErrorCode
+
+if TYPE_CHECKING:
+    from watchdog.observers.api import BaseObserver
+
+    from niftidrop.settings import Settings
+
+Rule = Literal["exact", "reference_prefix", "input_prefix", "key_pattern", "identity"]
+
+INPUT_EXTENSIONS: Final = (".npy", ".npz")
+REFERENCE_EXTENSIONS: Final = (".nii.gz", ".nii")  # longest first: ".nii.gz" ends in neither
+# File systems whose changes inotify does not (reliably) report: poll them instead.
+POLLED_FILE_SYSTEMS: Final = frozenset(
+    {"nfs", "nfs4", "cifs", "smb", "smb3", "smbfs", "fuse", "fuseblk", "9p"}
+)
+
+
+@dataclass(frozen=True)
+class Match:
+    """Which reference an input name resolves to, and why."""
+
+    name: str  # the input name asked about
+    key: str  # its key
+    reference: Path | None  # None only for rule "identity"
+    rule: Rule
+    candidates: tuple[Path, ...]  # every reference the deciding rule considered
+
+
+def input_key(name: str) -> str:
+    """The key of an input name: its file name without `.npy`/`.npz` (any case)."""
+    base = name.rpartition("/")[2]  # not Path(name).name: this runs on every lookup
+    lowered = base.lower()
+    for extension in INPUT_EXTENSIONS:
+        if lowered.endswith(extension):
+            return base[: -len(extension)]
+    return base
+
+
+def reference_key(name: str) -> str | None:
+    """The key of a reference file name (stem before `.nii`/`.nii.gz`), None if not one."""
+    lowered = name.lower()
+    for extension in REFERENCE_EXTENSIONS:
+        if lowered.endswith(extension) and len(name) > len(extension):
+            return name[: -len(extension)]
+    return None
+
+
+class _Index:
+    """Keys → reference paths, and the same keys sorted for prefix searches.
+
+    A key with more than one path is ambiguous. Paths are kept as strings: they
+    are half the size of `Path` objects, and lookups turn only the answer into one.
+    """
+
+    __slots__ = ("paths_by_key", "size", "sorted_keys")
+
+    def __init__(self, paths_by_key: dict[str, tuple[str, ...]] | None = None) -> None:
+        self.paths_by_key = paths_by_key if paths_by_key is not None else {}
+        self.sorted_keys = sorted(self.paths_by_key)
+        self.size = sum(len(paths) for paths in self.paths_by_key.values())
+
+    def add(self, key: str, path: str) -> None:
+        paths = self.paths_by_key.get(key)
+        if paths is None:
+            self.paths_by_key[key] = (path,)
+            insort(self.sorted_keys, key)
+        elif path not in paths:
+            self.paths_by_key[key] = (*paths, path)
+        else:
+            return
+        self.size += 1
+
+    def discard(self, key: str, path: str) -> None:
+        paths = self.paths_by_key.get(key, ())
+        if path not in paths:
+            return
+        remaining = tuple(other for other in paths if other != path)
+        if remaining:
+            self.paths_by_key[key] = remaining
+        else:
+            del self.paths_by_key[key]
+            del self.sorted_keys[bisect_left(self.sorted_keys, key)]
+        self.size -= 1
+
+    def entries_under(self, folder: str) -> list[tuple[str, str]]:
+        """Every (key, path) inside `folder`; a scan, used only when a folder goes away."""
+        prefix = folder.rstrip(os.sep) + os.sep
+        return [
+            (key, path)
+            for key, paths in self.paths_by_key.items()
+            for path in paths
+            if path.startswith(prefix)
+        ]
+
+    def keys_extending(self, key: str, separators: str) -> list[str]:
+        """Keys equal to `key` + separator + at least one more character, sorted."""
+        found: list[str] = []
+        for separator in separators:
+            prefix = key + separator
+            position = bisect_left(self.sorted_keys, prefix)
+            while position < len(self.sorted_keys):
+                candidate = self.sorted_keys[position]
+                if not candidate.startswith(prefix):
+                    break
+                if len(candidate) > len(prefix):
+                    found.append(candidate)
+                position += 1
+        return sorted(found)
+
+
+class _Scanner:
+    """Walks library folders with `os.scandir`, following symlinked folders once."""
+
+    def __init__(self, key_of: _KeyOf) -> None:
+        self._key_of = key_of
+        self._visited: set[tuple[int, int]] = set()
+
+    def scan(self, folder: str) -> list[tuple[str, str]]:
+        """Every (key, path) of a reference below `folder`, skipping hidden names."""
+        found: list[tuple[str, str]] = []
+        pending = [folder]
+        while pending:
+            current = pending.pop()
+            try:
+                status = Path(current).stat()
+            except OSError:
+                continue
+            identity = (status.st_dev, status.st_ino)
+            if identity in self._visited:  # a symlink loop, or a folder reached twice
+                continue
+            self._visited.add(identity)
+            try:
+                with os.scandir(current) as entries:
+                    for entry in entries:
+                        self._visit(entry, found, pending)
+            except OSError:  # unreadable or vanished while scanning: the rescan retries
+                continue
+        return found
+
+    def _visit(
+        self, entry: os.DirEntry[str], found: list[tuple[str, str]], pending: list[str]
+    ) -> None:
+        name = entry.name
+        if name.startswith("."):
+            return
+        try:
+            key = self._key_of(name)
+            if key is not None and entry.is_file():
+                found.append((key, entry.path))
+            elif entry.is_dir():
+                pending.append(entry.path)
+        except OSError:
+            return
+
+
+class _KeyOf:
+    """A reference file name → its key, or None when the name is not a reference."""
+
+    def __init__(self, pattern: re.Pattern[str] | None) -> None:
+        self._pattern = pattern
+
+    def __call__(self, name: str) -> str | None:
+        stem = reference_key(name)
+        if stem is None or self._pattern is None:
+            return stem
+        return _pattern_key(self._pattern, stem)
+
+    def __repr__(self) -> str:
+        pattern = self._pattern.pattern if self._pattern else None
+        return f"_KeyOf(pattern={pattern!r})"
+
+
+def _pattern_key(pattern: re.Pattern[str], stem: str) -> str | None:
+    found = pattern.search(stem)
+    return found.group("key") if found is not None and found.group("key") else None
+
+
+class ReferenceLibrary:
+    """The reference scans of one or more library folders, indexed by key.
+
+    `build()` indexes the folders; `match()` and `resolve()` answer from memory and
+    are safe to call from many threads; `start()` keeps the index current until
+    `stop()`. Keys shared by several files are ambiguous, never guessed.
+    """
+
+    def __init__(
+        self,
+        folders: Sequence[Path],
+        *,
+        separators: str = "_-.",
+        key_pattern: str | None = None,
+        reference_wait: float = 0.0,
+        missing_reference: str = "fail",
+        rescan_interval: float = 30.0,
+        observer: str = "auto",
+        poll_interval: float = 1.0,
+    ) -> None:
+        if missing_reference not in ("fail", "identity"):
+            raise ValueError(
+                f"missing_reference: expected fail or identity, found {missing_reference!r}"
+            )
+        if not separators:
+            raise ValueError("separators: expected at least one character, found none")
+        self.folders = tuple(Path(folder).absolute() for folder in folders)
+        self.separators = "".join(dict.fromkeys(separators))
+        self.key_pattern = key_pattern
+        self.reference_wait = reference_wait
+        self.missing_reference = missing_reference
+        self.rescan_interval = rescan_interval
+        self.observer = observer
+        self.poll_interval = poll_interval
+        self._pattern = re.compile(key_pattern) if key_pattern is not None else None
+        if self._pattern is not None and "key" not in self._pattern.groupindex:
+            raise ValueError(f"key_pattern: expected a group named key in {key_pattern!r}")
+        self._key_of = _KeyOf(self._pattern)
+        self._roots = tuple(str(folder) for folder in self.folders)
+        self._index = _Index()
+        self._built = False
+        # Readers hold `_changed` only for a lookup; writers hold `_writer` for a
+        # whole update (disk reads included) so updates never interleave.
+        self._changed = threading.Condition()
+        self._writer = threading.Lock()
+        self._lifecycle = threading.Lock()
+        self._watching = False
+        self._changes: queue.SimpleQueue[tuple[str, bool] | None] = queue.SimpleQueue()
+        self._watcher: BaseObserver | None = None
+        self._updater: threading.Thread | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ReferenceLibrary:
+        """The library described by `settings` (SPEC §2 and the observer choice of §1.10)."""
+        return cls(
+            settings.library_dirs,
+            separators=settings.separators,
+            key_pattern=settings.key_pattern,
+            reference_wait=settings.reference_wait,
+            missing_reference=settings.missing_reference,
+            rescan_interval=settings.rescan_interval,
+            observer=settings.observer,
+            poll_interval=settings.poll_interval,
+        )
+
+    def __len__(self) -> int:
+        with self._changed:
+            return self._index.size
+
+    def __repr__(self) -> str:
+        folders = ", ".join(self._roots)
+        return f"ReferenceLibrary([{folders}], references={len(self)})"
+
+    # Indexing.
+
+    def build(self) -> None:
+        """Index every library folder from disk, then swap the new index in at once."""
+        with self._writer:
+            scanner = _Scanner(self._key_of)
+            paths_by_key: dict[str, tuple[str, ...]] = {}
+            for root in self._roots:
+                for key, path in scanner.scan(root):
+                    existing = paths_by_key.get(key)
+                    paths_by_key[key] = (path,) if existing is None else (*existing, path)
+            index = _Index(paths_by_key)
+            with self._changed:
+                self._index = index
+                self._built = True
+                self._changed.notify_all()
+
+    def _apply(self, changes: Iterable[tuple[str, bool]]) -> None:
+        """Bring the index in line with the disk for the paths that changed."""
+        with self._writer:
+            removals: list[tuple[str, str]] = []
+            additions: list[tuple[str, str]] = []
+            for path, is_folder in dict.fromkeys(changes):
+                if is_folder:
+                    removals.extend(self._index.entries_under(path))
+                    if Path(path).is_dir() and not self._hidden(path):
+                        additions.extend(_Scanner(self._key_of).scan(path))
+                    continue
+                key = self._key_of(Path(path).name)
+                if key is None:
+                    continue
+                if Path(path).is_file() and not self._hidden(path):
+                    additions.append((key, path))
+                else:
+                    removals.append((key, path))
+            with self._changed:
+                for key, path in removals:
+                    self._index.discard(key, path)
+                for key, path in additions:
+                    self._index.add(key, path)
+                self._changed.notify_all()
+
+    def _hidden(self, path: str) -> bool:
+        """Whether `path` lies in a hidden folder (or is hidden) below its library root."""
+        candidate = Path(path)
+        for root in self.folders:
+            if candidate.is_relative_to(root):
+                parts = candidate.relative_to(root).parts
+                return any(part.startswith(".") for part in parts)
+        return candidate.name.startswith(".")
+
+    # Lookups.
+
+    def match(self, name: str) -> Match:
+        """The reference for input `name` by the rules of SPEC §2, from memory only.
+
+        Raises `ConversionError` with `no_reference`, or `ambiguous_reference`
+        carrying the equally good candidates.
+        """
+        with self._changed:
+            return self._match(name)
+
+    def resolve(self, name: str) -> Match:
+        """`match`, but wait up to `reference_wait` for a missing reference, then
+        apply `missing_reference` (`identity` gives a match without a reference).
+
+        The wait is woken by index updates, so it only helps while `start()`ed.
+        """
+        deadline = time.monotonic() + self.reference_wait
+        with self._changed:
+            while True:
+                try:
+                    return self._match(name)
+                except ConversionError as error:
+                    if error.code is not ErrorCode.NO_REFERENCE:
+                        raise
+                    remaining = deadline - time.monotonic()
+                    if self._watching and remaining > 0:
+                        self._changed.wait(remaining)
+                        continue
+                    if self.missing_reference == "identity":
+                        key = self._input_key(name) or input_key(name)
+                        return Match(name, key, None, "identity", ())
+                    raise
+
+    def _input_key(self, name: str) -> str | None:
+        stem = input_key(name)
+        return stem if self._pattern is None else _pattern_key(self._pattern, stem)
+
+    def _match(self, name: str) -> Match:
+        key = self._input_key(name)
+        if key is None:
+            raise ConversionError(
+                ErrorCode.NO_REFERENCE,
+                f"{name}: expected a stem matching key_pattern {self.key_pattern!r}, "
+                f"found {input_key(name)!r}",
+            )
+        paths_by_key = self._index.paths_by_key
+        if key in paths_by_key:
+            rule: Rule = "exact" if self._pattern is None else "key_pattern"
+            return self._decide(name, key, rule, [key])
+        if self._pattern is None:
+            # Rule 2: reference keys ending just before a separator of the input key,
+            # longest first; the last character cannot start the "more" part.
+            prefixes = [
+                key[:end]
+                for end in range(len(key) - 2, 0, -1)
+                if key[end] in self.separators and key[:end] in paths_by_key
+            ]
+            if prefixes:
+                return self._decide(name, key, "reference_prefix", prefixes)
+            extending = self._index.keys_extending(key, self.separators)
+            if extending:
+                return self._decide(name, key, "input_prefix", extending)
+        raise ConversionError(
+            ErrorCode.NO_REFERENCE,
+            f"{name}: expected a reference for key {key!r} ({self._rules_text(key)}), "
+            f"found none among {self._index.size} references in {', '.join(self._roots)}",
+        )
+
+    def _rules_text(self, key: str) -> str:
+        if self._pattern is not None:
+            return f"a reference whose key_pattern key is {key!r}"
+        return (
+            f"{key}.nii[.gz], a reference key that {key!r} starts with, or {key!r} followed "
+            f"by more, split by one of {self.separators!r}"
+        )
+
+    def _decide(self, name: str, key: str, rule: Rule, candidate_keys: list[str]) -> Match:
+        """The match for the first of `candidate_keys`, refused when that key is shared."""
+        paths_by_key = self._index.paths_by_key
+        chosen = paths_by_key[candidate_keys[0]]
+        if len(chosen) > 1:
+            raise ConversionError(
+                ErrorCode.AMBIGUOUS_REFERENCE,
+                f"{name}: expected one reference for key {candidate_keys[0]!r} (rule {rule}), "
+                f"found {len(chosen)}: {', '.join(chosen)}",
+                candidates=[Path(path) for path in chosen],
+            )
+        candidates = tuple(Path(path) for other in candidate_keys for path in paths_by_key[other])
+        return Match(name, key, candidates[0], rule, candidates)
+
+    # Watching.
+
+    def start(self, rescan_interval: float | None = None) -> None:
+        """Keep the index current: watch the folders and rescan every `rescan_interval`.
+
+        Builds the index first if `build()` was never called. Idempotent.
+        """
+        with self._lifecycle:
+            if self._watcher is not None:
+                return
+            interval = rescan_interval if rescan_interval is not None else self.rescan_interval
+            self._changes = queue.SimpleQueue()
+            watcher = make_observer(self.observer, self.poll_interval, self._roots)
+            handler = _ChangeHandler(self._changes, self._key_of)
+            for root in self._roots:
+                if Path(root).is_dir():
+                    watcher.schedule(handler, root, recursive=True)
+            watcher.start()
+            if not self._built:
+                self.build()
+            self._updater = threading.Thread(
+                target=self._follow_changes, args=(interval,), name="niftidrop-library", daemon=True
+            )
+            self._updater.start()
+            self._watcher = watcher
+            with self._changed:
+                self._watching = True
+
+    def stop(self) -> None:
+        """Stop watching; the index stays as it is. Idempotent."""
+        with self._lifecycle:
+            watcher, updater = self._watcher, self._updater
+            self._watcher = self._updater = None
+            with self._changed:
+                self._watching = False
+                self._changed.notify_all()  # waiting `resolve` calls give up now
+            if watcher is not None:
+                watcher.stop()
+                watcher.join()
+            if updater is not None:
+                self._changes.put(None)
+                updater.join()
+
+    def __enter__(self) -> ReferenceLibrary:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _follow_changes(self, interval: float) -> None:
+        """The single writer thread: applies queued changes, rebuilds every `interval`."""
+        next_rescan = time.monotonic() + interval
+        while True:
+            try:
+                change = self._changes.get(timeout=max(0.0, next_rescan - time.monotonic()))
+            except queue.Empty:
+                self.build()  # the safety net for lost events (SPEC §1.10)
+                next_rescan = time.monotonic() + interval
+                continue
+            batch = [change]
+            while not self._changes.empty():
+                batch.append(self._changes.get_nowait())
+            if None in batch:
+                return
+            self._apply(item for item in batch if item is not None)
+
+
+class _ChangeHandler(FileSystemEventHandler):
+    """Runs on the observer's thread, so it only queues the paths that changed."""
+
+    _RELEVANT: Final = frozenset({"created", "deleted", "moved"})
+
+    def __init__(self, changes: queue.SimpleQueue[tuple[str, bool] | None], key_of: _KeyOf) -> None:
+        self._changes = changes
+        self._key_of = key_of
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in self._RELEVANT:
+            return  # content changes do not change names, and names are all we index
+        paths = [event.src_path]
+        if event.event_type == "moved":
+            paths.append(event.dest_path)
+        for raw in paths:
+            path = os.fsdecode(raw)
+            if event.is_directory or self._key_of(Path(path).name) is not None:
+                self._changes.put((path, event.is_directory))
+
+
+# Choosing an observer (SPEC §1.10).
+
+
+def file_system_type(
+    path: str | Path, mountinfo: Path = Path("/proc/self/mountinfo")
+) -> str | None:
+    """The type of the file system holding `path` (e.g. "ext4", "nfs4"), None if unknown."""
+    try:
+        lines = mountinfo.read_text().splitlines()
+    except OSError:  # not Linux, or /proc not mounted
+        return None
+    real = os.path.realpath(path)
+    best_mount, best_type = "", None
+    for line in lines:
+        fields = line.split()
+        if "-" not in fields[6:]:
+            continue
+        mount_point = _unescape_mount(fields[4])
+        fs_type = fields[fields.index("-", 6) + 1]
+        inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
+        # `>=`: a later mount on the same point hides the earlier one.
+        if inside and len(mount_point) >= len(best_mount):
+            best_mount, best_type = mount_point, fs_type
+    return best_type
+
+
+def _unescape_mount(field: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as octal escapes.
+    return re.sub(r"\\([0-7]{3})", lambda octal: chr(int(octal.group(1), 8)), field)
+
+
+def needs_polling(path: str | Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> bool:
+    """Whether `path` is on a network or FUSE file system, where inotify misses changes."""
+    fs_type = file_system_type(path, mountinfo)
+    return fs_type is not None and fs_type.split(".")[0] in POLLED_FILE_SYSTEMS
+
+
+def make_observer(kind: str, poll_interval: float, folders: Iterable[str | Path]) -> BaseObserver:
+    """A watchdog observer: `polling`, `inotify` (the native one), or `auto`."""
+    from watchdog.observers import Observer
+    from watchdog.observers.polling import PollingObserver
+
+    if kind == "polling" or (kind == "auto" and any(needs_polling(f) for f in folders)):
+        return PollingObserver(timeout=poll_interval)
+    return Observer()

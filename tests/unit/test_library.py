@@ -1,0 +1,507 @@
+"""Tests of the reference library: index, matching rules, waiting and live updates (SPEC §2)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from watchdog.observers.polling import PollingObserver
+
+from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.library import (
+    Match,
+    ReferenceLibrary,
+    file_system_type,
+    input_key,
+    make_observer,
+    needs_polling,
+    reference_key,
+)
+from niftidrop.settings import load_settings
+
+DEADLINE = 20.0  # seconds a live update may take before a test gives up
+
+
+def touch(folder: Path, *names: str) -> list[Path]:
+    """Empty files named `names` under `folder` (the index reads names only)."""
+    created = []
+    for name in names:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        created.append(path)
+    return created
+
+
+def library_of(folder: Path, *names: str, **options: object) -> ReferenceLibrary:
+    """A built library over `folder` holding the references `names`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    touch(folder, *names)
+    library = ReferenceLibrary([folder], **options)  # type: ignore[arg-type]
+    library.build()
+    return library
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Poll `condition` until it holds, failing after DEADLINE seconds."""
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not seen within {DEADLINE} s: {what}")
+        time.sleep(0.02)
+
+
+def matches(library: ReferenceLibrary, name: str, expected: Path | None) -> bool:
+    """Whether `name` currently resolves to `expected` (None: to nothing)."""
+    try:
+        return library.match(name).reference == expected
+    except ConversionError:
+        return expected is None
+
+
+@pytest.fixture
+def started() -> Iterator[list[ReferenceLibrary]]:
+    """Libraries appended here are stopped after the test, even when it fails."""
+    libraries: list[ReferenceLibrary] = []
+    yield libraries
+    for library in libraries:
+        library.stop()
+
+
+class TestKeys:
+    def test_input_key_strips_numpy_extensions_any_case(self) -> None:
+        """Input keys drop .npy/.npz whatever their case, and any folder part."""
+        assert input_key("case001.npz") == "case001"
+        assert input_key("sub/case001_pred.NPY") == "case001_pred"
+        assert input_key("case001") == "case001"
+
+    def test_reference_key_strips_nifti_extensions_any_case(self) -> None:
+        """Reference keys drop .nii/.nii.gz whatever their case; other names are not references."""
+        assert reference_key("case001.nii.gz") == "case001"
+        assert reference_key("Case001.NII.GZ") == "Case001"
+        assert reference_key("case001.Nii") == "case001"
+        assert reference_key("case001.npz") is None
+        assert reference_key(".nii.gz") is None
+
+
+class TestRules:
+    def test_exact(self, tmp_path: Path) -> None:
+        """Rule 1: a reference with the input's key is chosen."""
+        library = library_of(tmp_path, "case001.nii.gz", "case001_0000.nii.gz")
+        reference = tmp_path / "case001.nii.gz"
+        assert library.match("case001.npz") == Match(
+            "case001.npz", "case001", reference, "exact", (reference,)
+        )
+
+    def test_reference_prefix_longest_wins(self, tmp_path: Path) -> None:
+        """Rule 2: the longest reference key followed by a separator in the input key wins."""
+        library = library_of(tmp_path, "case001.nii.gz", "case001_t1.nii.gz", "case00.nii.gz")
+        match = library.match("case001_t1_pred.npz")
+        assert match.rule == "reference_prefix"
+        assert match.reference == tmp_path / "case001_t1.nii.gz"
+        assert set(match.candidates) == {
+            tmp_path / "case001_t1.nii.gz",
+            tmp_path / "case001.nii.gz",
+        }
+
+    def test_input_prefix_smallest_wins(self, tmp_path: Path) -> None:
+        """Rule 3: of the references extending the input key, the smallest key wins."""
+        library = library_of(tmp_path, "case001_0001.nii.gz", "case001_0000.nii.gz")
+        match = library.match("case001.npz")
+        assert match.rule == "input_prefix"
+        assert match.reference == tmp_path / "case001_0000.nii.gz"
+        assert match.candidates == (
+            tmp_path / "case001_0000.nii.gz",
+            tmp_path / "case001_0001.nii.gz",
+        )
+
+    def test_rules_apply_in_order(self, tmp_path: Path) -> None:
+        """Exact beats both prefix rules, and reference-is-prefix beats input-is-prefix."""
+        library = library_of(tmp_path, "a.nii", "a_b.nii", "a_b_c.nii")
+        assert library.match("a_b.npy").rule == "exact"
+        library = library_of(tmp_path / "two", "a.nii", "a_b_c.nii")
+        assert library.match("a_b.npy").reference == tmp_path / "two" / "a.nii"
+
+    def test_prefix_never_ends_inside_a_token(self, tmp_path: Path) -> None:
+        """`case1` never matches `case10`, in either direction."""
+        library = library_of(tmp_path, "case10.nii.gz", "case1x_0000.nii.gz")
+        with pytest.raises(ConversionError) as raised:
+            library.match("case1.npz")
+        assert raised.value.code is ErrorCode.NO_REFERENCE
+        other = library_of(tmp_path / "other", "case1.nii.gz")
+        with pytest.raises(ConversionError):
+            other.match("case10.npz")
+
+    def test_every_separator_counts(self, tmp_path: Path) -> None:
+        """Each character of the default separators `_-.` splits tokens."""
+        library = library_of(tmp_path, "sub-01.nii.gz")
+        for name in ("sub-01_pred.npz", "sub-01-pred.npz", "sub-01.pred.npz"):
+            assert library.match(name).reference == tmp_path / "sub-01.nii.gz"
+
+    def test_custom_separators(self, tmp_path: Path) -> None:
+        """With `separators="-"`, an underscore no longer splits tokens."""
+        library = library_of(tmp_path, "case001.nii.gz", separators="-")
+        with pytest.raises(ConversionError):
+            library.match("case001_pred.npz")
+        assert library.match("case001-pred.npz").rule == "reference_prefix"
+
+    def test_prefix_needs_more_after_the_separator(self, tmp_path: Path) -> None:
+        """A key that ends in a separator does not extend the key before it."""
+        library = library_of(tmp_path, "case001.nii.gz", "x_.nii.gz")
+        with pytest.raises(ConversionError):
+            library.match("case001_.npz")
+        with pytest.raises(ConversionError):
+            library.match("x.npz")
+
+    def test_keys_are_case_sensitive(self, tmp_path: Path) -> None:
+        """Keys compare case-sensitively."""
+        library = library_of(tmp_path, "Case001.nii.gz")
+        with pytest.raises(ConversionError):
+            library.match("case001.npz")
+
+    def test_extensions_are_case_insensitive(self, tmp_path: Path) -> None:
+        """`.NII.GZ`, `.Nii` and `.NPZ` count as the usual extensions."""
+        library = library_of(tmp_path, "a.NII.GZ", "b.Nii")
+        assert library.match("a.NPZ").reference == tmp_path / "a.NII.GZ"
+        assert library.match("b.npy").reference == tmp_path / "b.Nii"
+
+    def test_no_reference_names_the_input(self, tmp_path: Path) -> None:
+        """A name with no reference raises no_reference naming the input and its key."""
+        library = library_of(tmp_path, "case001.nii.gz")
+        with pytest.raises(ConversionError) as raised:
+            library.match("other_pred.npz")
+        assert raised.value.code is ErrorCode.NO_REFERENCE
+        assert "other_pred.npz" in raised.value.message
+        assert "'other_pred'" in raised.value.message
+
+
+class TestAmbiguity:
+    def test_same_key_in_two_folders(self, tmp_path: Path) -> None:
+        """One key in two library folders is ambiguous, listing both files."""
+        first, second = touch(tmp_path, "a/case001.nii.gz", "b/case001.nii.gz")
+        library = ReferenceLibrary([tmp_path / "a", tmp_path / "b"])
+        library.build()
+        with pytest.raises(ConversionError) as raised:
+            library.match("case001_pred.npz")
+        assert raised.value.code is ErrorCode.AMBIGUOUS_REFERENCE
+        assert set(raised.value.candidates) == {first, second}
+
+    def test_nii_and_nii_gz_with_one_key(self, tmp_path: Path) -> None:
+        """`x.nii` next to `x.nii.gz` cannot be told apart: ambiguous."""
+        library = library_of(tmp_path, "x.nii", "x.nii.gz")
+        with pytest.raises(ConversionError) as raised:
+            library.match("x.npy")
+        assert raised.value.code is ErrorCode.AMBIGUOUS_REFERENCE
+        assert len(raised.value.candidates) == 2
+
+    def test_equally_good_input_prefix_candidates(self, tmp_path: Path) -> None:
+        """Two files with the smallest extending key are ambiguous, not picked at random."""
+        touch(tmp_path, "a/case1_0000.nii.gz", "b/case1_0000.nii.gz", "a/case1_0001.nii.gz")
+        library = ReferenceLibrary([tmp_path / "a", tmp_path / "b"])
+        library.build()
+        with pytest.raises(ConversionError) as raised:
+            library.match("case1.npz")
+        assert raised.value.code is ErrorCode.AMBIGUOUS_REFERENCE
+        assert len(raised.value.candidates) == 2
+
+    def test_ambiguity_is_per_key(self, tmp_path: Path) -> None:
+        """A shared key does not stop other keys from matching."""
+        touch(tmp_path, "a/dup.nii", "b/dup.nii", "a/fine.nii")
+        library = ReferenceLibrary([tmp_path / "a", tmp_path / "b"])
+        library.build()
+        assert library.match("fine.npy").reference == tmp_path / "a" / "fine.nii"
+
+
+class TestKeyPattern:
+    PATTERN = r"^(?P<key>case\d+)"
+
+    def test_pattern_key_on_both_sides(self, tmp_path: Path) -> None:
+        """The `key` group of both names decides, reported as rule key_pattern."""
+        library = library_of(tmp_path, "case007_ct_0000.nii.gz", key_pattern=self.PATTERN)
+        match = library.match("case007_seg.npz")
+        assert match.rule == "key_pattern"
+        assert match.key == "case007"
+        assert match.reference == tmp_path / "case007_ct_0000.nii.gz"
+
+    def test_only_exact_keys_match(self, tmp_path: Path) -> None:
+        """With key_pattern the prefix rules do not apply."""
+        library = library_of(tmp_path, "case1.nii.gz", key_pattern=r"(?P<key>case\d+_\d+)")
+        with pytest.raises(ConversionError):
+            library.match("case1_2.npz")
+
+    def test_pattern_keys_can_be_ambiguous(self, tmp_path: Path) -> None:
+        """Two references with one pattern key are ambiguous."""
+        library = library_of(tmp_path, "case1_0000.nii", "case1_0001.nii", key_pattern=self.PATTERN)
+        with pytest.raises(ConversionError) as raised:
+            library.match("case1.npz")
+        assert raised.value.code is ErrorCode.AMBIGUOUS_REFERENCE
+
+    def test_input_outside_the_pattern(self, tmp_path: Path) -> None:
+        """An input whose stem the pattern does not match has no reference, and says why."""
+        library = library_of(tmp_path, "case1.nii", key_pattern=self.PATTERN)
+        with pytest.raises(ConversionError) as raised:
+            library.match("scan1.npz")
+        assert raised.value.code is ErrorCode.NO_REFERENCE
+        assert "key_pattern" in raised.value.message
+
+    def test_pattern_needs_a_key_group(self, tmp_path: Path) -> None:
+        """A key_pattern without a group named key is refused up front."""
+        with pytest.raises(ValueError, match="key"):
+            ReferenceLibrary([tmp_path], key_pattern=r"case\d+")
+
+
+class TestIndex:
+    def test_recursive_and_counted(self, tmp_path: Path) -> None:
+        """Subfolders are indexed, and len() counts references."""
+        library = library_of(tmp_path, "x/y/deep.nii.gz", "top.nii", "notes.txt", "a.npz")
+        assert len(library) == 2
+        assert library.match("deep.npz").reference == tmp_path / "x" / "y" / "deep.nii.gz"
+
+    def test_hidden_and_temporary_names_skipped(self, tmp_path: Path) -> None:
+        """Hidden files, hidden folders and temporary names are not references."""
+        library = library_of(
+            tmp_path, ".hidden.nii.gz", ".cache/inside.nii.gz", "a.nii.gz.part", "b.nii.tmp"
+        )
+        assert len(library) == 0
+
+    def test_symlinked_folder_followed_once(self, tmp_path: Path) -> None:
+        """A symlinked folder is indexed; a link back to an ancestor does not loop."""
+        touch(tmp_path, "elsewhere/linked.nii.gz")
+        library_dir = tmp_path / "library"
+        library_dir.mkdir()
+        (library_dir / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+        (library_dir / "loop").symlink_to(library_dir, target_is_directory=True)
+        touch(library_dir, "own.nii")
+        library = ReferenceLibrary([library_dir])
+        library.build()
+        assert len(library) == 2
+        assert library.match("linked.npz").reference == library_dir / "link" / "linked.nii.gz"
+
+    def test_missing_folder_is_an_empty_library(self, tmp_path: Path) -> None:
+        """A library folder that does not exist indexes nothing instead of failing."""
+        library = ReferenceLibrary([tmp_path / "absent"])
+        library.build()
+        assert len(library) == 0
+
+    def test_lookups_never_touch_the_disk(self, tmp_path: Path) -> None:
+        """After build, a match is answered from memory even if the file has gone."""
+        library = library_of(tmp_path, "case001.nii.gz")
+        (tmp_path / "case001.nii.gz").unlink()
+        assert library.match("case001.npz").reference == tmp_path / "case001.nii.gz"
+
+    def test_build_replaces_the_index(self, tmp_path: Path) -> None:
+        """A second build reflects the disk as it is now."""
+        library = library_of(tmp_path, "old.nii.gz")
+        (tmp_path / "old.nii.gz").rename(tmp_path / "new.nii.gz")
+        library.build()
+        assert len(library) == 1
+        assert matches(library, "old.npz", None)
+        assert matches(library, "new.npz", tmp_path / "new.nii.gz")
+
+    def test_from_settings(self, tmp_path: Path) -> None:
+        """from_settings takes the folders and matching settings of the settings model."""
+        settings = load_settings(root=tmp_path, library=["refs"], separators="-", reference_wait=2)
+        library = ReferenceLibrary.from_settings(settings)
+        assert library.folders == (tmp_path / "refs",)
+        assert library.separators == "-"
+        assert library.reference_wait == 2
+
+
+class TestResolve:
+    def test_identity_when_missing(self, tmp_path: Path) -> None:
+        """missing_reference=identity resolves an unmatched name without a reference."""
+        library = library_of(tmp_path, missing_reference="identity")
+        assert library.resolve("lonely_pred.npz") == Match(
+            "lonely_pred.npz", "lonely_pred", None, "identity", ()
+        )
+
+    def test_fail_when_missing(self, tmp_path: Path) -> None:
+        """missing_reference=fail raises no_reference."""
+        library = library_of(tmp_path)
+        with pytest.raises(ConversionError) as raised:
+            library.resolve("lonely.npz")
+        assert raised.value.code is ErrorCode.NO_REFERENCE
+
+    def test_ambiguity_is_never_identity(self, tmp_path: Path) -> None:
+        """An ambiguous key fails even with missing_reference=identity."""
+        library = library_of(tmp_path, "x.nii", "x.nii.gz", missing_reference="identity")
+        with pytest.raises(ConversionError) as raised:
+            library.resolve("x.npy")
+        assert raised.value.code is ErrorCode.AMBIGUOUS_REFERENCE
+
+    def test_no_wait_without_watching(self, tmp_path: Path) -> None:
+        """Not started, nothing can update the index, so resolve does not wait."""
+        library = library_of(tmp_path, reference_wait=3600.0)
+        with pytest.raises(ConversionError):
+            library.resolve("late.npz")
+
+    def test_wait_is_woken_by_the_reference(
+        self, tmp_path: Path, started: list[ReferenceLibrary]
+    ) -> None:
+        """A resolve waiting for a missing reference returns once it appears in the library."""
+        library = library_of(tmp_path, reference_wait=3600.0)
+        library.start()
+        started.append(library)
+        results: list[Match] = []
+        waiter = threading.Thread(target=lambda: results.append(library.resolve("late.npz")))
+        waiter.start()
+        touch(tmp_path, "late.nii.gz")
+        wait_until(lambda: not waiter.is_alive(), "resolve returning")
+        assert results[0].reference == tmp_path / "late.nii.gz"
+
+    def test_stop_releases_waiters(self, tmp_path: Path, started: list[ReferenceLibrary]) -> None:
+        """stop() ends a pending wait instead of leaving it for the whole reference_wait."""
+        library = library_of(tmp_path, reference_wait=3600.0)
+        library.start()
+        started.append(library)
+        errors: list[ConversionError] = []
+
+        def wait_for_reference() -> None:
+            try:
+                library.resolve("never.npz")
+            except ConversionError as error:
+                errors.append(error)
+
+        waiter = threading.Thread(target=wait_for_reference)
+        waiter.start()
+        library.stop()
+        wait_until(lambda: not waiter.is_alive(), "resolve giving up")
+        assert errors[0].code is ErrorCode.NO_REFERENCE
+
+
+class TestLiveUpdates:
+    @pytest.mark.parametrize("observer", ["inotify", "polling"])
+    def test_add_remove_rename(
+        self, tmp_path: Path, observer: str, started: list[ReferenceLibrary]
+    ) -> None:
+        """References added, removed and renamed while started are seen."""
+        library = library_of(tmp_path, "gone.nii.gz", observer=observer, poll_interval=0.1)
+        library.start()
+        started.append(library)
+        (added,) = touch(tmp_path, "sub/added.nii.gz")
+        wait_until(lambda: matches(library, "added.npz", added), "an added reference")
+        (tmp_path / "gone.nii.gz").unlink()
+        wait_until(lambda: matches(library, "gone.npz", None), "a removed reference")
+        renamed = tmp_path / "sub" / "renamed.nii"
+        added.rename(renamed)
+        wait_until(lambda: matches(library, "renamed.npz", renamed), "a renamed reference")
+        assert matches(library, "added.npz", None)
+        assert len(library) == 1
+
+    def test_folders_moved_in_and_out(
+        self, tmp_path: Path, started: list[ReferenceLibrary]
+    ) -> None:
+        """A folder of references moved into the library is indexed; moved out, forgotten."""
+        library = library_of(tmp_path / "library")
+        library.start()
+        started.append(library)
+        touch(tmp_path, "staging/batch/one.nii.gz", "staging/batch/two.nii.gz")
+        (tmp_path / "staging" / "batch").rename(tmp_path / "library" / "batch")
+        wait_until(lambda: len(library) == 2, "a moved-in folder")
+        (tmp_path / "library" / "batch").rename(tmp_path / "batch")
+        wait_until(lambda: len(library) == 0, "a moved-out folder")
+
+    def test_rescan_catches_what_events_missed(
+        self, tmp_path: Path, started: list[ReferenceLibrary]
+    ) -> None:
+        """With no events arriving (a poll every hour), the periodic rescan finds a change."""
+        library = library_of(tmp_path, observer="polling", poll_interval=3600.0)
+        library.start(rescan_interval=0.2)
+        started.append(library)
+        (late,) = touch(tmp_path, "late.nii.gz")
+        wait_until(lambda: matches(library, "late.npz", late), "the rescan")
+
+    def test_lookups_during_updates(self, tmp_path: Path, started: list[ReferenceLibrary]) -> None:
+        """Lookups from several threads while the index changes never fail unexpectedly."""
+        library = library_of(tmp_path, "stable.nii.gz")
+        library.start(rescan_interval=0.05)
+        started.append(library)
+        problems: list[BaseException] = []
+        done = threading.Event()
+
+        def look_up() -> None:
+            while not done.is_set():
+                try:
+                    assert library.match("stable_x.npz").reference == tmp_path / "stable.nii.gz"
+                    library.match("stable.npz")
+                except BaseException as problem:  # handed to the test thread, which reports it
+                    problems.append(problem)
+                    return
+
+        readers = [threading.Thread(target=look_up) for _ in range(3)]
+        for reader in readers:
+            reader.start()
+        for number in range(200):
+            touch(tmp_path, f"stable_{number:04d}.nii")
+        wait_until(lambda: len(library) == 201, "every new reference")
+        done.set()
+        for reader in readers:
+            reader.join()
+        assert problems == []
+
+    def test_stop_is_idempotent_and_a_context_manager(self, tmp_path: Path) -> None:
+        """`with library:` starts and stops it; stopping twice is harmless."""
+        library = ReferenceLibrary([tmp_path])
+        with library:
+            touch(tmp_path, "seen.nii")
+            wait_until(lambda: len(library) == 1, "a reference added inside `with`")
+        library.stop()
+        library.stop()
+
+
+class TestObserverChoice:
+    MOUNTS = (
+        "22 1 0:21 / / rw - ext4 /dev/sda1 rw\n"
+        "23 22 0:22 / /mnt/share rw shared:1 - nfs4 server:/export rw\n"
+        "24 22 0:23 / /mnt/my\\040fuse rw - fuse.sshfs remote: rw\n"
+        "25 23 0:24 / /mnt/share/local rw - tmpfs tmpfs rw\n"
+    )
+
+    @pytest.fixture
+    def mountinfo(self, tmp_path: Path) -> Path:
+        path = tmp_path / "mountinfo"
+        path.write_text(self.MOUNTS)
+        return path
+
+    def test_longest_mount_point_wins(self, mountinfo: Path) -> None:
+        """The file system is the one of the innermost mount holding the path."""
+        assert file_system_type("/mnt/share/x", mountinfo) == "nfs4"
+        assert file_system_type("/mnt/share/local/x", mountinfo) == "tmpfs"
+        assert file_system_type("/mnt/sharex", mountinfo) == "ext4"
+        assert file_system_type("/mnt/my fuse/a", mountinfo) == "fuse.sshfs"
+
+    def test_network_and_fuse_are_polled(self, mountinfo: Path) -> None:
+        """nfs and fuse file systems need polling; local ones do not."""
+        assert needs_polling("/mnt/share/x", mountinfo)
+        assert needs_polling("/mnt/my fuse", mountinfo)
+        assert not needs_polling("/mnt/share/local", mountinfo)
+        assert not needs_polling("/home", mountinfo)
+
+    def test_unknown_without_mountinfo(self, tmp_path: Path) -> None:
+        """Without a readable mountinfo the type is unknown and inotify is kept."""
+        assert file_system_type("/", tmp_path / "absent") is None
+        assert not needs_polling("/", tmp_path / "absent")
+
+    def test_forced_observer_kinds(self, tmp_path: Path) -> None:
+        """`polling` forces a polling observer and `inotify` the native one."""
+        assert isinstance(make_observer("polling", 0.5, [tmp_path]), PollingObserver)
+        assert not isinstance(make_observer("inotify", 0.5, [tmp_path]), PollingObserver)
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
+class TestSymlinkLoops:
+    def test_two_links_to_one_folder_are_not_duplicates(self, tmp_path: Path) -> None:
+        """A folder reached through two links is indexed once, so its keys stay unique."""
+        touch(tmp_path, "real/only.nii.gz")
+        library_dir = tmp_path / "library"
+        library_dir.mkdir()
+        (library_dir / "one").symlink_to(tmp_path / "real", target_is_directory=True)
+        (library_dir / "two").symlink_to(tmp_path / "real", target_is_directory=True)
+        library = ReferenceLibrary([library_dir])
+        library.build()
+        assert len(library) == 1
+        assert library.match("only.npz").rule == "exact"
