@@ -87,6 +87,31 @@ def _cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     return ExitCode.BAD_CONFIG if problems else ExitCode.OK
 
 
+def _cmd_match(settings: Settings, args: argparse.Namespace) -> int:
+    """Print which reference each name resolves to, by which rule, and the candidates."""
+    import json
+
+    from niftidrop.library import ReferenceLibrary
+
+    library = ReferenceLibrary.from_settings(settings)
+    library.build()
+    unmatched = 0
+    for name in args.names:
+        found = library.describe(name)
+        unmatched += found["error"] is not None
+        if args.json:
+            print(json.dumps(found))
+            continue
+        if found["error"] is None:
+            print(f"{name}: {found['reference']} (rule {found['rule']}, key {found['key']})")
+        else:
+            print(f"{name}: {found['error']}: {found['message']}")
+        for other in found["candidates"]:
+            if other != found["reference"]:
+                print(f"    other candidate: {other}")
+    return ExitCode.FAILED if unmatched else ExitCode.OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser: global options and one subcommand per SPEC §6 command."""
     flags = _settings_flags()
@@ -98,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", parents=[flags], help="validate config and folders")
     check.set_defaults(handler=_cmd_check)
+
+    match = commands.add_parser(
+        "match", parents=[flags], help="which reference each input name resolves to, and why"
+    )
+    match.add_argument("names", nargs="+", metavar="NAME", help="input file names")
+    match.add_argument("--json", action="store_true", help="one JSON object per name")
+    match.set_defaults(handler=_cmd_match)
     return parser
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final, Literal, TypedDict
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
@@ -49,6 +49,18 @@ class Match:
     reference: Path | None  # None only for rule "identity"
     rule: Rule
     candidates: tuple[Path, ...]  # every reference the deciding rule considered
+
+
+class MatchReport(TypedDict):
+    """A match or its refusal as plain data: what `niftidrop match --json` prints."""
+
+    name: str
+    key: str | None
+    reference: str | None
+    rule: Rule | None
+    candidates: list[str]
+    error: str | None  # an ErrorCode value
+    message: str | None
 
 
 def input_key(name: str) -> str:
@@ -354,16 +366,41 @@ class ReferenceLibrary:
                         self._changed.wait(remaining)
                         continue
                     if self.missing_reference == "identity":
-                        key = self._input_key(name) or input_key(name)
+                        key = self.key_for(name) or input_key(name)
                         return Match(name, key, None, "identity", ())
                     raise
 
-    def _input_key(self, name: str) -> str | None:
+    def key_for(self, name: str) -> str | None:
+        """The key of input `name` (after `key_pattern`); None if the pattern does not match."""
         stem = input_key(name)
         return stem if self._pattern is None else _pattern_key(self._pattern, stem)
 
+    def describe(self, name: str) -> MatchReport:
+        """`match(name)` as plain data, an error included (for `niftidrop match --json`)."""
+        try:
+            found = self.match(name)
+        except ConversionError as error:
+            return {
+                "name": name,
+                "key": self.key_for(name),
+                "reference": None,
+                "rule": None,
+                "candidates": [str(path) for path in error.candidates],
+                "error": error.code.value,
+                "message": error.message,
+            }
+        return {
+            "name": name,
+            "key": found.key,
+            "reference": str(found.reference),
+            "rule": found.rule,
+            "candidates": [str(path) for path in found.candidates],
+            "error": None,
+            "message": None,
+        }
+
     def _match(self, name: str) -> Match:
-        key = self._input_key(name)
+        key = self.key_for(name)
         if key is None:
             raise ConversionError(
                 ErrorCode.NO_REFERENCE,

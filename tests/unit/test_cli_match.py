@@ -1,0 +1,106 @@
+"""Tests of `niftidrop match`: which reference each name resolves to, and the exit code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from niftidrop.cli import ExitCode, main
+
+
+@pytest.fixture
+def library(tmp_path: Path) -> Path:
+    """A library folder with a plain reference, nnU-Net channels and a duplicated key."""
+    folder = tmp_path / "library"
+    for name in (
+        "case001.nii.gz",
+        "case002_0000.nii.gz",
+        "case002_0001.nii.gz",
+        "a/dup.nii",
+        "b/dup.nii",
+    ):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).touch()
+    return folder
+
+
+def run_match(library: Path, *names: str, json_output: bool = False) -> int:
+    argv = ["match", "--library", str(library), *names]
+    return main([*argv, "--json"] if json_output else argv)
+
+
+class TestHumanOutput:
+    def test_reference_rule_and_other_candidates(
+        self, library: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Each name gets its reference, its rule, and the other candidates; exit 0."""
+        assert run_match(library, "case001_pred.npz", "case002.npy") == ExitCode.OK
+        lines = capsys.readouterr().out.splitlines()
+        assert lines == [
+            f"case001_pred.npz: {library / 'case001.nii.gz'} "
+            "(rule reference_prefix, key case001_pred)",
+            f"case002.npy: {library / 'case002_0000.nii.gz'} (rule input_prefix, key case002)",
+            f"    other candidate: {library / 'case002_0001.nii.gz'}",
+        ]
+
+    def test_missing_reference_exits_1(
+        self, library: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A name without a reference is reported with its error code, and the exit is 1."""
+        assert run_match(library, "case001.npz", "case10.npz") == ExitCode.FAILED
+        out = capsys.readouterr().out
+        assert "case10.npz: no_reference:" in out
+        assert f"case001.npz: {library / 'case001.nii.gz'} (rule exact" in out
+
+    def test_ambiguous_lists_candidates_and_exits_1(
+        self, library: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """An ambiguous key is a failure that lists every candidate."""
+        assert run_match(library, "dup_seg.npz") == ExitCode.FAILED
+        out = capsys.readouterr().out
+        assert "dup_seg.npz: ambiguous_reference:" in out
+        assert f"    other candidate: {library / 'a' / 'dup.nii'}" in out
+        assert f"    other candidate: {library / 'b' / 'dup.nii'}" in out
+
+
+class TestJsonOutput:
+    def test_one_object_per_name(self, library: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """--json prints one parseable object per name, errors included."""
+        assert run_match(library, "case002.npz", "dup.npz", json_output=True) == ExitCode.FAILED
+        first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+        assert first == {
+            "name": "case002.npz",
+            "key": "case002",
+            "reference": str(library / "case002_0000.nii.gz"),
+            "rule": "input_prefix",
+            "candidates": [
+                str(library / "case002_0000.nii.gz"),
+                str(library / "case002_0001.nii.gz"),
+            ],
+            "error": None,
+            "message": None,
+        }
+        assert second["error"] == "ambiguous_reference"
+        assert second["reference"] is None
+        assert sorted(second["candidates"]) == [
+            str(library / "a" / "dup.nii"),
+            str(library / "b" / "dup.nii"),
+        ]
+
+
+class TestSettings:
+    def test_matching_settings_apply(
+        self, library: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Flags such as --separators and --key-pattern change how names match."""
+        assert run_match(library, "case001-pred.npz", "--separators", "_") == ExitCode.FAILED
+        assert "no_reference" in capsys.readouterr().out
+        code = run_match(library, "case002_seg.npz", "--key-pattern", r"(?P<key>case\d+)")
+        assert code == ExitCode.FAILED  # two channels share the pattern key: ambiguous
+        assert "ambiguous_reference" in capsys.readouterr().out
+
+    def test_bad_key_pattern_is_a_config_error(self, library: Path) -> None:
+        """An invalid key_pattern stops the command as a configuration error."""
+        assert run_match(library, "x.npz", "--key-pattern", "no-group") == ExitCode.BAD_CONFIG
