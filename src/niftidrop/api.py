@@ -1,0 +1,282 @@
+"""The public conversion functions (SPEC §3, §8).
+
+`convert_file` is what the service and `niftidrop convert` call: one input, the
+settings, a reference (or none), atomic outputs. `numpy_to_nifti` and
+`nifti_to_numpy` keep the signatures and documented behaviour of nidataset's
+functions of the same names, with niftidrop's safety rules.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from niftidrop.arrays import open_input
+from niftidrop.conversion import (
+    Plan,
+    Reference,
+    encode_volume,
+    file_sha256,
+    nib,
+    plan_conversion,
+    read_reference,
+    reference_sha256,
+)
+from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.settings import Settings
+from niftidrop.writer import commit, discard, write_file, write_temp
+
+logger = logging.getLogger("niftidrop")
+
+INPUT_SUFFIXES = (".npy", ".npz")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """What one conversion did: the summary line of `input_converted`."""
+
+    input: Path  # the source path given
+    outputs: tuple[Path, ...]  # final output files (several with channels="split")
+    shape_in: tuple[int, ...]
+    shape_out: tuple[int, ...]
+    dtype_in: str
+    dtype_out: str
+    bytes_in: int  # input file size
+    bytes_out: int  # total bytes of outputs on disk
+    seconds: float
+
+
+def _version() -> str:
+    from niftidrop import __version__
+
+    return __version__
+
+
+def input_stem(path: Path) -> str:
+    """The name without its `.npy` / `.npz` extension (any case)."""
+    name = path.name
+    if name.lower().endswith(INPUT_SUFFIXES):
+        return name[:-4]
+    return path.stem
+
+
+def convert_file(
+    source: Path,
+    out_dir: Path,
+    *,
+    settings: Settings,
+    reference: Path | None,
+    stem: str | None = None,
+    affine: npt.NDArray[Any] | None = None,
+    provenance: Mapping[str, object] | None = None,
+) -> ConversionResult:
+    """Convert one .npy/.npz into out_dir/<stem>.nii.gz (.nii if not settings.compress;
+    <stem>_c<N>.nii.gz per channel with channels="split"; optional <stem>.json sidecar
+    with settings.sidecar). stem defaults to the source's stem (the spool passes the
+    original name's stem because the claimed file has another name). reference=None means
+    no reference: use `affine` (or identity). on_conflict handled here (overwrite = atomic
+    replace, rename = unique suffix before the extension, fail = ConversionError
+    OUTPUT_CONFLICT). provenance: extra fields for the sidecar (e.g. {"input": "sub/a.npz",
+    "rule": "exact"}). Raises ConversionError for every rejection (SPEC §4 codes; a
+    reference nibabel cannot read is BAD_REFERENCE) and lets OSError through for
+    environmental problems (disk full, read-only outbox): the service retries those."""
+    started = time.perf_counter()
+    source = Path(source)
+    stem = stem or input_stem(source)
+    extension = ".nii.gz" if settings.compress else ".nii"
+    ref = read_reference(reference) if reference is not None else None
+    array = open_input(source, npz_key=settings.npz_key, max_input_bytes=settings.max_input_bytes)
+    plan = plan_conversion(
+        array,
+        ref,
+        affine=affine,
+        dtype=settings.dtype,
+        axis_order=settings.axis_order,
+        channels=settings.channels,
+        version=_version(),
+    )
+    finals = [out_dir / f"{stem}{volume.suffix}{extension}" for volume in plan.volumes]
+    if settings.on_conflict == "fail":
+        for final in finals:
+            if final.exists():
+                raise ConversionError(
+                    ErrorCode.OUTPUT_CONFLICT,
+                    f"{final}: expected no file under this name (on_conflict = fail), found one",
+                )
+    temps: list[Path] = []
+    try:
+        # Every output is complete on disk before the first one gets its final name.
+        for volume, final in zip(plan.volumes, finals, strict=True):
+            temps.append(
+                write_temp(
+                    final,
+                    encode_volume(volume, array),
+                    compress=settings.compress,
+                    level=settings.compression_level,
+                    threads=settings.threads,
+                    fsync=settings.fsync,
+                )
+            )
+        outputs = tuple(
+            commit(temp, final, on_conflict=settings.on_conflict, fsync=settings.fsync)
+            for temp, final in zip(temps, finals, strict=True)
+        )
+    finally:
+        for temp in temps:
+            discard(temp)
+        del array
+    if settings.sidecar:
+        _write_sidecar(
+            out_dir / f"{stem}.json",
+            source=source,
+            reference=ref,
+            plan=plan,
+            outputs=outputs,
+            provenance=provenance,
+            settings=settings,
+        )
+    return ConversionResult(
+        input=source,
+        outputs=outputs,
+        shape_in=plan.shape_in,
+        shape_out=plan.shape_out,
+        dtype_in=plan.dtype_in.name,
+        dtype_out=plan.dtype_out.name,
+        bytes_in=source.stat().st_size,
+        bytes_out=sum(output.stat().st_size for output in outputs),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _write_sidecar(
+    final: Path,
+    *,
+    source: Path,
+    reference: Reference | None,
+    plan: Plan,
+    outputs: tuple[Path, ...],
+    provenance: Mapping[str, object] | None,
+    settings: Settings,
+) -> Path:
+    """The provenance `<stem>.json`: what went in, what came out, and how."""
+    record: dict[str, object] = {
+        "input": source.name,
+        "input_sha256": file_sha256(source),
+        "reference": str(reference.path) if reference else None,
+        "reference_sha256": reference_sha256(reference.path) if reference else None,
+        "rule": None,
+        "outputs": [output.name for output in outputs],
+        "shape_in": list(plan.shape_in),
+        "shape_out": list(plan.shape_out),
+        "dtype_in": plan.dtype_in.name,
+        "dtype_out": plan.dtype_out.name,
+        "niftidrop_version": _version(),
+        "converted_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    }
+    record.update(provenance or {})
+    text = json.dumps(record, indent=2, default=str) + "\n"
+    return write_file(
+        final,
+        [text.encode()],
+        compress=False,
+        on_conflict=settings.on_conflict,
+        fsync=settings.fsync,
+    )
+
+
+# The nidataset-compatible functions (SPEC §8).
+
+
+def _api_settings() -> Settings:
+    """Defaults only: the Python API does not read NIFTIDROP_* or a TOML file."""
+    return Settings.model_construct()
+
+
+def numpy_to_nifti(
+    npy_path: str,
+    output_path: str,
+    affine: np.ndarray[Any, Any] | None = None,
+    reference_nifti: str | None = None,
+    debug: bool = False,
+) -> str:
+    """Convert a `.npy` / `.npz` file to `<output_path>/<prefix>.nii.gz`; returns its path.
+
+    `reference_nifti` supplies the geometry and overrides `affine`; without either
+    the affine is the identity. Raises FileNotFoundError for a missing input and
+    ConversionError (a ValueError) with a SPEC §4 code for a rejected one.
+    """
+    source = Path(npy_path)
+    if not source.is_file():
+        raise FileNotFoundError(f"File not found: '{npy_path}'")
+    out_dir = Path(output_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reference = Path(reference_nifti) if reference_nifti is not None else None
+    result = convert_file(
+        source,
+        out_dir,
+        settings=_api_settings(),
+        reference=reference,
+        affine=None if reference is not None else affine,
+    )
+    written = str(result.outputs[0])
+    if debug:
+        logger.info("NIfTI file saved at: '%s'", written)
+    return written
+
+
+def nifti_to_numpy(
+    nii_path: str, output_path: str, compressed: bool = True, debug: bool = False
+) -> str:
+    """Save a NIfTI image's voxels as `<prefix>.npz` (key `data`), or `.npy`.
+
+    The stored dtype and values are kept, so converting back with the same file as
+    reference gives the same image. An image with a scale factor is saved scaled,
+    in the floating type nibabel chooses.
+    """
+    source = Path(nii_path)
+    if not source.is_file():
+        raise FileNotFoundError(f"File not found: '{nii_path}'")
+    out_dir = Path(output_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image = nib.load(source)
+    data = np.asanyarray(image.dataobj)  # unscaled images keep their on-disk dtype
+    prefix = _nifti_prefix(source.name)
+    final = out_dir / f"{prefix}{'.npz' if compressed else '.npy'}"
+    chunks = _npz_bytes(data) if compressed else _npy_bytes(data)
+    written = str(write_file(final, chunks, compress=False, on_conflict="overwrite"))
+    if debug:
+        logger.info("NumPy file saved at: '%s'", written)
+    return written
+
+
+def _nifti_prefix(name: str) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def _npy_bytes(data: npt.NDArray[Any]) -> Iterator[bytes]:
+    import io
+
+    stream = io.BytesIO()
+    np.save(stream, data, allow_pickle=False)
+    yield stream.getvalue()
+
+
+def _npz_bytes(data: npt.NDArray[Any]) -> Iterator[bytes]:
+    import io
+
+    stream = io.BytesIO()
+    np.savez_compressed(stream, data=data)
+    yield stream.getvalue()

@@ -1,0 +1,491 @@
+"""Array + reference header -> NIfTI header and data (SPEC §3). No folders here.
+
+`plan_conversion` decides everything up front (output shapes, dtype, headers) and
+`encode_volume` then yields the output file's bytes: the header, then the voxel
+data in Fortran order, slab by slab along the slowest output axis, each slab cast
+(and checked) on its own. For a memory-mapped `.npy` the pages read are dropped
+after each piece, so resident memory stays near one slab whatever the layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel
+import numpy as np
+import numpy.typing as npt
+
+from niftidrop.arrays import InputArray
+from niftidrop.errors import ConversionError, ErrorCode
+
+# nibabel's functions carry no annotations; its objects are handled as Any here.
+nib: Any = nibabel
+NiftiHeader = Any  # a nibabel Nifti1Header or Nifti2Header
+Array = npt.NDArray[Any]
+
+# Slabs of a few MiB keep the compressor fed without holding much in memory.
+SLAB_BYTES = 8 * 1024 * 1024
+# Non-sequential layouts re-read the whole file once per slab, so their slabs are
+# larger (a fifth of the input, capped) and copied in pieces of the input's slowest axis.
+TRANSPOSE_SLAB_CAP = 1024 * 1024 * 1024
+PIECE_BYTES = 4 * 1024 * 1024
+SPATIAL = 3
+
+
+# The reference.
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference image's header (little-endian copy) and its spatial shape."""
+
+    path: Path
+    header: NiftiHeader
+    shape: tuple[int, ...]
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        padded = (*self.shape[:SPATIAL], 1, 1, 1)
+        return (padded[0], padded[1], padded[2])
+
+
+def read_reference(path: Path) -> Reference:
+    """The reference at `path`, cached while the file is unchanged.
+
+    Raises ConversionError BAD_REFERENCE when nibabel cannot read it as NIfTI.
+    """
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise ConversionError(
+            ErrorCode.BAD_REFERENCE,
+            f"{path}: expected a reference NIfTI file, found nothing",
+            reference=path,
+        ) from None
+    return _read_reference_cached(path, stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_reference_cached(path: Path, mtime_ns: int, size: int, inode: int) -> Reference:
+    del mtime_ns, size, inode  # only part of the cache key
+    try:
+        image = nib.load(path)
+        header = image.header
+        if not isinstance(header, nib.Nifti1Header | nib.Nifti2Header):
+            raise TypeError(f"a {type(image).__name__}")
+        shape = tuple(int(n) for n in header.get_data_shape())
+        header = header.as_byteswapped("<") if header.endianness == ">" else header.copy()
+    except (nib.filebasedimages.ImageFileError, ValueError, TypeError, EOFError) as exc:
+        raise ConversionError(
+            ErrorCode.BAD_REFERENCE,
+            f"{path}: expected a readable NIfTI-1 or NIfTI-2 file, found {exc}",
+            reference=path,
+        ) from None
+    except OSError as exc:
+        if isinstance(exc, PermissionError):
+            raise
+        raise ConversionError(
+            ErrorCode.BAD_REFERENCE, f"{path}: unreadable reference ({exc})", reference=path
+        ) from None
+    return Reference(path=path, header=header, shape=shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_cached(path: Path, mtime_ns: int, size: int) -> str:
+    del mtime_ns, size
+    return file_sha256(path)
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while block := stream.read(1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def reference_sha256(path: Path) -> str:
+    """The reference's SHA-256, cached while the file is unchanged."""
+    stat = path.stat()
+    return _sha256_cached(path, stat.st_mtime_ns, stat.st_size)
+
+
+# dtype policy.
+
+
+def _unavoidable(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """What NIfTI cannot store as is: bool -> uint8, float16 -> float32; little-endian."""
+    if dtype.kind == "b":
+        return np.dtype("<u1")
+    if dtype == np.float16:
+        return np.dtype("<f4")
+    return dtype.newbyteorder("<")
+
+
+def narrowest_integer(low: int, high: int, fallback: np.dtype[Any]) -> np.dtype[Any]:
+    """uint8, int16 or int32, the first that holds [low, high]; else `fallback`."""
+    for candidate in ("<u1", "<i2", "<i4"):
+        info = np.iinfo(candidate)
+        if info.min <= low and high <= info.max:
+            return np.dtype(candidate)
+    return fallback.newbyteorder("<")
+
+
+def _value_check(
+    source: np.dtype[Any], target: np.dtype[Any], name: str
+) -> Callable[[Array], None] | None:
+    """A check that `values` survive a cast from `source` to `target` unchanged in value."""
+    if np.can_cast(source, target, casting="safe") or source.kind == "b":
+        return None
+
+    def fail(values: Array) -> None:
+        finite = values[np.isfinite(values)] if values.dtype.kind in "fc" else values
+        low = finite.min() if finite.size else "none"
+        high = finite.max() if finite.size else "none"
+        raise ConversionError(
+            ErrorCode.DTYPE_OVERFLOW,
+            f"{name}: expected values that fit {target.name} exactly, found values from "
+            f"{low} to {high}" + (" and non-finite values" if finite.size < values.size else ""),
+        )
+
+    if target.kind == "b":
+        target = np.dtype("u1")
+        bounds: tuple[float, float] = (0, 1)
+    elif target.kind in "iu":
+        bounds = (int(np.iinfo(target).min), int(np.iinfo(target).max))
+    else:
+        bounds = (-float(np.finfo(target).max), float(np.finfo(target).max))
+
+    def check(values: Array) -> None:
+        if values.dtype.kind == "c":
+            if target.kind != "c" and np.any(values.imag != 0):
+                fail(values)
+            values = np.concatenate([values.real.ravel(), values.imag.ravel()])
+        if values.size == 0:
+            return
+        if target.kind in "iub":
+            if values.dtype.kind == "f" and (
+                not np.all(np.isfinite(values)) or np.any(np.trunc(values) != values)
+            ):
+                fail(values)
+            if values.min() < bounds[0] or values.max() > bounds[1]:
+                fail(values)
+        else:  # float and complex targets: infinities and NaN stay what they are
+            finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+            if finite.size and (finite.min() < bounds[0] or finite.max() > bounds[1]):
+                fail(values)
+
+    return check
+
+
+# Shapes.
+
+
+def arrange(
+    data: Array,
+    spatial: tuple[int, int, int] | None,
+    axis_order: Literal["xyz", "zyx"],
+    name: str,
+    reference: Path | None = None,
+) -> Array:
+    """A view of `data` shaped S or S+(C,) in x, y, z order (no copy).
+
+    Accepts S, S+(C,), (C,)+S and those with extra singleton axes (SPEC §3).
+    """
+    if spatial is None:
+        spatial = _spatial_without_reference(data.shape, name)
+    kept = tuple(n for n in spatial if n != 1)
+    expected = kept[::-1] if axis_order == "zyx" else kept
+    core = data.reshape(tuple(n for n in data.shape if n != 1))
+    channels_first = False
+    if core.shape == expected:
+        channels = None
+    elif core.ndim == len(expected) + 1 and core.shape[:-1] == expected:
+        channels = core.shape[-1]
+    elif core.ndim == len(expected) + 1 and core.shape[1:] == expected:
+        channels, channels_first = core.shape[0], True
+    else:
+        order = " in z, y, x order" if axis_order == "zyx" else ""
+        raise ConversionError(
+            ErrorCode.SHAPE_MISMATCH,
+            f"{name}: expected shape {spatial}{order} (optionally with a channel axis first "
+            f"or last) to match reference {reference or 'geometry'}, found {data.shape}",
+            reference=reference,
+        )
+    if channels_first:
+        core = np.moveaxis(core, 0, -1)
+    if axis_order == "zyx":
+        axes = list(range(len(kept)))[::-1] + ([len(kept)] if channels else [])
+        core = core.transpose(axes)
+    return core.reshape(spatial + ((channels,) if channels else ()))
+
+
+def _spatial_without_reference(shape: tuple[int, ...], name: str) -> tuple[int, int, int]:
+    """Without a reference the first three axes are space and a fourth is channels."""
+    if len(shape) > SPATIAL + 1 and any(n != 1 for n in shape[SPATIAL + 1 :]):
+        raise ConversionError(
+            ErrorCode.BAD_SHAPE,
+            f"{name}: expected at most 4 dimensions without a reference, found shape {shape}",
+        )
+    padded = (*shape[:SPATIAL], 1, 1, 1)
+    return (padded[0], padded[1], padded[2])
+
+
+# Planning.
+
+
+@dataclass(frozen=True)
+class Volume:
+    """One output file: its name suffix, header, and where its voxels come from."""
+
+    suffix: str
+    source: Array  # output-shaped view, or output shape + (C,) when `argmax`
+    argmax: bool
+    dtype: np.dtype[Any]
+    header: NiftiHeader
+    check: Callable[[Array], None] | None = field(default=None, compare=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in (self.source.shape[:-1] if self.argmax else self.source.shape))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every output of one input, decided before a byte is written."""
+
+    volumes: tuple[Volume, ...]
+    dtype_in: np.dtype[Any]
+    shape_in: tuple[int, ...]
+
+    @property
+    def dtype_out(self) -> np.dtype[Any]:
+        return self.volumes[0].dtype
+
+    @property
+    def shape_out(self) -> tuple[int, ...]:
+        return self.volumes[0].shape
+
+
+def plan_conversion(
+    source: InputArray,
+    reference: Reference | None,
+    *,
+    affine: Array | None = None,
+    dtype: str = "auto",
+    axis_order: Literal["xyz", "zyx"] = "xyz",
+    channels: Literal["keep", "argmax", "split"] = "keep",
+    version: str = "",
+) -> Plan:
+    """Decide the outputs of `source` against `reference` (or `affine`, or identity)."""
+    name = source.path.name
+    ref_path = reference.path if reference else None
+    arranged = arrange(
+        source.data, reference.spatial_shape if reference else None, axis_order, name, ref_path
+    )
+    has_channels = arranged.ndim > SPATIAL
+    if channels == "split" and has_channels:
+        parts = [(f"_c{c}", arranged[..., c], False) for c in range(arranged.shape[-1])]
+    elif channels == "split":
+        parts = [("_c0", arranged, False)]
+    else:
+        parts = [("", arranged, channels == "argmax" and has_channels)]
+    out_dtype, check = _choose_dtype(source, arranged, parts[0][2], dtype, name)
+    volumes = []
+    for suffix, view, argmax in parts:
+        shape = view.shape[:-1] if argmax else view.shape
+        header = output_header(reference, affine, shape, out_dtype, version=version, name=name)
+        volumes.append(Volume(suffix, view, argmax, out_dtype, header, check))
+    return Plan(volumes=tuple(volumes), dtype_in=source.dtype, shape_in=source.shape)
+
+
+def _choose_dtype(
+    source: InputArray, arranged: Array, argmax: bool, policy: str, name: str
+) -> tuple[np.dtype[Any], Callable[[Array], None] | None]:
+    """The output dtype by SPEC §3's policy, and the check an explicit cast needs."""
+    values_dtype = np.dtype(np.intp) if argmax else source.dtype
+    if policy not in ("auto", "keep"):
+        target = np.dtype(policy)
+        return _unavoidable(target), _value_check(values_dtype, target, name)
+    if argmax:
+        return narrowest_integer(0, arranged.shape[-1] - 1, values_dtype), None
+    if policy == "auto" and values_dtype in (np.dtype("int64"), np.dtype("uint64")):
+        low, high = value_range(arranged, source)
+        return narrowest_integer(low, high, values_dtype), None
+    return _unavoidable(values_dtype), None
+
+
+def value_range(view: Array, source: InputArray) -> tuple[int, int]:
+    """Smallest and largest value of `view`, read in a streamed pass."""
+    low: int | None = None
+    high: int | None = None
+    for _, pieces in _slabs_of(view, False, source):
+        for _, values in pieces:
+            piece_low, piece_high = int(values.min()), int(values.max())
+            low = piece_low if low is None else min(low, piece_low)
+            high = piece_high if high is None else max(high, piece_high)
+    if low is None or high is None:  # pragma: no cover - inputs have a voxel (checked on open)
+        raise ValueError("no values")
+    return low, high
+
+
+def output_header(
+    reference: Reference | None,
+    affine: Array | None,
+    shape: tuple[int, ...],
+    dtype: np.dtype[Any],
+    *,
+    version: str,
+    name: str,
+) -> NiftiHeader:
+    """The reference's header with its geometry kept and everything else reset."""
+    header: NiftiHeader
+    if reference is not None:
+        header = reference.header.copy()
+        header.extensions.clear()
+        header["magic"] = b"n+2" if isinstance(header, nib.Nifti2Header) else b"n+1"
+    else:
+        matrix = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+        if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
+            raise ValueError(f"expected a finite 4x4 affine, found shape {matrix.shape}")
+        # nibabel's own defaults for a new image: sform "aligned", zooms from the affine.
+        header = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), matrix).header
+    try:
+        header.set_data_shape(shape)
+        header.set_data_dtype(dtype)
+    except (nib.spatialimages.HeaderDataError, ValueError) as exc:
+        code = ErrorCode.BAD_SHAPE if "shape" in str(exc) else ErrorCode.UNSUPPORTED_DTYPE
+        raise ConversionError(
+            code, f"{name}: expected shape and dtype NIfTI can store, found {exc}"
+        ) from None
+    header["scl_slope"] = np.nan
+    header["scl_inter"] = np.nan
+    header["cal_min"] = 0
+    header["cal_max"] = 0
+    header.set_intent("none")
+    header["descrip"] = f"niftidrop {version}".strip().encode()[:80]
+    header["vox_offset"] = 0  # recomputed when written: no extensions
+    return header
+
+
+# Encoding.
+
+
+def header_bytes(header: NiftiHeader) -> bytes:
+    """The header as a single-file NIfTI writes it, padded up to `vox_offset`."""
+    stream = io.BytesIO()
+    header.write_to(stream)
+    offset = int(header["vox_offset"])
+    return stream.getvalue().ljust(offset, b"\0")
+
+
+def encode_volume(volume: Volume, source: InputArray) -> Iterator[memoryview | bytes]:
+    """The bytes of one NIfTI file: header, then Fortran-ordered voxels slab by slab."""
+    yield header_bytes(volume.header)
+    copy_free = (
+        volume.check is None
+        and not volume.argmax
+        and volume.source.dtype == volume.dtype
+        and volume.source.dtype.kind != "b"
+    )
+    for slab_shape, pieces in _slabs_of(volume.source, volume.argmax, source):
+        buffer: Array | None = None
+        for index, piece in pieces:
+            values = piece
+            if copy_free and values.flags.f_contiguous and index is None:
+                yield values.reshape(-1, order="F").view(np.uint8).data
+                continue
+            if volume.check is not None:
+                volume.check(values)
+            if values.dtype.kind == "c" and volume.dtype.kind != "c":
+                values = values.real  # imaginary parts were checked to be zero
+            if index is None:
+                buffer = np.asarray(values, dtype=volume.dtype, order="F")
+                continue
+            if buffer is None:
+                buffer = np.empty(slab_shape, dtype=volume.dtype, order="F")
+            np.copyto(buffer[index], values, casting="unsafe")
+        if buffer is not None:
+            yield buffer.reshape(-1, order="F").view(np.uint8).data
+    source.release_pages()
+
+
+Index = tuple[slice | int, ...]
+
+
+def _slabs_of(
+    view: Array, argmax: bool, source: InputArray
+) -> Iterator[tuple[tuple[int, ...], Iterator[tuple[Index | None, Array]]]]:
+    """Output slabs in Fortran order, each as (its output shape, pieces of values).
+
+    A piece's index is None when it is the whole slab. Pages of a mapped input
+    are released after every piece.
+    """
+    shape = view.shape[:-1] if argmax else view.shape
+    per_voxel = view.dtype.itemsize * (view.shape[-1] if argmax else 1)
+    sequential = _reads_sequentially(view, len(shape))
+    target = SLAB_BYTES
+    if source.mapping is not None and not sequential:
+        target = max(SLAB_BYTES, min(TRANSPOSE_SLAB_CAP, source.data.nbytes // 5))
+    for slab in slab_indices(shape, per_voxel, target):
+        part = view[slab]
+        slab_shape = part.shape[:-1] if argmax else part.shape
+        if source.mapping is None or sequential:
+            yield slab_shape, _whole(part, argmax, source)
+        else:
+            yield slab_shape, _pieces(part, argmax, source)
+
+
+def _whole(part: Array, argmax: bool, source: InputArray) -> Iterator[tuple[Index | None, Array]]:
+    yield None, (np.argmax(part, axis=-1) if argmax else part)
+    source.release_pages()
+
+
+def _pieces(part: Array, argmax: bool, source: InputArray) -> Iterator[tuple[Index | None, Array]]:
+    """`part` cut along its axis that is slowest in the file, so pages can be dropped."""
+    spatial = part.ndim - 1 if argmax else part.ndim
+    sizes = [(abs(part.strides[a]), a) for a in range(spatial) if part.shape[a] > 1]
+    if not sizes:
+        yield from _whole(part, argmax, source)
+        return
+    stride, axis = max(sizes)
+    step = max(1, PIECE_BYTES // max(stride, 1))
+    for start in range(0, part.shape[axis], step):
+        index = (slice(None),) * axis + (slice(start, start + step),)
+        values = part[index]
+        yield index, (np.argmax(values, axis=-1) if argmax else values)
+        source.release_pages()
+
+
+def _reads_sequentially(view: Array, spatial_axes: int) -> bool:
+    """True when the output's Fortran order walks the file forwards (F-like strides)."""
+    strides = [view.strides[a] for a in range(spatial_axes) if view.shape[a] > 1]
+    return all(0 < a < b for a, b in itertools.pairwise(strides))
+
+
+def slab_indices(shape: tuple[int, ...], itemsize: int, target: int) -> Iterator[Index]:
+    """Indices of consecutive Fortran-order slabs of about `target` bytes.
+
+    Leading axes are taken whole while they fit; the next axis is cut into runs;
+    the remaining (slower) axes are iterated one index at a time.
+    """
+    inner, split = itemsize, 0
+    while split < len(shape) and inner * shape[split] <= target:
+        inner *= shape[split]
+        split += 1
+    if split == len(shape):
+        yield (slice(None),) * len(shape)
+        return
+    step = max(1, target // inner)
+    head: Index = (slice(None),) * split
+    for outer in np.ndindex(*shape[split + 1 :]):
+        for start in range(0, shape[split], step):
+            yield (*head, slice(start, min(start + step, shape[split])), *outer)

@@ -1,0 +1,284 @@
+"""The public functions: convert_file, and the nidataset-compatible pair."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from niftidrop import ConversionError, ErrorCode, convert_file, nifti_to_numpy, numpy_to_nifti
+from niftidrop.settings import Settings
+
+MakeReference = Callable[..., Path]
+
+
+def _settings(**values: object) -> Settings:
+    return Settings.model_validate(values)
+
+
+def _voxels(path: Path) -> np.ndarray:
+    return np.asanyarray(nib.load(path).dataobj)
+
+
+class TestConvertFile:
+    def test_result_describes_the_conversion(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """The result names input, outputs, shapes, dtypes and byte counts."""
+        reference = make_reference(shape=(4, 5, 6))
+        source = tmp_path / "case.npy"
+        np.save(source, np.ones((4, 5, 6), np.int64))
+        result = convert_file(source, tmp_path / "out", settings=_settings(), reference=reference)
+        assert result.input == source
+        assert result.outputs == (tmp_path / "out" / "case.nii.gz",)
+        assert (result.shape_in, result.shape_out) == ((4, 5, 6), (4, 5, 6))
+        assert (result.dtype_in, result.dtype_out) == ("int64", "uint8")
+        assert result.bytes_in == source.stat().st_size
+        assert result.bytes_out == result.outputs[0].stat().st_size
+        assert result.seconds >= 0
+
+    def test_stem_and_uncompressed_output(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """`stem` names the output; compress=false writes a plain .nii."""
+        reference = make_reference(shape=(4, 5, 6))
+        source = tmp_path / ".claimed-123.npy"
+        np.save(source, np.zeros((4, 5, 6), np.float32))
+        result = convert_file(
+            source,
+            tmp_path,
+            settings=_settings(compress=False),
+            reference=reference,
+            stem="case7",
+        )
+        assert result.outputs == (tmp_path / "case7.nii",)
+        assert nib.load(result.outputs[0]).shape == (4, 5, 6)
+
+    def test_split_writes_one_file_per_channel(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """channels=split gives <stem>_c<N> per channel, in channel order."""
+        reference = make_reference(shape=(4, 5, 6))
+        probabilities = np.random.default_rng(1).random((3, 4, 5, 6)).astype(np.float32)
+        source = tmp_path / "p.npy"
+        np.save(source, probabilities)
+        result = convert_file(
+            source, tmp_path / "o", settings=_settings(channels="split"), reference=reference
+        )
+        assert [path.name for path in result.outputs] == [
+            "p_c0.nii.gz",
+            "p_c1.nii.gz",
+            "p_c2.nii.gz",
+        ]
+        for channel, path in enumerate(result.outputs):
+            np.testing.assert_array_equal(_voxels(path), probabilities[channel])
+        assert result.bytes_out == sum(path.stat().st_size for path in result.outputs)
+
+    def test_on_conflict_rename_and_fail(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """rename adds a unique suffix; fail raises OUTPUT_CONFLICT and keeps the old file."""
+        reference = make_reference(shape=(4, 5, 6))
+        source = tmp_path / "a.npy"
+        np.save(source, np.zeros((4, 5, 6), np.uint8))
+        out = tmp_path / "out"
+        first = convert_file(source, out, settings=_settings(), reference=reference)
+        renamed = convert_file(
+            source, out, settings=_settings(on_conflict="rename"), reference=reference
+        )
+        assert renamed.outputs == (out / "a-1.nii.gz",)
+        before = first.outputs[0].read_bytes()
+        with pytest.raises(ConversionError) as caught:
+            convert_file(source, out, settings=_settings(on_conflict="fail"), reference=reference)
+        assert caught.value.code is ErrorCode.OUTPUT_CONFLICT
+        assert first.outputs[0].read_bytes() == before
+
+    def test_reprocessing_gives_identical_bytes(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """Same input, same output bytes (idempotent reprocessing after a crash)."""
+        reference = make_reference(shape=(16, 16, 16))
+        source = tmp_path / "a.npy"
+        np.save(source, np.random.default_rng(2).random((16, 16, 16)))
+        one = convert_file(source, tmp_path / "1", settings=_settings(), reference=reference)
+        two = convert_file(
+            source, tmp_path / "2", settings=_settings(compression_threads=1), reference=reference
+        )
+        assert one.outputs[0].read_bytes() == two.outputs[0].read_bytes()
+
+    def test_rejection_leaves_no_output(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """A rejected input leaves nothing in the output folder, not even a temp file."""
+        reference = make_reference(shape=(4, 5, 6))
+        source = tmp_path / "a.npy"
+        np.save(source, np.full((4, 5, 6), 300.5))
+        out = tmp_path / "out"
+        with pytest.raises(ConversionError) as caught:
+            convert_file(source, out, settings=_settings(dtype="uint8"), reference=reference)
+        assert caught.value.code is ErrorCode.DTYPE_OVERFLOW
+        assert not out.exists() or list(out.iterdir()) == []
+
+    def test_unreadable_reference_is_bad_reference(self, tmp_path: Path) -> None:
+        """A reference nibabel cannot read is BAD_REFERENCE and names the reference."""
+        reference = tmp_path / "scan.nii.gz"
+        reference.write_bytes(b"not a nifti file")
+        source = tmp_path / "a.npy"
+        np.save(source, np.zeros((2, 2, 2)))
+        with pytest.raises(ConversionError) as caught:
+            convert_file(source, tmp_path, settings=_settings(), reference=reference)
+        assert caught.value.code is ErrorCode.BAD_REFERENCE
+        assert caught.value.reference == reference
+
+    def test_no_reference_uses_affine(self, tmp_path: Path) -> None:
+        """reference=None writes the given affine."""
+        source = tmp_path / "a.npy"
+        np.save(source, np.zeros((2, 3, 4), np.float32))
+        affine = np.diag([1.0, 1.0, 2.0, 1.0])
+        result = convert_file(source, tmp_path, settings=_settings(), reference=None, affine=affine)
+        np.testing.assert_array_equal(nib.load(result.outputs[0]).affine, affine)
+
+    def test_sidecar_records_provenance(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """sidecar=true writes <stem>.json with hashes, rule and dtypes."""
+        reference = make_reference(shape=(4, 5, 6))
+        source = tmp_path / "a.npy"
+        np.save(source, np.zeros((4, 5, 6), bool))
+        convert_file(
+            source,
+            tmp_path / "out",
+            settings=_settings(sidecar=True),
+            reference=reference,
+            provenance={"input": "sub/a.npy", "rule": "exact"},
+        )
+        record = json.loads((tmp_path / "out" / "a.json").read_text())
+        assert record["input"] == "sub/a.npy"
+        assert record["rule"] == "exact"
+        assert len(record["input_sha256"]) == len(record["reference_sha256"]) == 64
+        assert (record["dtype_in"], record["dtype_out"]) == ("bool", "uint8")
+        assert record["niftidrop_version"]
+
+
+class TestSeedExamples:
+    """The examples of the seed page, with `niftidrop` in place of nidataset."""
+
+    def test_with_reference_nifti(self, make_reference: MakeReference) -> None:
+        """numpy_to_nifti(npz, folder, reference_nifti=...) copies the geometry."""
+        reference = make_reference("case001.nii.gz", shape=(4, 5, 6))
+        Path("predictions").mkdir()
+        np.savez("predictions/case001.npz", pred=np.ones((4, 5, 6), np.float32))
+        written = numpy_to_nifti(
+            npy_path="predictions/case001.npz",
+            output_path="results/",
+            reference_nifti=str(reference),
+        )
+        assert Path(written) == Path("results/case001.nii.gz")
+        np.testing.assert_array_equal(nib.load(written).affine, nib.load(reference).affine)
+
+    def test_with_custom_affine(self) -> None:
+        """An explicit affine is written as given."""
+        Path("data").mkdir()
+        np.save("data/volume.npy", np.zeros((3, 3, 3), np.float32))
+        affine = np.diag([1.0, 1.0, 2.0, 1.0])
+        written = numpy_to_nifti(npy_path="data/volume.npy", output_path="nifti/", affine=affine)
+        assert written == str(Path("nifti/volume.nii.gz"))
+        np.testing.assert_array_equal(nib.load(written).affine, affine)
+        assert nib.load(written).header.get_zooms() == (1.0, 1.0, 2.0)
+
+    def test_identity_affine_by_default(self) -> None:
+        """Without affine or reference the affine is the identity."""
+        Path("data").mkdir()
+        np.save("data/array.npy", np.zeros((3, 3, 3), np.uint8))
+        written = numpy_to_nifti("data/array.npy", "output/")
+        np.testing.assert_array_equal(nib.load(written).affine, np.eye(4))
+
+    def test_round_trip(self, make_reference: MakeReference) -> None:
+        """nifti_to_numpy then numpy_to_nifti with the reference gives the same image."""
+        original = make_reference("original.nii.gz", shape=(4, 5, 6), dtype="int16")
+        saved = nifti_to_numpy(str(original), "temp/")
+        assert saved == str(Path("temp/original.npz"))
+        written = numpy_to_nifti(saved, "output/", reference_nifti=str(original))
+        assert _voxels(Path(written)).dtype == np.int16
+        np.testing.assert_array_equal(_voxels(Path(written)), _voxels(original))
+        np.testing.assert_array_equal(nib.load(written).affine, nib.load(original).affine)
+
+    def test_missing_input_is_file_not_found(self) -> None:
+        """A missing input raises FileNotFoundError, as the seed documents."""
+        with pytest.raises(FileNotFoundError):
+            numpy_to_nifti("missing.npy", "out/")
+
+    def test_reference_overrides_affine(self, make_reference: MakeReference) -> None:
+        """reference_nifti wins over affine."""
+        reference = make_reference(shape=(2, 2, 2))
+        np.save("a.npy", np.zeros((2, 2, 2), np.float32))
+        written = numpy_to_nifti("a.npy", "o", affine=np.eye(4) * 3, reference_nifti=str(reference))
+        np.testing.assert_array_equal(nib.load(written).affine, nib.load(reference).affine)
+
+    def test_rejection_is_a_value_error_with_code(self) -> None:
+        """A rejected input raises ConversionError, a ValueError carrying the code."""
+        np.save("a.npy", np.array([None], dtype=object), allow_pickle=True)
+        with pytest.raises(ValueError, match=r"a\.npy") as caught:
+            numpy_to_nifti("a.npy", "o")
+        assert isinstance(caught.value, ConversionError)
+        assert caught.value.code is ErrorCode.UNSUPPORTED_DTYPE
+
+    def test_debug_logs_the_output_path(self, caplog: pytest.LogCaptureFixture) -> None:
+        """debug=True logs where the file was saved."""
+        np.save("a.npy", np.zeros((2, 2, 2), np.float32))
+        with caplog.at_level("INFO", logger="niftidrop"):
+            written = numpy_to_nifti("a.npy", "o", debug=True)
+        assert written in caplog.text
+
+    def test_nifti_to_numpy_uncompressed(self, make_reference: MakeReference) -> None:
+        """compressed=False writes <prefix>.npy with the stored dtype."""
+        original = make_reference("scan.nii", dtype="uint8")
+        saved = nifti_to_numpy(str(original), "t", compressed=False)
+        assert saved == str(Path("t/scan.npy"))
+        assert np.load(saved).dtype == np.uint8
+
+
+DTYPES = ["uint8", "int8", "int16", "uint16", "int32", "uint32", "float32", "float64"]
+
+
+class TestRoundTripProperty:
+    @hypothesis_settings(
+        max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+    @given(
+        dtype=st.sampled_from(DTYPES),
+        shape=st.tuples(st.integers(1, 5), st.integers(1, 5), st.integers(1, 5)),
+        seed=st.integers(0, 2**32 - 1),
+    )
+    def test_round_trip_is_exact(
+        self,
+        tmp_path_factory: pytest.TempPathFactory,
+        dtype: str,
+        shape: tuple[int, int, int],
+        seed: int,
+    ) -> None:
+        """Any image, via nifti_to_numpy and back, keeps voxels, dtype and geometry."""
+        folder = tmp_path_factory.mktemp("trip")
+        rng = np.random.default_rng(seed)
+        if np.dtype(dtype).kind == "f":
+            data = rng.standard_normal(shape).astype(dtype) * 1e3
+        else:
+            info = np.iinfo(dtype)
+            data = rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+        affine = np.diag([0.5, 0.75, 3.0, 1.0])
+        affine[:3, 3] = [1.0, -2.0, 3.5]
+        original = folder / "img.nii.gz"
+        nib.save(nib.Nifti1Image(data, affine), original)
+        saved = nifti_to_numpy(str(original), str(folder / "np"))
+        written = Path(numpy_to_nifti(saved, str(folder / "back"), reference_nifti=str(original)))
+        back = nib.load(written)
+        assert back.get_data_dtype() == np.dtype(dtype)
+        np.testing.assert_array_equal(np.asanyarray(back.dataobj), data)
+        np.testing.assert_array_equal(back.affine, nib.load(original).affine)

@@ -1,0 +1,223 @@
+"""Loading and validating inputs: completeness, hostile files, the .npz size check."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from niftidrop.arrays import MAX_DIMS, is_complete, open_input
+from niftidrop.errors import ConversionError, ErrorCode
+
+LIMIT = 1 << 30
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    stream = io.BytesIO()
+    np.save(stream, array)
+    return stream.getvalue()
+
+
+def _rejection(path: Path, *, npz_key: str | None = None, limit: int = LIMIT) -> ConversionError:
+    with pytest.raises(ConversionError) as caught:
+        open_input(path, npz_key=npz_key, max_input_bytes=limit)
+    return caught.value
+
+
+class TestIsComplete:
+    def test_whole_npy_is_complete(self, tmp_path: Path) -> None:
+        """A .npy whose header offset plus data bytes equals its size is complete."""
+        path = tmp_path / "a.npy"
+        np.save(path, np.zeros((3, 4, 5), np.float32))
+        assert is_complete(path)
+
+    def test_every_prefix_of_npy_is_incomplete(self, tmp_path: Path) -> None:
+        """A .npy still being written (any shorter prefix) is not complete."""
+        whole = _npy_bytes(np.arange(60, dtype=np.int16).reshape(3, 4, 5))
+        path = tmp_path / "a.npy"
+        for length in (0, 5, 60, 127, 128, len(whole) - 1):
+            path.write_bytes(whole[:length])
+            assert not is_complete(path), length
+
+    def test_npy_with_trailing_bytes_is_not_complete(self, tmp_path: Path) -> None:
+        """More bytes than the header declares is not a structurally whole .npy."""
+        path = tmp_path / "a.npy"
+        path.write_bytes(_npy_bytes(np.zeros(4)) + b"x")
+        assert not is_complete(path)
+
+    def test_whole_npz_is_complete_and_prefixes_are_not(self, tmp_path: Path) -> None:
+        """A .npz is complete only once its zip directory and every member are present."""
+        path = tmp_path / "a.npz"
+        np.savez_compressed(path, x=np.random.default_rng(0).random((20, 20)), y=np.ones(5))
+        whole = path.read_bytes()
+        assert is_complete(path)
+        for length in (0, 10, len(whole) // 2, len(whole) - 1):
+            path.write_bytes(whole[:length])
+            assert not is_complete(path), length
+
+    def test_npz_with_missing_member_bytes_is_incomplete(self, tmp_path: Path) -> None:
+        """A zip directory that points past the members actually written is incomplete."""
+        path = tmp_path / "a.npz"
+        np.savez(path, x=np.arange(1000))
+        whole = bytearray(path.read_bytes())
+        with zipfile.ZipFile(path) as archive:
+            start = archive.start_dir  # type: ignore[attr-defined]
+        # Cut 100 bytes of member data out, keeping the directory at the end.
+        path.write_bytes(bytes(whole[: start - 100] + whole[start:]))
+        assert not is_complete(path)
+
+    def test_other_files_are_never_complete(self, tmp_path: Path) -> None:
+        """Missing files, other extensions and garbage give False, never an exception."""
+        garbage = tmp_path / "g.npy"
+        garbage.write_bytes(b"\x93NUMPY\x01\x00\xff\xff{'descr'")
+        other = tmp_path / "a.txt"
+        other.write_text("hello")
+        assert not is_complete(tmp_path / "missing.npy")
+        assert not is_complete(garbage)
+        assert not is_complete(other)
+
+
+class TestOpenNpy:
+    def test_npy_is_memory_mapped_not_loaded(self, tmp_path: Path) -> None:
+        """A .npy is mapped (no copy) with its shape, dtype and Fortran order."""
+        path = tmp_path / "a.npy"
+        array = np.asfortranarray(np.arange(24, dtype=">i4").reshape(2, 3, 4))
+        np.save(path, array)
+        source = open_input(path, npz_key=None, max_input_bytes=LIMIT)
+        assert source.mapping is not None
+        assert source.data.dtype == np.dtype(">i4")
+        assert source.data.flags.f_contiguous
+        np.testing.assert_array_equal(source.data, array)
+        source.release_pages()  # harmless while views are alive
+
+    def test_truncated_npy(self, tmp_path: Path) -> None:
+        """A .npy shorter than its header declares is TRUNCATED, naming the file."""
+        path = tmp_path / "cut.npy"
+        path.write_bytes(_npy_bytes(np.zeros((10, 10)))[:-8])
+        error = _rejection(path)
+        assert error.code is ErrorCode.TRUNCATED
+        assert "cut.npy" in str(error)
+
+    def test_garbage_is_corrupt(self, tmp_path: Path) -> None:
+        """Bytes that are not a .npy header are CORRUPT."""
+        path = tmp_path / "bad.npy"
+        path.write_bytes(b"not an array at all" * 10)
+        assert _rejection(path).code is ErrorCode.CORRUPT
+
+    def test_pickled_object_array_is_refused_without_unpickling(self, tmp_path: Path) -> None:
+        """An object array (a pickle) is UNSUPPORTED_DTYPE, read from the header only."""
+        path = tmp_path / "evil.npy"
+        np.save(path, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+        error = _rejection(path)
+        assert error.code is ErrorCode.UNSUPPORTED_DTYPE
+        assert "'|O'" in str(error)
+
+    @pytest.mark.parametrize(
+        "array",
+        [
+            np.zeros(3, dtype=[("a", "<i4"), ("b", "<f8")]),
+            np.array(["a", "bc"]),
+            np.zeros(3, dtype="datetime64[s]"),
+        ],
+        ids=["structured", "strings", "datetime"],
+    )
+    def test_non_numeric_dtypes(self, tmp_path: Path, array: np.ndarray) -> None:
+        """Records, strings and dates are UNSUPPORTED_DTYPE."""
+        path = tmp_path / "x.npy"
+        np.save(path, array)
+        assert _rejection(path).code is ErrorCode.UNSUPPORTED_DTYPE
+
+    @pytest.mark.parametrize("shape", [(), (0, 4, 4), (1,) * (MAX_DIMS + 1)])
+    def test_bad_shapes(self, tmp_path: Path, shape: tuple[int, ...]) -> None:
+        """0-d, zero-voxel and 8-d arrays are BAD_SHAPE, naming the shape."""
+        path = tmp_path / "x.npy"
+        np.save(path, np.zeros(shape, np.uint8))
+        error = _rejection(path)
+        assert error.code is ErrorCode.BAD_SHAPE
+        assert str(shape) in str(error)
+
+    def test_declared_size_over_limit(self, tmp_path: Path) -> None:
+        """A .npy declaring more than max_input_bytes is TOO_LARGE (before mapping)."""
+        path = tmp_path / "big.npy"
+        np.save(path, np.zeros((10, 10), np.float64))
+        assert _rejection(path, limit=799).code is ErrorCode.TOO_LARGE
+
+    def test_unknown_extension(self, tmp_path: Path) -> None:
+        """Only .npy and .npz are read."""
+        path = tmp_path / "x.pkl"
+        path.write_bytes(pickle.dumps([1, 2]))
+        assert _rejection(path).code is ErrorCode.UNSAFE_INPUT
+
+
+class TestOpenNpz:
+    def test_first_stored_array_is_used(self, tmp_path: Path) -> None:
+        """Without npz_key the first member in the archive is the input."""
+        path = tmp_path / "a.npz"
+        np.savez(path, zeta=np.ones(3), alpha=np.zeros(4))
+        np.testing.assert_array_equal(open_input(path, npz_key=None, max_input_bytes=LIMIT).data, 1)
+
+    def test_npz_key_selects_member_and_missing_key_fails(self, tmp_path: Path) -> None:
+        """npz_key picks a member; an absent key is NPZ_KEY_MISSING listing the keys."""
+        path = tmp_path / "a.npz"
+        np.savez(path, probs=np.ones(3), labels=np.zeros(4))
+        assert open_input(path, npz_key="labels", max_input_bytes=LIMIT).shape == (4,)
+        error = _rejection(path, npz_key="logits")
+        assert error.code is ErrorCode.NPZ_KEY_MISSING
+        assert "probs" in str(error)
+
+    def test_empty_npz(self, tmp_path: Path) -> None:
+        """An archive without arrays is EMPTY_NPZ."""
+        path = tmp_path / "e.npz"
+        np.savez(path)
+        assert _rejection(path).code is ErrorCode.EMPTY_NPZ
+
+    def test_corrupt_npz(self, tmp_path: Path) -> None:
+        """A .npz that is not a zip archive is CORRUPT."""
+        path = tmp_path / "c.npz"
+        path.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+        assert _rejection(path).code is ErrorCode.CORRUPT
+
+    def test_pickled_member_is_refused(self, tmp_path: Path) -> None:
+        """An object-array member is UNSUPPORTED_DTYPE, never unpickled."""
+        path = tmp_path / "evil.npz"
+        np.savez(path, x=np.array([object()], dtype=object))
+        assert _rejection(path).code is ErrorCode.UNSUPPORTED_DTYPE
+
+    def test_huge_declared_member_is_refused_before_decompressing(self, tmp_path: Path) -> None:
+        """A member whose .npy header declares 64 TiB is TOO_LARGE without inflating it."""
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": "<f8", "fortran_order": False, "shape": (1 << 20, 1 << 20, 8)}
+        )
+        path = tmp_path / "bomb.npz"
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("x.npy", header.getvalue() + b"\0" * 1_000_000)
+        error = _rejection(path)
+        assert error.code is ErrorCode.TOO_LARGE
+        assert "bomb.npz[x]" in str(error)
+
+    def test_member_over_limit_by_zip_size(self, tmp_path: Path) -> None:
+        """A member whose zip-declared size exceeds the limit is TOO_LARGE."""
+        path = tmp_path / "a.npz"
+        np.savez_compressed(path, x=np.zeros(100_000))
+        assert _rejection(path, limit=1000).code is ErrorCode.TOO_LARGE
+
+    def test_member_shorter_than_its_header(self, tmp_path: Path) -> None:
+        """A member with fewer data bytes than its header declares is CORRUPT."""
+        data = _npy_bytes(np.zeros(100))[:-16]
+        path = tmp_path / "short.npz"
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("x.npy", data)
+        assert _rejection(path).code is ErrorCode.CORRUPT
+
+    def test_member_with_bad_header_is_corrupt(self, tmp_path: Path) -> None:
+        """A member that is not a .npy is CORRUPT."""
+        path = tmp_path / "x.npz"
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("x.npy", struct.pack("<10I", *range(10)))
+        assert _rejection(path).code is ErrorCode.CORRUPT
