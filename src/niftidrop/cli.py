@@ -112,6 +112,72 @@ def _cmd_match(settings: Settings, args: argparse.Namespace) -> int:
     return ExitCode.FAILED if unmatched else ExitCode.OK
 
 
+def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the service in the foreground (or, with --once, convert the inbox and exit)."""
+    from niftidrop.logs import configure_logging
+    from niftidrop.service import Service
+
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        return Service(settings).run(once=args.once)
+    except ConfigError as exc:
+        print(f"niftidrop: {exc}", file=sys.stderr)
+        return ExitCode.BAD_CONFIG
+
+
+def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    """Print how many files each spool folder holds and the heartbeat's age."""
+    import json
+    import time
+
+    from niftidrop.spool import Spool
+
+    spool = Spool(settings)
+    age = spool.heartbeat_age(time.time())
+    report: dict[str, object] = {**spool.counts(), "heartbeat_age": age}
+    if args.json:
+        print(json.dumps(report))
+        return ExitCode.OK
+    for name, count in report.items():
+        if name != "heartbeat_age":
+            print(f"{name:<9} {count}")
+    print("heartbeat", "none" if age is None else f"{age:.1f} s ago")
+    return ExitCode.OK
+
+
+def _cmd_health(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 0 when the service's heartbeat is fresher than three intervals, else 1."""
+    import time
+
+    from niftidrop.spool import Spool
+
+    age = Spool(settings).heartbeat_age(time.time())
+    if age is not None and age < 3 * settings.heartbeat_interval:
+        print(f"healthy: heartbeat {age:.1f} s ago")
+        return ExitCode.OK
+    seen = "no heartbeat" if age is None else f"heartbeat {age:.1f} s ago"
+    print(f"unhealthy: {seen} (expected under {3 * settings.heartbeat_interval:g} s)")
+    return ExitCode.FAILED
+
+
+def _cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+    """Move failed inputs (all, or the named ones) back into the inbox."""
+    from niftidrop.spool import Spool
+
+    moved = Spool(settings).retry(args.names)
+    for path in moved:
+        print(f"back in the inbox: {path}")
+    print(f"{len(moved)} input(s) moved back")
+    return ExitCode.OK
+
+
+def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
+    """Convert each input once; one line per input, exit 1 if any was rejected."""
+    from niftidrop.convert_command import convert_inputs
+
+    return convert_inputs(settings, args.inputs, out_dir=args.output_dir, reference=args.reference)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser: global options and one subcommand per SPEC §6 command."""
     flags = _settings_flags()
@@ -124,12 +190,43 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", parents=[flags], help="validate config and folders")
     check.set_defaults(handler=_cmd_check)
 
+    convert = commands.add_parser(
+        "convert", parents=[flags], help="convert .npy/.npz files to NIfTI once"
+    )
+    convert.add_argument("inputs", nargs="+", type=Path, metavar="IN", help=".npy or .npz files")
+    convert.add_argument(
+        "-o", "--output-dir", type=Path, default=None, help="output folder (default: the outbox)"
+    )
+    convert.add_argument(
+        "--reference", type=Path, default=None, help="reference NIfTI for every input"
+    )
+    convert.set_defaults(handler=_cmd_convert)
+
     match = commands.add_parser(
         "match", parents=[flags], help="which reference each input name resolves to, and why"
     )
     match.add_argument("names", nargs="+", metavar="NAME", help="input file names")
     match.add_argument("--json", action="store_true", help="one JSON object per name")
     match.set_defaults(handler=_cmd_match)
+
+    run = commands.add_parser("run", parents=[flags], help="run the service in the foreground")
+    run.add_argument(
+        "--once", action="store_true", help="convert what is in the inbox now, then exit"
+    )
+    run.set_defaults(handler=_cmd_run)
+
+    status = commands.add_parser("status", parents=[flags], help="counts per folder, heartbeat")
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    status.set_defaults(handler=_cmd_status)
+
+    health = commands.add_parser("health", parents=[flags], help="exit 0 if the service is alive")
+    health.set_defaults(handler=_cmd_health)
+
+    retry = commands.add_parser(
+        "retry", parents=[flags], help="move failed inputs back into the inbox"
+    )
+    retry.add_argument("names", nargs="*", metavar="NAME", help="file names (default: all)")
+    retry.set_defaults(handler=_cmd_retry)
     return parser
 
 

@@ -1,0 +1,521 @@
+"""The file protocol (SPEC §1.2-5, §4): inbox → claimed → outbox + archive, or failed.
+
+Layout of the state folder:
+
+    <state>/claimed/<token>/<rel>/<name>    a claimed input (token: a fresh folder)
+    <state>/claimed/<token>/.converted.json  its output is durable (summary)
+    <state>/claimed/<token>/.failure.json    it was rejected (the error record)
+    <state>/heartbeat.json, <state>/lock
+
+Each claim gets its own token folder, made atomically by `mkdtemp`, so two
+inputs with the same name never meet, and the relative path survives a crash.
+
+Inputs leave the claim folder by `link()` + `unlink()`, never by `rename()`:
+`link()` refuses to replace an existing name (archive and failed are never
+overwritten), and it keeps the inode, so after a crash between the two steps the
+claimed file's link count (> 1) tells that it already reached archive or failed.
+It also keeps the inbox watch free of move-out events. A failed input is linked
+first, then its `.error.json` is written; the record is kept in the claim folder
+until both exist, so a crash in between is finished at the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, Final
+
+from niftidrop import __version__
+from niftidrop.errors import ConfigError, ConversionError, ErrorCode
+from niftidrop.settings import Settings
+from niftidrop.watcher import is_candidate, scan_inbox
+
+CLAIMS: Final = "claimed"
+CONVERTED_MARKER: Final = ".converted.json"
+FAILURE_MARKER: Final = ".failure.json"
+ERROR_SUFFIX: Final = ".error.json"
+HEARTBEAT: Final = "heartbeat.json"
+LOCK: Final = "lock"
+INPUT_SUFFIXES: Final = (".npy", ".npz")
+
+
+def now_iso() -> str:
+    """The current time, ISO 8601 in UTC."""
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """`name` as (stem, extension) where the extension is `.npy`/`.npz` in any case."""
+    lowered = name.lower()
+    for suffix in INPUT_SUFFIXES:
+        if lowered.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)], name[-len(suffix) :]
+    stem, dot, extension = name.rpartition(".")
+    return (stem, dot + extension) if stem else (name, "")
+
+
+def unique_names(name: str) -> Iterator[str]:
+    """`name`, then `<stem>-1<ext>`, `<stem>-2<ext>`, ... (the suffix before the extension)."""
+    yield name
+    stem, extension = split_name(name)
+    number = 1
+    while True:
+        yield f"{stem}-{number}{extension}"
+        number += 1
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make the names in `folder` durable (a rename or link is only durable after this)."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any], *, durable: bool) -> None:
+    """Write `data` to `path` under a hidden temporary name, then rename it into place."""
+    handle: IO[str]
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    ) as handle:
+        json.dump(data, handle, indent=2, default=str)
+        handle.write("\n")
+        handle.flush()
+        if durable:
+            os.fsync(handle.fileno())
+    Path(handle.name).replace(path)
+    if durable:
+        fsync_folder(path.parent)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None if it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """An input taken from the inbox: `folder` is its token folder, `relative` its
+    path inside the inbox (kept so outputs and archive mirror the inbox)."""
+
+    folder: Path
+    relative: PurePosixPath
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.relative
+
+    @property
+    def name(self) -> str:
+        return self.relative.name
+
+    @property
+    def stem(self) -> str:
+        return split_name(self.relative.name)[0]
+
+    @property
+    def subfolder(self) -> PurePosixPath:
+        return self.relative.parent
+
+
+@dataclass(frozen=True)
+class Converted:
+    """The input's output is durable and the input archived (or deleted)."""
+
+    claim: Claim
+    summary: dict[str, Any]
+    archived_as: Path | None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The input is in failed with its `.error.json`."""
+
+    claim: Claim
+    record: dict[str, Any]
+    failed_as: Path
+
+
+Outcome = Converted | Failed
+# Turns a claim into the summary of its conversion; raises ConversionError or OSError.
+Converter = Callable[[Claim], dict[str, Any]]
+
+
+def error_record(claim: Claim, error: ConversionError) -> dict[str, Any]:
+    """The `.error.json` content for a rejected input (SPEC §4)."""
+    record: dict[str, Any] = {
+        "input": str(claim.relative),
+        "error": error.code.value,
+        "message": error.message,
+        "failed_at": now_iso(),
+        "niftidrop_version": __version__,
+    }
+    if error.reference is not None:
+        record["reference"] = str(error.reference)
+    if error.candidates:
+        record["candidates"] = [str(path) for path in error.candidates]
+    return record
+
+
+class Spool:
+    """The spool folders of one service and every move between them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.inbox = settings.inbox_dir
+        self.outbox = settings.outbox_dir
+        self.archive_folder = settings.archive_dir
+        self.failed_folder = settings.failed_dir
+        self.state = settings.state_path
+        self.claims_folder = self.state / CLAIMS
+        self.heartbeat_path = self.state / HEARTBEAT
+        self.recursive = settings.recursive
+        self.durable = settings.fsync
+        self.delete_after_success = settings.after_success == "delete"
+        self._lock_file: IO[bytes] | None = None
+
+    def __repr__(self) -> str:
+        return f"Spool(inbox={str(self.inbox)!r}, state={str(self.state)!r})"
+
+    # Set-up.
+
+    def create_folders(self) -> None:
+        """Create every spool folder that is missing; the state folder must be able to
+        receive inputs by rename (same file system as the inbox)."""
+        for folder in (self.inbox, self.outbox, self.archive_folder, self.failed_folder):
+            if folder.exists() and not folder.is_dir():
+                raise ConfigError(f"{folder} exists and is not a folder")
+            folder.mkdir(parents=True, exist_ok=True)
+        self.claims_folder.mkdir(parents=True, exist_ok=True)
+        if self.inbox.stat().st_dev != self.state.stat().st_dev:
+            raise ConfigError(
+                f"state_dir: expected a folder on the inbox's file system (inputs are "
+                f"claimed by rename), found {self.state} on another one"
+            )
+
+    def lock(self) -> None:
+        """Take the state folder for this process; a second service on it is refused."""
+        handle = (self.state / LOCK).open("a+b")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ConfigError(
+                f"state_dir: {self.state} is in use by another running niftidrop"
+            ) from None
+        self._lock_file = handle
+
+    def unlock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    # Claiming.
+
+    def relative(self, path: Path) -> PurePosixPath:
+        """`path` relative to the inbox; ValueError if it is outside or escapes it."""
+        relative = PurePosixPath(path.relative_to(self.inbox).as_posix())
+        if ".." in relative.parts or not relative.parts:
+            raise ValueError(f"{path} is not inside the inbox {self.inbox}")
+        return relative
+
+    def claim(self, path: Path) -> Claim | None:
+        """Move `path` out of the inbox by rename into a new claim; None if it is gone."""
+        relative = self.relative(path)
+        # A subfolder replaced by a symlink must not let a rename reach outside.
+        if os.path.realpath(path.parent) != str(path.parent):
+            return None
+        folder = Path(tempfile.mkdtemp(prefix="", dir=self.claims_folder))
+        claim = Claim(folder, relative)
+        try:
+            claim.path.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(claim.path)
+        except FileNotFoundError:
+            self.release(claim)
+            return None
+        except BaseException:
+            self.release(claim)
+            raise
+        return claim
+
+    def claims(self) -> list[Claim]:
+        """Every claim left in the state folder, oldest input first (crash recovery).
+
+        Claim folders without an input (a crash before the rename, or after the
+        input left) are removed.
+        """
+        found: list[tuple[int, Claim]] = []
+        try:
+            folders = sorted(entry for entry in self.claims_folder.iterdir() if entry.is_dir())
+        except FileNotFoundError:
+            return []
+        for folder in folders:
+            claimed = self._claimed_input(folder)
+            if claimed is None:
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            found.append(
+                (claimed.lstat().st_mtime_ns, Claim(folder, self._relative_in(folder, claimed)))
+            )
+        return [claim for _, claim in sorted(found, key=lambda item: item[0])]
+
+    @staticmethod
+    def _relative_in(folder: Path, claimed: Path) -> PurePosixPath:
+        return PurePosixPath(claimed.relative_to(folder).as_posix())
+
+    @staticmethod
+    def _claimed_input(folder: Path) -> Path | None:
+        for root, dirs, files in os.walk(folder):
+            here = Path(root)
+            dirs[:] = [name for name in dirs if not name.startswith(".")]
+            for name in files + [d for d in dirs if (here / d).is_symlink()]:
+                if not name.startswith("."):
+                    return here / name
+        return None
+
+    def release(self, claim: Claim) -> None:
+        """Remove a claim's folder (its input has left)."""
+        shutil.rmtree(claim.folder, ignore_errors=True)
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete hidden `.*.tmp` files niftidrop left behind in its own folders."""
+        removed = 0
+        for top in (self.outbox, self.archive_folder, self.failed_folder, self.state):
+            for root, _, files in os.walk(top):
+                for name in files:
+                    if name.startswith(".") and name.endswith(".tmp"):
+                        with contextlib.suppress(FileNotFoundError):
+                            (Path(root) / name).unlink()
+                            removed += 1
+        return removed
+
+    # Finishing a claim.
+
+    def handle(self, claim: Claim, convert: Converter) -> Outcome | None:
+        """Take a claim to its end: resume what a crash interrupted, or convert it.
+
+        Returns None if the claimed input has vanished. Raises OSError for
+        environmental trouble (the input stays claimed and can be handled again).
+        """
+        try:
+            info = claim.path.lstat()
+        except FileNotFoundError:
+            self.release(claim)
+            return None
+        if info.st_nlink > 1:
+            resumed = self._resume_linked(claim, info)
+            if resumed is not None:
+                return resumed
+        record = read_json(claim.folder / FAILURE_MARKER)
+        if record is not None:
+            return self.fail(claim, record)
+        summary = read_json(claim.folder / CONVERTED_MARKER)
+        if summary is None:
+            if not stat.S_ISREG(info.st_mode):
+                error = ConversionError(
+                    ErrorCode.UNSAFE_INPUT,
+                    f"{claim.relative}: expected a regular file, found a "
+                    f"{_file_kind(info.st_mode)}; it is not followed",
+                )
+                return self.fail(claim, error_record(claim, error))
+            try:
+                summary = convert(claim)
+            except ConversionError as error:
+                return self.fail(claim, error_record(claim, error))
+            write_json_atomic(claim.folder / CONVERTED_MARKER, summary, durable=self.durable)
+        return self._finish_converted(claim, summary)
+
+    def _finish_converted(self, claim: Claim, summary: dict[str, Any]) -> Converted:
+        archived_as = None
+        if self.delete_after_success:
+            claim.path.unlink()
+        else:
+            archived_as = self._link_unique(claim.path, self.archive_folder / claim.subfolder)
+            claim.path.unlink()
+        self.release(claim)
+        return Converted(claim, summary, archived_as)
+
+    def fail(self, claim: Claim, record: dict[str, Any]) -> Failed:
+        """Move the claimed input to failed together with its `.error.json`."""
+        marker = claim.folder / FAILURE_MARKER
+        if not marker.exists():
+            write_json_atomic(marker, record, durable=self.durable)
+        folder = self.failed_folder / claim.subfolder
+        failed_as = self._link_unique(claim.path, folder, companion=ERROR_SUFFIX)
+        self._write_error(failed_as, record)
+        claim.path.unlink()
+        self.release(claim)
+        return Failed(claim, record, failed_as)
+
+    def _write_error(self, failed_as: Path, record: Mapping[str, Any]) -> None:
+        error_path = failed_as.with_name(failed_as.name + ERROR_SUFFIX)
+        write_json_atomic(error_path, record, durable=self.durable)
+
+    def _resume_linked(self, claim: Claim, info: os.stat_result) -> Outcome | None:
+        """After a crash between link and unlink: finish the move that was under way."""
+        for folder in (self.archive_folder, self.failed_folder):
+            twin = _find_link(folder / claim.subfolder, claim.name, info)
+            if twin is None:
+                continue
+            if folder == self.failed_folder:
+                record = read_json(claim.folder / FAILURE_MARKER) or {}
+                if not twin.with_name(twin.name + ERROR_SUFFIX).exists():
+                    self._write_error(twin, record)
+                claim.path.unlink()
+                self.release(claim)
+                return Failed(claim, record, twin)
+            summary = read_json(claim.folder / CONVERTED_MARKER) or {}
+            claim.path.unlink()
+            self.release(claim)
+            return Converted(claim, summary, twin)
+        return None
+
+    def _link_unique(
+        self, source: Path, folder: Path, *, name: str = "", companion: str = ""
+    ) -> Path:
+        """Give `source` a new name in `folder` (`name` or a suffixed variant) that no
+        file has, nor `<new name><companion>`."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for candidate in unique_names(name or source.name):
+            target = folder / candidate
+            if companion and target.with_name(candidate + companion).exists():
+                continue
+            try:
+                os.link(source, target, follow_symlinks=False)
+            except FileExistsError:
+                continue
+            except OSError as error:
+                if error.errno != errno.EXDEV:
+                    raise
+                if not self._copy_no_replace(source, target):
+                    continue
+            if self.durable:
+                fsync_folder(folder)
+            return target
+        raise AssertionError("unreachable: unique_names never ends")
+
+    def _copy_no_replace(self, source: Path, target: Path) -> bool:
+        """Across file systems: copy to a hidden temporary, then link it to `target`."""
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.copy2(source, temporary, follow_symlinks=False)
+        try:
+            if self.durable and not temporary.is_symlink():
+                with temporary.open("rb") as handle:
+                    os.fsync(handle.fileno())
+            os.link(temporary, target, follow_symlinks=False)
+        except FileExistsError:
+            return False
+        finally:
+            temporary.unlink()
+        return True
+
+    # Commands: retry, status, heartbeat.
+
+    def failed_inputs(self) -> list[Path]:
+        """Inputs in failed (their `.error.json` files excluded)."""
+        return sorted(
+            Path(root) / name
+            for root, _, files in os.walk(self.failed_folder)
+            for name in files
+            if not name.startswith(".") and not name.endswith(ERROR_SUFFIX)
+        )
+
+    def retry(self, names: Sequence[str] = ()) -> list[Path]:
+        """Move failed inputs (all, or those whose name or relative path is in `names`)
+        back into the inbox under their original relative path; removes their
+        `.error.json`. Returns the inbox paths."""
+        moved = []
+        for failed_input in self.failed_inputs():
+            relative = PurePosixPath(failed_input.relative_to(self.failed_folder).as_posix())
+            if names and failed_input.name not in names and str(relative) not in names:
+                continue
+            error_path = failed_input.with_name(failed_input.name + ERROR_SUFFIX)
+            original = (read_json(error_path) or {}).get("input")
+            if isinstance(original, str) and _is_safe_relative(original):
+                relative = PurePosixPath(original)
+            target = self._link_unique(
+                failed_input, self.inbox / relative.parent, name=relative.name
+            )
+            failed_input.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                error_path.unlink()
+            moved.append(target)
+        return moved
+
+    def counts(self) -> dict[str, int]:
+        """How many files each folder holds (inputs, outputs, claims)."""
+        return {
+            "inbox": sum(1 for _ in scan_inbox(self.inbox, recursive=self.recursive)),
+            CLAIMS: len(self.claims()) if self.claims_folder.is_dir() else 0,
+            "outbox": _count_files(self.outbox, lambda name: not name.endswith(".json")),
+            "archive": _count_files(self.archive_folder, is_candidate),
+            "failed": len(self.failed_inputs()),
+        }
+
+    def write_heartbeat(self, details: Mapping[str, Any]) -> None:
+        """Replace the heartbeat file (atomically: readers never see half of it)."""
+        write_json_atomic(self.heartbeat_path, {"time": now_iso(), **details}, durable=False)
+
+    def heartbeat_age(self, now: float) -> float | None:
+        """Seconds since the last heartbeat, or None if there is none."""
+        try:
+            return now - self.heartbeat_path.stat().st_mtime
+        except OSError:
+            return None
+
+
+def _find_link(folder: Path, name: str, info: os.stat_result) -> Path | None:
+    """The file in `folder` named like `name` (see `unique_names`) that is `info`'s inode."""
+    stem, extension = split_name(name)
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return None
+    for entry in entries:
+        family = entry.name == name or (
+            entry.name.startswith(stem + "-") and entry.name.endswith(extension)
+        )
+        if not family:
+            continue
+        found = entry.stat(follow_symlinks=False)
+        if (found.st_dev, found.st_ino) == (info.st_dev, info.st_ino):
+            return Path(entry.path)
+    return None
+
+
+def _is_safe_relative(path: str) -> bool:
+    parts = PurePosixPath(path).parts
+    return bool(parts) and not PurePosixPath(path).is_absolute() and ".." not in parts
+
+
+def _count_files(folder: Path, accept: Callable[[str], bool]) -> int:
+    return sum(
+        1
+        for _, _, files in os.walk(folder)
+        for name in files
+        if not name.startswith(".") and accept(name)
+    )
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "named pipe"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "device or special file"

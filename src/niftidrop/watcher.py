@@ -1,0 +1,409 @@
+"""Watching the inbox (SPEC §1.1, §1.9-11): which files are candidates, and when
+each one is ready to be read.
+
+Three pieces, each small:
+- `CandidateFilter` says which names niftidrop may touch at all.
+- `InboxWatcher` turns file-system events into `(path, Seen)` sightings on a
+  queue (inotify, or watchdog's polling observer on network file systems); the
+  event threads do nothing else.
+- `ReadinessTracker` decides, from sightings and `stat`, when a candidate is
+  complete and quiet (ready), or has been incomplete for too long (truncated).
+`scan_inbox` is the full rescan, the safety net for lost events.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+
+from niftidrop import inotify
+from niftidrop.library import needs_polling
+
+if TYPE_CHECKING:
+    from watchdog.observers.api import BaseObserver
+
+INPUT_SUFFIXES: Final = (".npy", ".npz")
+IGNORED_ENDINGS: Final = (".tmp", ".part", ".partial", ".crdownload", "~")
+
+# What the inbox watch asks inotify for. IN_MODIFY is left out on purpose: a
+# finished write is IN_CLOSE_WRITE, and quiet-time checks use stat(), so one
+# event per write() would only cost CPU.
+_INBOX_EVENTS: Final = (
+    inotify.IN_CREATE
+    | inotify.IN_CLOSE_WRITE
+    | inotify.IN_MOVED_TO
+    | inotify.IN_MOVED_FROM
+    | inotify.IN_DELETE_SELF
+    | inotify.IN_MOVE_SELF
+)
+
+
+class Seen(Enum):
+    """What an event says about a path."""
+
+    WRITTEN = "written"  # created or changed: complete only after quiet time
+    FINISHED = "finished"  # closed after writing, or renamed into the inbox
+    FOLDER = "folder"  # a folder whose content may be new: scan it
+
+
+Sighting = tuple[Path, Seen]
+
+
+class CandidateFilter:
+    """Whether a file name is a niftidrop input (SPEC §1.1): `*.npy`/`*.npz` in any
+    case, never hidden, never a temporary or partial download name."""
+
+    def __init__(
+        self,
+        suffixes: tuple[str, ...] = INPUT_SUFFIXES,
+        ignored_endings: tuple[str, ...] = IGNORED_ENDINGS,
+    ) -> None:
+        self.suffixes = tuple(suffix.lower() for suffix in suffixes)
+        self.ignored_endings = tuple(ending.lower() for ending in ignored_endings)
+
+    def __call__(self, name: str) -> bool:
+        lowered = name.lower()
+        return (
+            not name.startswith(".")
+            and lowered.endswith(self.suffixes)
+            and not lowered.endswith(self.ignored_endings)
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"CandidateFilter(suffixes={list(self.suffixes)}, "
+            f"hidden=False, ignored_endings={list(self.ignored_endings)})"
+        )
+
+
+is_candidate = CandidateFilter()
+
+
+def scan_inbox(
+    folder: Path, *, recursive: bool, accept: Callable[[str], bool] = is_candidate
+) -> Iterator[Path]:
+    """Every candidate under `folder`. Hidden folders (the state folder among them)
+    and symlinked folders are not entered; symlinked files are yielded (they are
+    refused as unsafe_input, which the user should see)."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_folder = entry.is_dir(follow_symlinks=False)
+        except OSError:
+            continue
+        if is_folder:
+            if recursive:
+                yield from scan_inbox(Path(entry.path), recursive=True, accept=accept)
+        elif accept(entry.name):
+            yield Path(entry.path)
+
+
+def choose_observer(kind: str, folder: Path) -> str:
+    """`inotify` or `polling` for `observer = kind` (`auto`: polling on network/FUSE)."""
+    if kind == "auto":
+        return "polling" if needs_polling(folder) else "inotify"
+    return kind
+
+
+class InboxWatcher:
+    """Reports candidate files of the inbox as `(path, Seen)` sightings on `sightings`.
+
+    `Seen.FOLDER` means "its content may be new: scan it" (a new subfolder, or the
+    kernel's queue overflowed and events were lost).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        sightings: queue.SimpleQueue[Sighting],
+        *,
+        recursive: bool = True,
+        observer: str = "inotify",
+        poll_interval: float = 1.0,
+        accept: Callable[[str], bool] = is_candidate,
+    ) -> None:
+        self.folder = folder
+        self.kind = observer
+        self._sightings = sightings
+        self._recursive = recursive
+        self._poll_interval = poll_interval
+        self._accept = accept
+        self._thread: threading.Thread | None = None
+        self._inotify: inotify.Inotify | None = None
+        self._folders_by_wd: dict[int, Path] = {}
+        self._stopping = threading.Event()
+        self._polling: BaseObserver | None = None
+
+    def __repr__(self) -> str:
+        return f"InboxWatcher({str(self.folder)!r}, observer={self.kind!r})"
+
+    # Life cycle.
+
+    def start(self) -> None:
+        """Start watching; when this returns, the watch is live."""
+        if self.kind == "polling":
+            self._start_polling()
+            return
+        self._inotify = inotify.Inotify()
+        self._watch_tree(self.folder)
+        self._thread = threading.Thread(
+            target=self._read_events, name="niftidrop-inbox-watch", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._inotify is not None:
+            self._inotify.wake()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
+        if self._polling is not None:
+            self._polling.stop()
+            self._polling.join()
+            self._polling = None
+
+    # inotify.
+
+    def _watch_tree(self, folder: Path) -> None:
+        """Watch `folder` and (if recursive) its visible subfolders."""
+        assert self._inotify is not None
+        try:
+            wd = self._inotify.add_watch(os.fsencode(folder), _INBOX_EVENTS)
+        except OSError:
+            if folder == self.folder:
+                raise
+            return  # removed or replaced meanwhile: the rescan will see it
+        self._folders_by_wd[wd] = folder
+        if not self._recursive:
+            return
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        for entry in entries:
+            if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                self._watch_tree(Path(entry.path))
+
+    def _forget_tree(self, folder: Path) -> None:
+        """Drop the watches of `folder` and below (it moved away or was deleted)."""
+        assert self._inotify is not None
+        for wd, path in list(self._folders_by_wd.items()):
+            if path == folder or folder in path.parents:
+                del self._folders_by_wd[wd]
+                self._inotify.remove_watch(wd)
+
+    def _read_events(self) -> None:
+        assert self._inotify is not None
+        while not self._stopping.is_set():
+            for event in self._inotify.read():
+                self._handle(event)
+
+    def _handle(self, event: inotify.RawEvent) -> None:
+        if event.mask & inotify.IN_Q_OVERFLOW:
+            self._sightings.put((self.folder, Seen.FOLDER))  # events were lost: rescan all
+            return
+        folder = self._folders_by_wd.get(event.wd)
+        if folder is None:
+            return
+        if event.mask & inotify.IN_IGNORED or not event.name:
+            if event.mask & (inotify.IN_IGNORED | inotify.IN_DELETE_SELF):
+                self._folders_by_wd.pop(event.wd, None)
+            return
+        name = os.fsdecode(event.name)
+        if name.startswith("."):
+            return  # hidden: never touched (and the state folder lives here)
+        path = folder / name
+        if event.is_dir:
+            if event.mask & inotify.IN_MOVED_FROM:
+                self._forget_tree(path)
+            elif self._recursive and event.mask & (inotify.IN_CREATE | inotify.IN_MOVED_TO):
+                # Watch first, then scan: files written before the watch existed
+                # are found by the scan, later ones by their events.
+                self._watch_tree(path)
+                self._sightings.put((path, Seen.FOLDER))
+            return
+        if not self._accept(name) or event.mask & inotify.IN_MOVED_FROM:
+            return
+        finished = event.mask & (inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO)
+        self._sightings.put((path, Seen.FINISHED if finished else Seen.WRITTEN))
+
+    # Polling (network and FUSE file systems).
+
+    def _start_polling(self) -> None:
+        from watchdog.observers.polling import PollingObserver
+
+        observer = PollingObserver(timeout=self._poll_interval)
+        observer.schedule(
+            _PollingHandler(self._sightings, self._accept),
+            str(self.folder),
+            recursive=self._recursive,
+        )
+        observer.start()
+        self._polling = observer
+
+
+class _PollingHandler(FileSystemEventHandler):
+    """Runs on the polling observer's thread, so it only queues sightings."""
+
+    def __init__(self, sightings: queue.SimpleQueue[Sighting], accept: Callable[[str], bool]):
+        self._sightings = sightings
+        self._accept = accept
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in ("created", "modified", "moved"):
+            return
+        raw = event.dest_path if event.event_type == "moved" else event.src_path
+        path = Path(os.fsdecode(raw))
+        if any(part.startswith(".") for part in path.parts):
+            return
+        if event.is_directory:
+            if event.event_type != "modified":
+                self._sightings.put((path, Seen.FOLDER))
+        elif self._accept(path.name):
+            # Polling sees no close events: readiness comes from quiet time.
+            self._sightings.put((path, Seen.WRITTEN))
+
+
+# Readiness.
+
+
+@dataclass
+class _Pending:
+    size: int
+    mtime_ns: int
+    changed_at: float  # monotonic time the size/mtime last changed (or first seen)
+    finished: bool = False
+    finished_stat: tuple[int, int] | None = None  # size/mtime when `finished` was seen
+    regular: bool = True
+
+
+@dataclass
+class Verdicts:
+    """What one `ReadinessTracker.poll` decided."""
+
+    ready: list[tuple[Path, int]] = field(default_factory=list)  # (path, mtime_ns)
+    truncated: list[Path] = field(default_factory=list)
+    waiting: list[Path] = field(default_factory=list)
+
+
+class ReadinessTracker:
+    """When may a candidate be read? (SPEC §1.1)
+
+    Ready: structurally complete (`is_complete`) and either its last event was a
+    close-after-write or a rename into the inbox, or its size and mtime have not
+    changed for `settle_seconds`. Truncated: still incomplete and unchanged after
+    `incomplete_timeout`. Anything that is not a regular file (a symlink) is
+    "ready" at once so that it is refused as unsafe without being opened.
+    """
+
+    def __init__(
+        self,
+        *,
+        settle_seconds: float,
+        incomplete_timeout: float,
+        is_complete: Callable[[Path], bool],
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settle_seconds = settle_seconds
+        self.incomplete_timeout = incomplete_timeout
+        self._is_complete = is_complete
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._pending: dict[Path, _Pending] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._pending
+
+    def note(self, path: Path, *, finished: bool) -> None:
+        """Record a sighting of `path` (cheap: the disk is read by `poll`); `finished`:
+        its last event was a close-after-write or a rename into the inbox."""
+        pending = self._pending.get(path)
+        if pending is None:
+            pending = _Pending(size=-1, mtime_ns=-1, changed_at=self._clock())
+            self._pending[path] = pending
+        if finished:
+            pending.finished = True
+            pending.finished_stat = None
+        elif pending.finished:
+            pending.finished = False  # written again after it was closed
+
+    def paths(self) -> list[Path]:
+        """The candidates still waiting."""
+        return list(self._pending)
+
+    def forget(self, path: Path) -> None:
+        self._pending.pop(path, None)
+
+    def poll(self, paths: list[Path] | None = None) -> Verdicts:
+        """Decide on the pending candidates (all, or `paths`); decided ones are forgotten."""
+        verdicts = Verdicts()
+        now = self._clock()
+        wall = self._wall_clock()
+        for path in list(self._pending) if paths is None else paths:
+            pending = self._pending.get(path)
+            if pending is None:
+                continue
+            decision = self._decide(path, pending, now, wall)
+            if decision == "gone":
+                del self._pending[path]
+            elif decision == "ready":
+                del self._pending[path]
+                verdicts.ready.append((path, pending.mtime_ns))
+            elif decision == "truncated":
+                del self._pending[path]
+                verdicts.truncated.append(path)
+            else:
+                verdicts.waiting.append(path)
+        return verdicts
+
+    def _decide(self, path: Path, pending: _Pending, now: float, wall: float) -> str:
+        try:
+            info = path.lstat()
+        except OSError:
+            return "gone"
+        if not stat.S_ISREG(info.st_mode):
+            pending.mtime_ns = info.st_mtime_ns
+            return "ready"
+        current = (info.st_size, info.st_mtime_ns)
+        if current != (pending.size, pending.mtime_ns):
+            if pending.size >= 0:
+                pending.changed_at = now
+            pending.size, pending.mtime_ns = current
+        if pending.finished:
+            if pending.finished_stat is None:
+                pending.finished_stat = current
+            elif pending.finished_stat != current:
+                pending.finished = False  # changed after the close: wait for quiet again
+        # mtime is when the last write happened, so an old mtime is already quiet
+        # time (a backlog is ready at once); `changed_at` covers skewed clocks.
+        quiet = max(now - pending.changed_at, wall - info.st_mtime_ns / 1e9)
+        if self._is_complete(path):
+            if pending.finished or quiet >= self.settle_seconds:
+                return "ready"
+            return "waiting"
+        if quiet >= self.incomplete_timeout:
+            return "truncated"
+        return "waiting"
