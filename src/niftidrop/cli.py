@@ -178,6 +178,60 @@ def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
     return convert_inputs(settings, args.inputs, out_dir=args.output_dir, reference=args.reference)
 
 
+def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
+    """Convert each input once: one line per input, exit 1 if any was rejected.
+
+    With `--reference` every input uses it; otherwise the library is indexed once
+    and each input's reference found by the matching rules.
+    """
+    import numpy as np
+    from tqdm import tqdm
+
+    from niftidrop.api import convert_file
+    from niftidrop.errors import ConversionError
+
+    out_dir: Path = args.output_dir or settings.outbox_dir
+    inputs: list[Path] = args.inputs
+    library = None
+    if args.reference is None:
+        from niftidrop.library import ReferenceLibrary
+
+        library = ReferenceLibrary.from_settings(settings)
+        library.build()
+    default_affine = (
+        np.asarray(settings.default_affine, dtype=np.float64) if settings.default_affine else None
+    )
+    show_bar = len(inputs) > 1 and sys.stderr.isatty()
+    failed = 0
+    with tqdm(total=len(inputs), unit="file", file=sys.stderr, disable=not show_bar) as bar:
+        for source in inputs:
+            try:
+                if not source.is_file():
+                    raise FileNotFoundError(f"{source}: no such file")
+                if library is None:
+                    reference, provenance = args.reference, None
+                else:
+                    match = library.resolve(source.name)
+                    reference, provenance = match.reference, {"rule": match.rule}
+                result = convert_file(
+                    source,
+                    out_dir,
+                    settings=settings,
+                    reference=reference,
+                    affine=default_affine if reference is None else None,
+                    provenance=provenance,
+                )
+                bar.write(f"{source} -> {', '.join(str(path) for path in result.outputs)}")
+            except ConversionError as error:
+                failed += 1
+                bar.write(f"{source}: {error.code.value}: {error.message}", file=sys.stderr)
+            except OSError as error:
+                failed += 1
+                bar.write(f"niftidrop: {error}", file=sys.stderr)
+            bar.update()
+    return ExitCode.FAILED if failed else ExitCode.OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser: global options and one subcommand per SPEC §6 command."""
     flags = _settings_flags()
@@ -189,6 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", parents=[flags], help="validate config and folders")
     check.set_defaults(handler=_cmd_check)
+
+    convert = commands.add_parser(
+        "convert", parents=[flags], help="convert .npy/.npz files to NIfTI once"
+    )
+    convert.add_argument("inputs", nargs="+", type=Path, metavar="IN", help=".npy or .npz files")
+    convert.add_argument(
+        "-o", "--output-dir", type=Path, default=None, help="output folder (default: the outbox)"
+    )
+    convert.add_argument(
+        "--reference", type=Path, default=None, help="reference NIfTI for every input"
+    )
+    convert.set_defaults(handler=_cmd_convert)
 
     convert = commands.add_parser(
         "convert", parents=[flags], help="convert .npy/.npz files to NIfTI once"

@@ -1,0 +1,101 @@
+"""`niftidrop convert IN... [-o DIR] [--reference REF]`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from niftidrop.cli import ExitCode, main
+
+MakeReference = Callable[..., Path]
+
+
+class TestConvertCommand:
+    def test_converts_with_explicit_reference(
+        self, make_reference: MakeReference, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Every input uses --reference; one `<input> -> <output>` line each; exit 0."""
+        reference = make_reference(shape=(4, 5, 6))
+        for name in ("a.npy", "b.npy"):
+            np.save(name, np.zeros((4, 5, 6), np.float32))
+        code = main(["convert", "a.npy", "b.npy", "-o", "out", "--reference", str(reference)])
+        assert code == ExitCode.OK
+        lines = capsys.readouterr().out.splitlines()
+        assert lines == [
+            f"a.npy -> {Path('out/a.nii.gz')}",
+            f"b.npy -> {Path('out/b.nii.gz')}",
+        ]
+        assert nib.load("out/b.nii.gz").shape == (4, 5, 6)
+
+    def test_rejection_prints_code_and_exits_1(
+        self, make_reference: MakeReference, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A rejected input prints `<input>: <code>: <message>`, the rest still converts."""
+        reference = make_reference(shape=(4, 5, 6))
+        np.save("bad.npy", np.zeros((3, 3, 3), np.float32))
+        np.save("good.npy", np.zeros((4, 5, 6), np.float32))
+        code = main(["convert", "bad.npy", "good.npy", "-o", "o", "--reference", str(reference)])
+        assert code == ExitCode.FAILED
+        captured = capsys.readouterr()
+        assert captured.err.startswith("bad.npy: shape_mismatch: bad.npy: expected shape (4, 5, 6)")
+        assert "good.npy -> " in captured.out
+
+    def test_missing_input_is_a_plain_error(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """A nonexistent input gives a message without an error code, exit 1."""
+        code = main(["convert", "nothing.npy", "--reference", "ref.nii.gz"])
+        assert code == ExitCode.FAILED
+        err = capsys.readouterr().err
+        assert "nothing.npy: no such file" in err
+        assert "bad_reference" not in err
+
+    def test_library_matching_and_outbox_default(
+        self, make_reference: MakeReference, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Without --reference the library resolves each input; output goes to the outbox."""
+        library = tmp_path / "lib"
+        library.mkdir()
+        reference = make_reference("lib/case001.nii.gz", shape=(4, 5, 6))
+        np.save("case001_pred.npy", np.ones((4, 5, 6), np.uint8))
+        code = main(["convert", "case001_pred.npy", "--library", str(library), "--outbox", "outs"])
+        assert code == ExitCode.OK, capsys.readouterr().err
+        written = nib.load("outs/case001_pred.nii.gz")
+        np.testing.assert_array_equal(written.affine, nib.load(reference).affine)
+
+    def test_no_reference_in_library_fails(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """An input without a reference is no_reference (missing_reference = fail)."""
+        (tmp_path / "lib").mkdir()
+        np.save("x.npy", np.ones((2, 2, 2), np.uint8))
+        code = main(["convert", "x.npy", "--library", str(tmp_path / "lib")])
+        assert code == ExitCode.FAILED
+        assert capsys.readouterr().err.startswith("x.npy: no_reference: ")
+
+    def test_identity_fallback_uses_default_affine(self, tmp_path: Path) -> None:
+        """missing_reference=identity writes default_affine when it is set."""
+        (tmp_path / "lib").mkdir()
+        np.save("x.npy", np.ones((2, 2, 2), np.uint8))
+        affine = "[[2,0,0,1],[0,2,0,2],[0,0,2,3],[0,0,0,1]]"
+        code = main(
+            [
+                "convert",
+                "x.npy",
+                "-o",
+                "o",
+                "--library",
+                str(tmp_path / "lib"),
+                "--missing-reference",
+                "identity",
+                "--default-affine",
+                affine,
+            ]
+        )
+        assert code == ExitCode.OK
+        np.testing.assert_array_equal(
+            nib.load("o/x.nii.gz").affine, np.array(json.loads(affine), dtype=float)
+        )
