@@ -172,13 +172,6 @@ def _cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
-    """Convert each input once; one line per input, exit 1 if any was rejected."""
-    from niftidrop.convert_command import convert_inputs
-
-    return convert_inputs(settings, args.inputs, out_dir=args.output_dir, reference=args.reference)
-
-
-def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
     """Convert each input once: one line per input, exit 1 if any was rejected.
 
     With `--reference` every input uses it; otherwise the library is indexed once
@@ -243,18 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", parents=[flags], help="validate config and folders")
     check.set_defaults(handler=_cmd_check)
-
-    convert = commands.add_parser(
-        "convert", parents=[flags], help="convert .npy/.npz files to NIfTI once"
-    )
-    convert.add_argument("inputs", nargs="+", type=Path, metavar="IN", help=".npy or .npz files")
-    convert.add_argument(
-        "-o", "--output-dir", type=Path, default=None, help="output folder (default: the outbox)"
-    )
-    convert.add_argument(
-        "--reference", type=Path, default=None, help="reference NIfTI for every input"
-    )
-    convert.set_defaults(handler=_cmd_convert)
 
     convert = commands.add_parser(
         "convert", parents=[flags], help="convert .npy/.npz files to NIfTI once"
