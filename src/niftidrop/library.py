@@ -26,7 +26,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from niftidrop.errors import ConversionError, ErrorCode
 
 if TYPE_CHECKING:
-    from watchdog.observers.api import BaseObserver
+    from watchdog.observers.api import BaseObserver, ObservedWatch
 
     from niftidrop.settings import Settings
 
@@ -151,13 +151,14 @@ class _Scanner:
     def __init__(self, key_of: _KeyOf) -> None:
         self._key_of = key_of
         self._visited: set[tuple[int, int]] = set()
+        self.linked: list[str] = []  # symlinked folders scanned, under the path they were found
 
     def scan(self, folder: str) -> list[tuple[str, str]]:
         """Every (key, path) of a reference below `folder`, skipping hidden names."""
         found: list[tuple[str, str]] = []
-        pending = [folder]
+        pending = [(folder, False)]
         while pending:
-            current = pending.pop()
+            current, is_link = pending.pop()
             try:
                 status = Path(current).stat()
             except OSError:
@@ -166,6 +167,8 @@ class _Scanner:
             if identity in self._visited:  # a symlink loop, or a folder reached twice
                 continue
             self._visited.add(identity)
+            if is_link:
+                self.linked.append(current)
             try:
                 with os.scandir(current) as entries:
                     for entry in entries:
@@ -175,7 +178,10 @@ class _Scanner:
         return found
 
     def _visit(
-        self, entry: os.DirEntry[str], found: list[tuple[str, str]], pending: list[str]
+        self,
+        entry: os.DirEntry[str],
+        found: list[tuple[str, str]],
+        pending: list[tuple[str, bool]],
     ) -> None:
         name = entry.name
         if name.startswith("."):
@@ -185,7 +191,7 @@ class _Scanner:
             if key is not None and entry.is_file():
                 found.append((key, entry.path))
             elif entry.is_dir():
-                pending.append(entry.path)
+                pending.append((entry.path, entry.is_symlink()))
         except OSError:
             return
 
@@ -240,6 +246,7 @@ class ReferenceLibrary:
             raise ValueError("separators: expected at least one character, found none")
         self.folders = tuple(Path(folder).absolute() for folder in folders)
         self.separators = "".join(dict.fromkeys(separators))
+        self._one_separator = str.maketrans(dict.fromkeys(self.separators, self.separators[0]))
         self.key_pattern = key_pattern
         self.reference_wait = reference_wait
         self.missing_reference = missing_reference
@@ -261,6 +268,8 @@ class ReferenceLibrary:
         self._watching = False
         self._changes: queue.SimpleQueue[tuple[str, bool] | None] = queue.SimpleQueue()
         self._watcher: BaseObserver | None = None
+        self._linked: list[str] = []  # symlinked folders found by the last build
+        self._linked_watches: dict[str, ObservedWatch] = {}  # by real path
         self._updater: threading.Thread | None = None
 
     @classmethod
@@ -301,6 +310,8 @@ class ReferenceLibrary:
                 self._index = index
                 self._built = True
                 self._changed.notify_all()
+            self._linked = scanner.linked
+            self._watch_linked_folders()
 
     def _apply(self, changes: Iterable[tuple[str, bool]]) -> None:
         """Bring the index in line with the disk for the paths that changed."""
@@ -310,13 +321,13 @@ class ReferenceLibrary:
             for path, is_folder in dict.fromkeys(changes):
                 if is_folder:
                     removals.extend(self._index.entries_under(path))
-                    if Path(path).is_dir() and not self._hidden(path):
+                    if self._in_library(path) and Path(path).is_dir():
                         additions.extend(_Scanner(self._key_of).scan(path))
                     continue
                 key = self._key_of(Path(path).name)
                 if key is None:
                     continue
-                if Path(path).is_file() and not self._hidden(path):
+                if self._in_library(path) and Path(path).is_file():
                     additions.append((key, path))
                 else:
                     removals.append((key, path))
@@ -327,14 +338,14 @@ class ReferenceLibrary:
                     self._index.add(key, path)
                 self._changed.notify_all()
 
-    def _hidden(self, path: str) -> bool:
-        """Whether `path` lies in a hidden folder (or is hidden) below its library root."""
+    def _in_library(self, path: str) -> bool:
+        """Whether `path` lies below a library folder, with no hidden name on the way."""
         candidate = Path(path)
         for root in self.folders:
             if candidate.is_relative_to(root):
                 parts = candidate.relative_to(root).parts
-                return any(part.startswith(".") for part in parts)
-        return candidate.name.startswith(".")
+                return not any(part.startswith(".") for part in parts)
+        return False
 
     # Lookups.
 
@@ -412,13 +423,7 @@ class ReferenceLibrary:
             rule: Rule = "exact" if self._pattern is None else "key_pattern"
             return self._decide(name, key, rule, [key])
         if self._pattern is None:
-            # Rule 2: reference keys ending just before a separator of the input key,
-            # longest first; the last character cannot start the "more" part.
-            prefixes = [
-                key[:end]
-                for end in range(len(key) - 2, 0, -1)
-                if key[end] in self.separators and key[:end] in paths_by_key
-            ]
+            prefixes = self._reference_prefixes(key)
             if prefixes:
                 return self._decide(name, key, "reference_prefix", prefixes)
             extending = self._index.keys_extending(key, self.separators)
@@ -429,6 +434,24 @@ class ReferenceLibrary:
             f"{name}: expected a reference for key {key!r} ({self._rules_text(key)}), "
             f"found none among {self._index.size} references in {', '.join(self._roots)}",
         )
+
+    def _reference_prefixes(self, key: str) -> list[str]:
+        """Rule 2: reference keys that `key` continues after a separator, longest first.
+
+        One dict lookup per separator in `key`: with every separator mapped to the
+        first one, `rfind` walks from one separator to the previous.
+        """
+        paths_by_key = self._index.paths_by_key
+        marked = key.translate(self._one_separator)
+        separator = self.separators[0]
+        found = []
+        # Neither end: a prefix is not empty, and "more" after the separator is not.
+        end = marked.rfind(separator, 1, len(key) - 1)
+        while end > 0:
+            if key[:end] in paths_by_key:
+                found.append(key[:end])
+            end = marked.rfind(separator, 1, end)
+        return found
 
     def _rules_text(self, key: str) -> str:
         if self._pattern is not None:
@@ -449,7 +472,7 @@ class ReferenceLibrary:
                 f"found {len(chosen)}: {', '.join(chosen)}",
                 candidates=[Path(path) for path in chosen],
             )
-        candidates = tuple(Path(path) for other in candidate_keys for path in paths_by_key[other])
+        candidates = tuple([Path(path) for other in candidate_keys for path in paths_by_key[other]])
         return Match(name, key, candidates[0], rule, candidates)
 
     # Watching.
@@ -470,13 +493,17 @@ class ReferenceLibrary:
                 if Path(root).is_dir():
                     watcher.schedule(handler, root, recursive=True)
             watcher.start()
-            if not self._built:
+            self._watcher = watcher
+            self._linked_watches = {}
+            if self._built:
+                with self._writer:
+                    self._watch_linked_folders()
+            else:
                 self.build()
             self._updater = threading.Thread(
                 target=self._follow_changes, args=(interval,), name="niftidrop-library", daemon=True
             )
             self._updater.start()
-            self._watcher = watcher
             with self._changed:
                 self._watching = True
 
@@ -484,16 +511,40 @@ class ReferenceLibrary:
         """Stop watching; the index stays as it is. Idempotent."""
         with self._lifecycle:
             watcher, updater = self._watcher, self._updater
-            self._watcher = self._updater = None
             with self._changed:
                 self._watching = False
                 self._changed.notify_all()  # waiting `resolve` calls give up now
+            if updater is not None:  # first: its rescan may still schedule watches
+                self._changes.put(None)
+                updater.join()
+            self._watcher = self._updater = None
+            self._linked_watches = {}
             if watcher is not None:
                 watcher.stop()
                 watcher.join()
-            if updater is not None:
-                self._changes.put(None)
-                updater.join()
+
+    def _watch_linked_folders(self) -> None:
+        """Watch symlinked folders that lead out of the library folders.
+
+        The observer does not follow symlinks (it could loop), so each such folder
+        gets a watch on its real path whose events are renamed back to the path
+        the index knows. Called by the writer after every build.
+        """
+        watcher = self._watcher
+        if watcher is None:
+            return
+        real_roots = [os.path.realpath(root) for root in self._roots]
+        wanted: dict[str, str] = {}
+        for link in self._linked:
+            real = os.path.realpath(link)
+            if not any(_is_within(real, root) for root in real_roots):
+                wanted.setdefault(real, link)
+        for real in set(self._linked_watches) - set(wanted):
+            watcher.unschedule(self._linked_watches.pop(real))
+        for real, link in wanted.items():
+            if real not in self._linked_watches:
+                handler = _ChangeHandler(self._changes, self._key_of, seen_as=(real, link))
+                self._linked_watches[real] = watcher.schedule(handler, real, recursive=True)
 
     def __enter__(self) -> ReferenceLibrary:
         self.start()
@@ -530,9 +581,16 @@ class _ChangeHandler(FileSystemEventHandler):
 
     _RELEVANT: Final = frozenset({"created", "deleted", "moved"})
 
-    def __init__(self, changes: queue.SimpleQueue[tuple[str, bool] | None], key_of: _KeyOf) -> None:
+    def __init__(
+        self,
+        changes: queue.SimpleQueue[tuple[str, bool] | None],
+        key_of: _KeyOf,
+        *,
+        seen_as: tuple[str, str] | None = None,
+    ) -> None:
         self._changes = changes
         self._key_of = key_of
+        self._seen_as = seen_as  # (real folder, the symlink the index reaches it by)
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type not in self._RELEVANT:
@@ -542,6 +600,9 @@ class _ChangeHandler(FileSystemEventHandler):
             paths.append(event.dest_path)
         for raw in paths:
             path = os.fsdecode(raw)
+            if self._seen_as is not None and _is_within(path, self._seen_as[0]):
+                real, link = self._seen_as
+                path = link + path[len(real) :]
             if event.is_directory or self._key_of(Path(path).name) is not None:
                 self._changes.put((path, event.is_directory))
 
@@ -565,11 +626,15 @@ def file_system_type(
             continue
         mount_point = _unescape_mount(fields[4])
         fs_type = fields[fields.index("-", 6) + 1]
-        inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
         # `>=`: a later mount on the same point hides the earlier one.
-        if inside and len(mount_point) >= len(best_mount):
+        if _is_within(real, mount_point) and len(mount_point) >= len(best_mount):
             best_mount, best_type = mount_point, fs_type
     return best_type
+
+
+def _is_within(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies below it (both absolute, normalised)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _unescape_mount(field: str) -> str:

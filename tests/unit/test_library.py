@@ -405,6 +405,37 @@ class TestLiveUpdates:
         (tmp_path / "library" / "batch").rename(tmp_path / "batch")
         wait_until(lambda: len(library) == 0, "a moved-out folder")
 
+    def test_symlinked_folder_is_watched(
+        self, tmp_path: Path, started: list[ReferenceLibrary]
+    ) -> None:
+        """A reference added in a symlinked folder outside the library is seen without a rescan."""
+        (tmp_path / "elsewhere").mkdir()
+        library_dir = tmp_path / "library"
+        library_dir.mkdir()
+        (library_dir / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+        library = ReferenceLibrary([library_dir])
+        library.build()
+        library.start(rescan_interval=3600.0)
+        started.append(library)
+        touch(tmp_path, "elsewhere/new.nii.gz")
+        seen_as = library_dir / "link" / "new.nii.gz"
+        wait_until(lambda: matches(library, "new.npz", seen_as), "a reference behind a symlink")
+        (tmp_path / "elsewhere" / "new.nii.gz").unlink()
+        wait_until(lambda: len(library) == 0, "a reference removed behind a symlink")
+
+    def test_hidden_and_outside_names_stay_out(
+        self, tmp_path: Path, started: list[ReferenceLibrary]
+    ) -> None:
+        """Live updates skip hidden names, and a reference moved out of the library is gone."""
+        library = library_of(tmp_path / "library", "leaving.nii")
+        library.start(rescan_interval=3600.0)
+        started.append(library)
+        touch(tmp_path / "library", ".hidden.nii", ".tmp/inside.nii", "marker.nii")
+        wait_until(lambda: len(library) == 2, "the marker reference")
+        (tmp_path / "library" / "leaving.nii").rename(tmp_path / "leaving.nii")
+        wait_until(lambda: len(library) == 1, "a reference moved out")
+        assert library.match("marker.npz").rule == "exact"
+
     def test_rescan_catches_what_events_missed(
         self, tmp_path: Path, started: list[ReferenceLibrary]
     ) -> None:
