@@ -1,0 +1,373 @@
+"""Tests of the file protocol: claim, archive, failed, crash recovery, retry (SPEC §1, §4)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+
+from niftidrop.errors import ConfigError, ConversionError, ErrorCode
+from niftidrop.settings import Settings, load_settings
+from niftidrop.spool import (
+    CONVERTED_MARKER,
+    FAILURE_MARKER,
+    Claim,
+    Converted,
+    Failed,
+    Spool,
+    error_record,
+    split_name,
+    unique_names,
+)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return load_settings(root=tmp_path, fsync=False)
+
+
+@pytest.fixture
+def spool(settings: Settings) -> Spool:
+    spool = Spool(settings)
+    spool.create_folders()
+    return spool
+
+
+def drop(spool: Spool, relative: str, content: bytes = b"data") -> Path:
+    path = spool.inbox / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def converted(claim: Claim) -> dict[str, Any]:
+    return {"input": str(claim.relative), "seconds": 0.0}
+
+
+def rejected(claim: Claim) -> dict[str, Any]:
+    raise ConversionError(ErrorCode.SHAPE_MISMATCH, f"{claim.name}: expected (2,), found (3,)")
+
+
+class Recorder:
+    """A converter that records which claims it was asked to convert."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def __call__(self, claim: Claim) -> dict[str, Any]:
+        self.names.append(claim.name)
+        return converted(claim)
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+class TestNames:
+    def test_split_name_keeps_dots_in_the_stem(self) -> None:
+        """Only the final .npy/.npz (any case) is the extension."""
+        assert split_name("case.1.NPZ") == ("case.1", ".NPZ")
+        assert split_name("a.npy") == ("a", ".npy")
+
+    def test_unique_names_suffix_before_the_extension(self) -> None:
+        """Taken names get -1, -2, ... before the extension."""
+        names = unique_names("scan.npz")
+        assert [next(names) for _ in range(3)] == ["scan.npz", "scan-1.npz", "scan-2.npz"]
+
+
+class TestSetUp:
+    def test_creates_every_folder(self, spool: Spool) -> None:
+        """create_folders makes inbox, outbox, archive, failed and the claims folder."""
+        for folder in (spool.inbox, spool.outbox, spool.archive_folder, spool.failed_folder):
+            assert folder.is_dir()
+        assert spool.claims_folder.is_dir()
+
+    def test_a_file_in_place_of_a_folder_is_refused(self, settings: Settings) -> None:
+        """A folder setting naming a file stops the start with a message naming it."""
+        settings.outbox_dir.parent.mkdir(parents=True, exist_ok=True)
+        settings.outbox_dir.write_text("")
+        with pytest.raises(ConfigError, match="outbox"):
+            Spool(settings).create_folders()
+
+    def test_second_lock_is_refused(self, settings: Settings, spool: Spool) -> None:
+        """Two services on one state folder cannot run at once."""
+        spool.lock()
+        try:
+            with pytest.raises(ConfigError, match="in use"):
+                Spool(settings).lock()
+        finally:
+            spool.unlock()
+        again = Spool(settings)
+        again.lock()
+        again.unlock()
+
+
+class TestClaim:
+    def test_claim_moves_the_input_keeping_its_relative_path(self, spool: Spool) -> None:
+        """After a claim the input is no longer in the inbox and its relative path is kept."""
+        source = drop(spool, "site/a.npy")
+        claim = spool.claim(source)
+        assert claim is not None
+        assert not source.exists()
+        assert claim.path.read_bytes() == b"data"
+        assert str(claim.relative) == "site/a.npy"
+        assert claim.stem == "a"
+
+    def test_same_name_twice_never_clobbers(self, spool: Spool) -> None:
+        """Two inputs with one name are claimed side by side."""
+        first = spool.claim(drop(spool, "a.npy", b"one"))
+        second = spool.claim(drop(spool, "a.npy", b"two"))
+        assert first is not None
+        assert second is not None
+        assert first.path.read_bytes() == b"one"
+        assert second.path.read_bytes() == b"two"
+
+    def test_vanished_input_gives_none_and_no_claim_folder(self, spool: Spool) -> None:
+        """A file gone before the rename is not claimed and leaves nothing behind."""
+        assert spool.claim(spool.inbox / "gone.npy") is None
+        assert list(spool.claims_folder.iterdir()) == []
+
+    def test_claims_are_listed_oldest_first(self, spool: Spool) -> None:
+        """Recovery sees claims ordered by the input's modification time."""
+        for index, name in enumerate(["new.npy", "old.npy", "mid.npy"]):
+            path = drop(spool, name)
+            os.utime(path, ns=(0, [3, 1, 2][index] * 10**9))
+            spool.claim(path)
+        assert [claim.name for claim in spool.claims()] == ["old.npy", "mid.npy", "new.npy"]
+
+    def test_empty_claim_folders_are_removed(self, spool: Spool) -> None:
+        """A claim folder without an input (crash before the rename) is cleaned up."""
+        (spool.claims_folder / "abandoned" / "sub").mkdir(parents=True)
+        assert spool.claims() == []
+        assert list(spool.claims_folder.iterdir()) == []
+
+
+class TestFinish:
+    def test_converted_input_is_archived(self, spool: Spool) -> None:
+        """A converted input lands in archive under its relative path; the claim is gone."""
+        claim = spool.claim(drop(spool, "site/a.npy"))
+        assert claim is not None
+        outcome = spool.handle(claim, converted)
+        assert isinstance(outcome, Converted)
+        assert files_under(spool.archive_folder) == ["site/a.npy"]
+        assert list(spool.claims_folder.iterdir()) == []
+
+    def test_archive_never_overwrites(self, spool: Spool) -> None:
+        """A taken name in archive gets a unique suffix before the extension."""
+        for content in (b"one", b"two", b"three"):
+            claim = spool.claim(drop(spool, "a.npy", content))
+            assert claim is not None
+            spool.handle(claim, converted)
+        assert files_under(spool.archive_folder) == ["a-1.npy", "a-2.npy", "a.npy"]
+        assert (spool.archive_folder / "a.npy").read_bytes() == b"one"
+
+    def test_delete_after_success(self, tmp_path: Path) -> None:
+        """after_success = delete removes the input instead of archiving it."""
+        spool = Spool(load_settings(root=tmp_path, after_success="delete", fsync=False))
+        spool.create_folders()
+        claim = spool.claim(drop(spool, "a.npy"))
+        assert claim is not None
+        spool.handle(claim, converted)
+        assert files_under(spool.archive_folder) == []
+        assert list(spool.claims_folder.iterdir()) == []
+
+    def test_rejected_input_goes_to_failed_with_its_error_file(self, spool: Spool) -> None:
+        """A ConversionError puts the input and <name>.error.json in failed (SPEC §4)."""
+        claim = spool.claim(drop(spool, "site/a.npy"))
+        assert claim is not None
+        outcome = spool.handle(claim, rejected)
+        assert isinstance(outcome, Failed)
+        assert files_under(spool.failed_folder) == ["site/a.npy", "site/a.npy.error.json"]
+        record = json.loads((spool.failed_folder / "site/a.npy.error.json").read_text())
+        assert record["input"] == "site/a.npy"
+        assert record["error"] == "shape_mismatch"
+        assert "expected" in record["message"]
+        assert record["failed_at"].endswith("Z")
+        assert "niftidrop_version" in record
+
+    def test_failed_names_are_unique_for_input_and_error_file(self, spool: Spool) -> None:
+        """A second failure of the same name never overwrites the first or its record."""
+        for _ in range(2):
+            claim = spool.claim(drop(spool, "a.npy"))
+            assert claim is not None
+            spool.handle(claim, rejected)
+        assert files_under(spool.failed_folder) == [
+            "a-1.npy",
+            "a-1.npy.error.json",
+            "a.npy",
+            "a.npy.error.json",
+        ]
+
+    def test_error_record_carries_reference_and_candidates(self, spool: Spool) -> None:
+        """.error.json shows the reference and the candidates of the exception."""
+        claim = Claim(spool.claims_folder / "x", PurePosixPath("a.npy"))
+        error = ConversionError(
+            ErrorCode.AMBIGUOUS_REFERENCE,
+            "a.npy: two",
+            reference=Path("/lib/a.nii"),
+            candidates=[Path("/lib/a.nii"), Path("/lib2/a.nii")],
+        )
+        record = error_record(claim, error)
+        assert record["reference"] == "/lib/a.nii"
+        assert record["candidates"] == ["/lib/a.nii", "/lib2/a.nii"]
+
+    def test_symlink_is_refused_without_being_followed(self, spool: Spool, tmp_path: Path) -> None:
+        """A symlink fails as unsafe_input; its target is neither read nor moved."""
+        target = tmp_path / "secret.npy"
+        target.write_bytes(b"secret")
+        (spool.inbox / "link.npy").symlink_to(target)
+        claim = spool.claim(spool.inbox / "link.npy")
+        assert claim is not None
+        outcome = spool.handle(claim, converted)
+        assert isinstance(outcome, Failed)
+        assert outcome.record["error"] == "unsafe_input"
+        assert (spool.failed_folder / "link.npy").is_symlink()
+        assert target.read_bytes() == b"secret"
+
+    def test_environmental_error_keeps_the_input_claimed(self, spool: Spool) -> None:
+        """An OSError from the conversion propagates and the input stays claimed."""
+        claim = spool.claim(drop(spool, "a.npy"))
+        assert claim is not None
+
+        def full_disk(claim: Claim) -> dict[str, Any]:
+            raise OSError(28, "No space left on device")
+
+        with pytest.raises(OSError, match="space"):
+            spool.handle(claim, full_disk)
+        assert claim.path.exists()
+        assert files_under(spool.failed_folder) == []
+
+
+class TestRecovery:
+    """Each test stops the protocol at one crash point and checks the next start."""
+
+    def test_linked_into_archive_but_not_unlinked(self, spool: Spool) -> None:
+        """A crash between link and unlink finishes as converted, without a duplicate."""
+        claim = spool.claim(drop(spool, "a.npy"))
+        assert claim is not None
+        (claim.folder / CONVERTED_MARKER).write_text('{"input": "a.npy"}')
+        os.link(claim.path, spool.archive_folder / "a.npy")
+        calls = Recorder()
+        outcome = spool.handle(claim, calls)
+        assert isinstance(outcome, Converted)
+        assert calls.names == []
+        assert files_under(spool.archive_folder) == ["a.npy"]
+        assert spool.claims() == []
+
+    def test_linked_into_failed_before_the_error_file(self, spool: Spool) -> None:
+        """A crash after the failed link writes the missing .error.json from the claim."""
+        claim = spool.claim(drop(spool, "a.npy"))
+        assert claim is not None
+        record = {"input": "a.npy", "error": "corrupt", "message": "bad"}
+        (claim.folder / FAILURE_MARKER).write_text(json.dumps(record))
+        os.link(claim.path, spool.failed_folder / "a.npy")
+        outcome = spool.handle(claim, converted)
+        assert isinstance(outcome, Failed)
+        assert files_under(spool.failed_folder) == ["a.npy", "a.npy.error.json"]
+        assert json.loads((spool.failed_folder / "a.npy.error.json").read_text()) == record
+
+    def test_failure_recorded_but_not_moved(self, spool: Spool) -> None:
+        """A recorded rejection is finished without converting again."""
+        claim = spool.claim(drop(spool, "a.npy"))
+        assert claim is not None
+        (claim.folder / FAILURE_MARKER).write_text('{"input": "a.npy", "error": "corrupt"}')
+        outcome = spool.handle(claim, converted)
+        assert isinstance(outcome, Failed)
+        assert files_under(spool.failed_folder) == ["a.npy", "a.npy.error.json"]
+
+    def test_converted_but_not_archived(self, spool: Spool) -> None:
+        """A durable output (marker written) is archived without converting again."""
+        claim = spool.claim(drop(spool, "a.npy"))
+        assert claim is not None
+        (claim.folder / CONVERTED_MARKER).write_text('{"input": "a.npy", "rule": "exact"}')
+
+        def must_not_run(claim: Claim) -> dict[str, Any]:
+            raise AssertionError("converted twice")
+
+        outcome = spool.handle(claim, must_not_run)
+        assert isinstance(outcome, Converted)
+        assert outcome.summary["rule"] == "exact"
+
+    def test_claimed_only_is_converted(self, spool: Spool) -> None:
+        """A claim with no marker is simply converted (idempotent redo)."""
+        claim = spool.claim(drop(spool, "a.npy"))
+        assert claim is not None
+        (recovered,) = spool.claims()
+        assert recovered == claim
+        assert isinstance(spool.handle(recovered, converted), Converted)
+
+    def test_a_hard_link_made_by_the_producer_is_not_mistaken(self, spool: Spool) -> None:
+        """An input with a second link elsewhere is converted, not taken as archived."""
+        source = drop(spool, "a.npy")
+        os.link(source, spool.inbox.parent / "producer-copy.npy")
+        claim = spool.claim(source)
+        assert claim is not None
+        calls = Recorder()
+        spool.handle(claim, calls)
+        assert calls.names == ["a.npy"]
+
+    def test_stale_temporaries_are_removed(self, spool: Spool) -> None:
+        """Hidden .tmp files in outbox, archive, failed and state go; others stay."""
+        stale = [
+            spool.outbox / "sub" / ".a.nii.gz.x1.tmp",
+            spool.failed_folder / ".a.npy.error.json.x2.tmp",
+            spool.state / ".heartbeat.json.x3.tmp",
+        ]
+        kept = [spool.outbox / "a.nii.gz", spool.inbox / ".producer.npy.tmp"]
+        for path in stale + kept:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+        assert spool.remove_stale_temporaries() == 3
+        assert not any(path.exists() for path in stale)
+        assert all(path.exists() for path in kept)
+
+
+class TestCommands:
+    def test_retry_moves_failed_inputs_back(self, spool: Spool) -> None:
+        """retry puts inputs back under their original relative path, without .error.json."""
+        for name in ("site/a.npy", "b.npy"):
+            claim = spool.claim(drop(spool, name))
+            assert claim is not None
+            spool.handle(claim, rejected)
+        moved = spool.retry(["a.npy"])
+        assert moved == [spool.inbox / "site" / "a.npy"]
+        assert files_under(spool.failed_folder) == ["b.npy", "b.npy.error.json"]
+        assert spool.retry() == [spool.inbox / "b.npy"]
+        assert files_under(spool.failed_folder) == []
+
+    def test_retry_never_overwrites_the_inbox(self, spool: Spool) -> None:
+        """A name already back in the inbox makes retry pick a unique one."""
+        claim = spool.claim(drop(spool, "a.npy", b"old"))
+        assert claim is not None
+        spool.handle(claim, rejected)
+        drop(spool, "a.npy", b"new")
+        (moved,) = spool.retry()
+        assert moved.name == "a-1.npy"
+        assert (spool.inbox / "a.npy").read_bytes() == b"new"
+
+    def test_counts(self, spool: Spool) -> None:
+        """counts reports inputs per folder and claims."""
+        drop(spool, "waiting.npy")
+        spool.claim(drop(spool, "claimed.npy"))
+        for handler in (converted, rejected):
+            claim = spool.claim(drop(spool, "x.npy"))
+            assert claim is not None
+            spool.handle(claim, handler)
+        assert spool.counts() == {
+            "inbox": 1,
+            "claimed": 1,
+            "outbox": 0,
+            "archive": 1,
+            "failed": 1,
+        }
+
+    def test_heartbeat_age(self, spool: Spool) -> None:
+        """The heartbeat's age is measured from its last write; None before the first."""
+        assert spool.heartbeat_age(0.0) is None
+        spool.write_heartbeat({"pid": 1})
+        age = spool.heartbeat_age(spool.heartbeat_path.stat().st_mtime + 2.0)
+        assert age == pytest.approx(2.0)
+        assert json.loads(spool.heartbeat_path.read_text())["pid"] == 1

@@ -1,0 +1,342 @@
+"""Tests of candidate filtering, inbox scans, the inbox watcher and readiness (SPEC §1.1)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from niftidrop import inotify
+from niftidrop.arrays import is_complete
+from niftidrop.watcher import (
+    CandidateFilter,
+    InboxWatcher,
+    ReadinessTracker,
+    Seen,
+    Sighting,
+    choose_observer,
+    is_candidate,
+    scan_inbox,
+)
+
+
+class FakeClock:
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TestCandidateFilter:
+    @pytest.mark.parametrize("name", ["a.npy", "A.NPZ", "case_1.Npy", "x.y.npz"])
+    def test_accepts_inputs_in_any_case(self, name: str) -> None:
+        """*.npy and *.npz are candidates whatever the case of the extension."""
+        assert is_candidate(name)
+
+    @pytest.mark.parametrize(
+        "name",
+        [
+            ".a.npy",
+            "a.npy.tmp",
+            "a.npy.part",
+            "a.npz.partial",
+            "a.npy.crdownload",
+            "a.npy~",
+            "a.nii.gz",
+            "a.txt",
+            "npy",
+        ],
+    )
+    def test_refuses_hidden_temporary_and_other_names(self, name: str) -> None:
+        """Hidden, temporary, partial-download and non-array names are never touched."""
+        assert not is_candidate(name)
+
+    def test_repr_shows_the_rules(self) -> None:
+        """The filter's repr says what it accepts."""
+        text = repr(CandidateFilter())
+        assert ".npz" in text
+        assert ".crdownload" in text
+
+
+class TestScan:
+    def test_scan_skips_hidden_folders_and_non_candidates(self, tmp_path: Path) -> None:
+        """The state folder (hidden) and non-candidates are not reported; subfolders are."""
+        for relative in ["a.npy", "sub/b.npz", ".niftidrop/claimed/x/c.npy", "d.npy.tmp"]:
+            path = tmp_path / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+        found = sorted(str(p.relative_to(tmp_path)) for p in scan_inbox(tmp_path, recursive=True))
+        assert found == ["a.npy", "sub/b.npz"]
+
+    def test_not_recursive(self, tmp_path: Path) -> None:
+        """recursive = false ignores subfolders."""
+        (tmp_path / "sub").mkdir()
+        (tmp_path / "sub" / "b.npy").write_bytes(b"")
+        (tmp_path / "a.npy").write_bytes(b"")
+        assert list(scan_inbox(tmp_path, recursive=False)) == [tmp_path / "a.npy"]
+
+    def test_symlinked_folders_are_not_entered(self, tmp_path: Path) -> None:
+        """A symlink to a folder is not followed (a path never escapes the inbox)."""
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / "secret.npy").write_bytes(b"")
+        inbox = tmp_path / "inbox"
+        inbox.mkdir()
+        (inbox / "escape").symlink_to(outside)
+        assert list(scan_inbox(inbox, recursive=True)) == []
+
+    def test_observer_choice(self, tmp_path: Path) -> None:
+        """Forced observers are kept; auto picks inotify on a local file system."""
+        assert choose_observer("polling", tmp_path) == "polling"
+        assert choose_observer("inotify", tmp_path) == "inotify"
+        assert choose_observer("auto", tmp_path) in ("inotify", "polling")
+
+
+class TestReadiness:
+    @pytest.fixture
+    def clocks(self) -> tuple[FakeClock, FakeClock]:
+        return FakeClock(), FakeClock(time.time())
+
+    def tracker(self, clocks: tuple[FakeClock, FakeClock], **kwargs: float) -> ReadinessTracker:
+        monotonic, wall = clocks
+        return ReadinessTracker(
+            settle_seconds=kwargs.get("settle", 1.0),
+            incomplete_timeout=kwargs.get("timeout", 10.0),
+            is_complete=is_complete,
+            clock=monotonic,
+            wall_clock=wall,
+        )
+
+    def fresh(self, path: Path, wall: FakeClock) -> None:
+        os.utime(path, (wall.now, wall.now))
+
+    def test_finished_and_complete_is_ready_at_once(
+        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    ) -> None:
+        """A complete file whose last event was close/moved-in needs no quiet time."""
+        path = tmp_path / "a.npy"
+        np.save(path, np.zeros(3))
+        self.fresh(path, clocks[1])
+        tracker = self.tracker(clocks)
+        tracker.note(path, finished=True)
+        assert [ready for ready, _ in tracker.poll().ready] == [path]
+        assert len(tracker) == 0
+
+    def test_complete_but_not_finished_waits_for_quiet(
+        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    ) -> None:
+        """Without a finishing event, a complete file waits settle_seconds unchanged."""
+        monotonic, wall = clocks
+        path = tmp_path / "a.npy"
+        np.save(path, np.zeros(3))
+        self.fresh(path, wall)
+        tracker = self.tracker(clocks)
+        tracker.note(path, finished=False)
+        assert tracker.poll().waiting == [path]
+        monotonic.now += 0.5
+        wall.now += 0.5
+        assert tracker.poll().waiting == [path]
+        monotonic.now += 0.6
+        wall.now += 0.6
+        assert [ready for ready, _ in tracker.poll().ready] == [path]
+
+    def test_old_file_is_ready_at_once(
+        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    ) -> None:
+        """A backlog file untouched for longer than settle_seconds is ready immediately."""
+        path = tmp_path / "a.npy"
+        np.save(path, np.zeros(3))
+        os.utime(path, (clocks[1].now - 60, clocks[1].now - 60))
+        tracker = self.tracker(clocks)
+        tracker.note(path, finished=False)
+        assert len(tracker.poll().ready) == 1
+
+    def test_incomplete_is_never_ready_even_when_finished(
+        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    ) -> None:
+        """A closed but structurally incomplete file is not read."""
+        monotonic, wall = clocks
+        path = tmp_path / "a.npy"
+        np.save(path, np.zeros(1000))
+        path.write_bytes(path.read_bytes()[:-100])
+        self.fresh(path, wall)
+        tracker = self.tracker(clocks)
+        tracker.note(path, finished=True)
+        monotonic.now += 5
+        wall.now += 5
+        assert tracker.poll().waiting == [path]
+
+    def test_incomplete_and_unchanged_becomes_truncated(
+        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    ) -> None:
+        """Incomplete and unchanged for incomplete_timeout: truncated."""
+        monotonic, wall = clocks
+        path = tmp_path / "a.npy"
+        path.write_bytes(b"\x93NUMPY")
+        self.fresh(path, wall)
+        tracker = self.tracker(clocks, timeout=10.0)
+        tracker.note(path, finished=False)
+        assert tracker.poll().waiting == [path]
+        monotonic.now += 11
+        wall.now += 11
+        assert tracker.poll().truncated == [path]
+
+    def test_growth_restarts_the_quiet_time(
+        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    ) -> None:
+        """A file that keeps changing is not truncated nor read."""
+        monotonic, wall = clocks
+        path = tmp_path / "a.npy"
+        path.write_bytes(b"\x93NUMPY")
+        self.fresh(path, wall)
+        tracker = self.tracker(clocks, timeout=10.0)
+        tracker.note(path, finished=False)
+        tracker.poll()
+        for _ in range(3):
+            monotonic.now += 6
+            wall.now += 6
+            with path.open("ab") as handle:
+                handle.write(b"x")
+            self.fresh(path, wall)
+            assert tracker.poll().waiting == [path]
+
+    def test_change_after_close_needs_quiet_again(
+        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    ) -> None:
+        """A file rewritten after its close event is not trusted until quiet."""
+        _monotonic, wall = clocks
+        path = tmp_path / "a.npy"
+        path.write_bytes(b"\x93NUMPY")
+        self.fresh(path, wall)
+        tracker = self.tracker(clocks)
+        tracker.note(path, finished=True)
+        assert tracker.poll().waiting == [path]
+        np.save(path, np.zeros(3))
+        wall.now += 0.1
+        self.fresh(path, wall)
+        assert tracker.poll().waiting == [path]
+
+    def test_symlink_is_ready_without_being_opened(
+        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    ) -> None:
+        """A symlink is handed on at once (to be refused), never opened."""
+        opened: list[Path] = []
+        link = tmp_path / "a.npy"
+        link.symlink_to(tmp_path / "missing.npy")
+        tracker = ReadinessTracker(
+            settle_seconds=1,
+            incomplete_timeout=10,
+            is_complete=lambda path: bool(opened.append(path)),
+        )
+        tracker.note(link, finished=False)
+        assert [ready for ready, _ in tracker.poll().ready] == [link]
+        assert opened == []
+
+    def test_vanished_file_is_forgotten(
+        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    ) -> None:
+        """A file that disappears is dropped silently."""
+        tracker = self.tracker(clocks)
+        tracker.note(tmp_path / "gone.npy", finished=True)
+        verdicts = tracker.poll()
+        assert (verdicts.ready, verdicts.truncated, verdicts.waiting) == ([], [], [])
+        assert len(tracker) == 0
+
+
+class TestInboxWatcher:
+    @pytest.fixture
+    def watched(self, tmp_path: Path) -> Iterator[tuple[Path, queue.SimpleQueue[Sighting]]]:
+        inbox = tmp_path / "inbox"
+        inbox.mkdir()
+        sightings: queue.SimpleQueue[Sighting] = queue.SimpleQueue()
+        watcher = InboxWatcher(inbox, sightings, observer="inotify")
+        watcher.start()
+        yield inbox, sightings
+        watcher.stop()
+
+    def collect(
+        self, sightings: queue.SimpleQueue[Sighting], until: Callable[[list[Sighting]], bool]
+    ) -> list[Sighting]:
+        seen: list[Sighting] = []
+        deadline = time.monotonic() + 10
+        while not until(seen):
+            assert time.monotonic() < deadline, f"only saw {seen}"
+            with contextlib.suppress(queue.Empty):
+                seen.append(sightings.get(timeout=0.1))
+        return seen
+
+    def test_rename_into_the_inbox_is_finished(
+        self, watched: tuple[Path, queue.SimpleQueue[Sighting]], tmp_path: Path
+    ) -> None:
+        """A file moved in is reported finished."""
+        inbox, sightings = watched
+        np.save(tmp_path / "a.npy", np.zeros(3))
+        (tmp_path / "a.npy").rename(inbox / "a.npy")
+        seen = self.collect(sightings, bool)
+        assert seen == [(inbox / "a.npy", Seen.FINISHED)]
+
+    def test_write_in_place_is_written_then_finished(
+        self, watched: tuple[Path, queue.SimpleQueue[Sighting]]
+    ) -> None:
+        """np.save in the inbox gives a created sighting, then a finished one at close."""
+        inbox, sightings = watched
+        np.save(inbox / "a.npy", np.zeros(3))
+        seen = self.collect(sightings, lambda s: (inbox / "a.npy", Seen.FINISHED) in s)
+        assert seen[0] == (inbox / "a.npy", Seen.WRITTEN)
+
+    def test_new_subfolder_is_reported_and_watched(
+        self, watched: tuple[Path, queue.SimpleQueue[Sighting]]
+    ) -> None:
+        """A new subfolder is reported for a scan, and files inside it are seen."""
+        inbox, sightings = watched
+        (inbox / "site").mkdir()
+        self.collect(sightings, lambda s: (inbox / "site", Seen.FOLDER) in s)
+        np.save(inbox / "site" / "b.npy", np.zeros(3))
+        self.collect(sightings, lambda s: (inbox / "site" / "b.npy", Seen.FINISHED) in s)
+
+    def test_hidden_and_moved_out_files_are_not_reported(
+        self, watched: tuple[Path, queue.SimpleQueue[Sighting]], tmp_path: Path
+    ) -> None:
+        """Hidden names and files leaving the inbox produce no sighting."""
+        inbox, sightings = watched
+        np.save(inbox / ".hidden.npy", np.zeros(3))
+        (inbox / "a.npy.tmp").write_bytes(b"")
+        (inbox / "a.npy.tmp").rename(tmp_path / "elsewhere")
+        np.save(inbox / "last.npy", np.zeros(3))
+        seen = self.collect(sightings, lambda s: (inbox / "last.npy", Seen.FINISHED) in s)
+        assert {path.name for path, _ in seen} == {"last.npy"}
+
+    def test_inotify_reports_a_move_out_at_once(self, tmp_path: Path) -> None:
+        """The raw reader hands over IN_MOVED_FROM without holding it for pairing."""
+        watch = inotify.Inotify()
+        try:
+            watch.add_watch(os.fsencode(tmp_path), inotify.IN_MOVED_FROM | inotify.IN_MOVED_TO)
+            (tmp_path / "a").write_bytes(b"")
+            other = tmp_path.parent / f"{tmp_path.name}-out"
+            (tmp_path / "a").rename(other)
+            events = watch.read(timeout=5.0)
+            assert [event.mask & inotify.IN_MOVED_FROM for event in events] == [
+                inotify.IN_MOVED_FROM
+            ]
+            other.unlink()
+        finally:
+            watch.close()
+
+    def test_polling_observer_reports_files(self, tmp_path: Path) -> None:
+        """The polling observer (network file systems) reports new files as written."""
+        sightings: queue.SimpleQueue[Sighting] = queue.SimpleQueue()
+        watcher = InboxWatcher(tmp_path, sightings, observer="polling", poll_interval=0.1)
+        watcher.start()
+        try:
+            np.save(tmp_path / "a.npy", np.zeros(3))
+            seen = self.collect(sightings, lambda s: (tmp_path / "a.npy", Seen.WRITTEN) in s)
+            assert all(kind is not Seen.FINISHED for _, kind in seen)
+        finally:
+            watcher.stop()
