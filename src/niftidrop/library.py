@@ -14,7 +14,6 @@ import queue
 import re
 import threading
 import time
-from bisect import bisect_left, insort
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,13 @@ from typing import TYPE_CHECKING, Final, Literal, TypedDict
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.reference_index import (
+    ReferenceIndex,
+    ReferenceKeys,
+    ReferenceScanner,
+    input_key,
+    pattern_key,
+)
 
 if TYPE_CHECKING:
     from watchdog.observers.api import BaseObserver, ObservedWatch
@@ -32,8 +38,6 @@ if TYPE_CHECKING:
 
 Rule = Literal["exact", "reference_prefix", "input_prefix", "key_pattern", "identity"]
 
-INPUT_EXTENSIONS: Final = (".npy", ".npz")
-REFERENCE_EXTENSIONS: Final = (".nii.gz", ".nii")  # longest first: ".nii.gz" ends in neither
 # File systems whose changes inotify does not (reliably) report: poll them instead.
 POLLED_FILE_SYSTEMS: Final = frozenset(
     {"nfs", "nfs4", "cifs", "smb", "smb3", "smbfs", "fuse", "fuseblk", "9p"}
@@ -61,161 +65,6 @@ class MatchReport(TypedDict):
     candidates: list[str]
     error: str | None  # an ErrorCode value
     message: str | None
-
-
-def input_key(name: str) -> str:
-    """The key of an input name: its file name without `.npy`/`.npz` (any case)."""
-    base = name.rpartition("/")[2]  # not Path(name).name: this runs on every lookup
-    lowered = base.lower()
-    for extension in INPUT_EXTENSIONS:
-        if lowered.endswith(extension):
-            return base[: -len(extension)]
-    return base
-
-
-def reference_key(name: str) -> str | None:
-    """The key of a reference file name (stem before `.nii`/`.nii.gz`), None if not one."""
-    lowered = name.lower()
-    for extension in REFERENCE_EXTENSIONS:
-        if lowered.endswith(extension) and len(name) > len(extension):
-            return name[: -len(extension)]
-    return None
-
-
-class _Index:
-    """Keys → reference paths, and the same keys sorted for prefix searches.
-
-    A key with more than one path is ambiguous. Paths are kept as strings: they
-    are half the size of `Path` objects, and lookups turn only the answer into one.
-    """
-
-    __slots__ = ("paths_by_key", "size", "sorted_keys")
-
-    def __init__(self, paths_by_key: dict[str, tuple[str, ...]] | None = None) -> None:
-        self.paths_by_key = paths_by_key if paths_by_key is not None else {}
-        self.sorted_keys = sorted(self.paths_by_key)
-        self.size = sum(len(paths) for paths in self.paths_by_key.values())
-
-    def add(self, key: str, path: str) -> None:
-        paths = self.paths_by_key.get(key)
-        if paths is None:
-            self.paths_by_key[key] = (path,)
-            insort(self.sorted_keys, key)
-        elif path not in paths:
-            self.paths_by_key[key] = (*paths, path)
-        else:
-            return
-        self.size += 1
-
-    def discard(self, key: str, path: str) -> None:
-        paths = self.paths_by_key.get(key, ())
-        if path not in paths:
-            return
-        remaining = tuple(other for other in paths if other != path)
-        if remaining:
-            self.paths_by_key[key] = remaining
-        else:
-            del self.paths_by_key[key]
-            del self.sorted_keys[bisect_left(self.sorted_keys, key)]
-        self.size -= 1
-
-    def entries_under(self, folder: str) -> list[tuple[str, str]]:
-        """Every (key, path) inside `folder`; a scan, used only when a folder goes away."""
-        prefix = folder.rstrip(os.sep) + os.sep
-        return [
-            (key, path)
-            for key, paths in self.paths_by_key.items()
-            for path in paths
-            if path.startswith(prefix)
-        ]
-
-    def keys_extending(self, key: str, separators: str) -> list[str]:
-        """Keys equal to `key` + separator + at least one more character, sorted."""
-        found: list[str] = []
-        for separator in separators:
-            prefix = key + separator
-            position = bisect_left(self.sorted_keys, prefix)
-            while position < len(self.sorted_keys):
-                candidate = self.sorted_keys[position]
-                if not candidate.startswith(prefix):
-                    break
-                if len(candidate) > len(prefix):
-                    found.append(candidate)
-                position += 1
-        return sorted(found)
-
-
-class _Scanner:
-    """Walks library folders with `os.scandir`, following symlinked folders once."""
-
-    def __init__(self, key_of: _KeyOf) -> None:
-        self._key_of = key_of
-        self._visited: set[tuple[int, int]] = set()
-        self.linked: list[str] = []  # symlinked folders scanned, under the path they were found
-
-    def scan(self, folder: str) -> list[tuple[str, str]]:
-        """Every (key, path) of a reference below `folder`, skipping hidden names."""
-        found: list[tuple[str, str]] = []
-        pending = [(folder, False)]
-        while pending:
-            current, is_link = pending.pop()
-            try:
-                status = Path(current).stat()
-            except OSError:
-                continue
-            identity = (status.st_dev, status.st_ino)
-            if identity in self._visited:  # a symlink loop, or a folder reached twice
-                continue
-            self._visited.add(identity)
-            if is_link:
-                self.linked.append(current)
-            try:
-                with os.scandir(current) as entries:
-                    for entry in entries:
-                        self._visit(entry, found, pending)
-            except OSError:  # unreadable or vanished while scanning: the rescan retries
-                continue
-        return found
-
-    def _visit(
-        self,
-        entry: os.DirEntry[str],
-        found: list[tuple[str, str]],
-        pending: list[tuple[str, bool]],
-    ) -> None:
-        name = entry.name
-        if name.startswith("."):
-            return
-        try:
-            key = self._key_of(name)
-            if key is not None and entry.is_file():
-                found.append((key, entry.path))
-            elif entry.is_dir():
-                pending.append((entry.path, entry.is_symlink()))
-        except OSError:
-            return
-
-
-class _KeyOf:
-    """A reference file name → its key, or None when the name is not a reference."""
-
-    def __init__(self, pattern: re.Pattern[str] | None) -> None:
-        self._pattern = pattern
-
-    def __call__(self, name: str) -> str | None:
-        stem = reference_key(name)
-        if stem is None or self._pattern is None:
-            return stem
-        return _pattern_key(self._pattern, stem)
-
-    def __repr__(self) -> str:
-        pattern = self._pattern.pattern if self._pattern else None
-        return f"_KeyOf(pattern={pattern!r})"
-
-
-def _pattern_key(pattern: re.Pattern[str], stem: str) -> str | None:
-    found = pattern.search(stem)
-    return found.group("key") if found is not None and found.group("key") else None
 
 
 class ReferenceLibrary:
@@ -256,9 +105,9 @@ class ReferenceLibrary:
         self._pattern = re.compile(key_pattern) if key_pattern is not None else None
         if self._pattern is not None and "key" not in self._pattern.groupindex:
             raise ValueError(f"key_pattern: expected a group named key in {key_pattern!r}")
-        self._key_of = _KeyOf(self._pattern)
+        self._key_of = ReferenceKeys(self._pattern)
         self._roots = tuple(str(folder) for folder in self.folders)
-        self._index = _Index()
+        self._index = ReferenceIndex()
         self._built = False
         # Readers hold `_changed` only for a lookup; writers hold `_writer` for a
         # whole update (disk reads included) so updates never interleave.
@@ -299,13 +148,8 @@ class ReferenceLibrary:
     def build(self) -> None:
         """Index every library folder from disk, then swap the new index in at once."""
         with self._writer:
-            scanner = _Scanner(self._key_of)
-            paths_by_key: dict[str, tuple[str, ...]] = {}
-            for root in self._roots:
-                for key, path in scanner.scan(root):
-                    existing = paths_by_key.get(key)
-                    paths_by_key[key] = (path,) if existing is None else (*existing, path)
-            index = _Index(paths_by_key)
+            scanner = ReferenceScanner(self._key_of)
+            index = ReferenceIndex(entry for root in self._roots for entry in scanner.scan(root))
             with self._changed:
                 self._index = index
                 self._built = True
@@ -322,7 +166,7 @@ class ReferenceLibrary:
                 if is_folder:
                     removals.extend(self._index.entries_under(path))
                     if self._in_library(path) and Path(path).is_dir():
-                        additions.extend(_Scanner(self._key_of).scan(path))
+                        additions.extend(ReferenceScanner(self._key_of).scan(path))
                     continue
                 key = self._key_of(Path(path).name)
                 if key is None:
@@ -384,7 +228,7 @@ class ReferenceLibrary:
     def key_for(self, name: str) -> str | None:
         """The key of input `name` (after `key_pattern`); None if the pattern does not match."""
         stem = input_key(name)
-        return stem if self._pattern is None else _pattern_key(self._pattern, stem)
+        return stem if self._pattern is None else pattern_key(self._pattern, stem)
 
     def describe(self, name: str) -> MatchReport:
         """`match(name)` as plain data, an error included (for `niftidrop match --json`)."""
@@ -584,7 +428,7 @@ class _ChangeHandler(FileSystemEventHandler):
     def __init__(
         self,
         changes: queue.SimpleQueue[tuple[str, bool] | None],
-        key_of: _KeyOf,
+        key_of: ReferenceKeys,
         *,
         seen_as: tuple[str, str] | None = None,
     ) -> None:

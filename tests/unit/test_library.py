@@ -16,10 +16,8 @@ from niftidrop.library import (
     Match,
     ReferenceLibrary,
     file_system_type,
-    input_key,
     make_observer,
     needs_polling,
-    reference_key,
 )
 from niftidrop.settings import load_settings
 
@@ -70,22 +68,6 @@ def started() -> Iterator[list[ReferenceLibrary]]:
     yield libraries
     for library in libraries:
         library.stop()
-
-
-class TestKeys:
-    def test_input_key_strips_numpy_extensions_any_case(self) -> None:
-        """Input keys drop .npy/.npz whatever their case, and any folder part."""
-        assert input_key("case001.npz") == "case001"
-        assert input_key("sub/case001_pred.NPY") == "case001_pred"
-        assert input_key("case001") == "case001"
-
-    def test_reference_key_strips_nifti_extensions_any_case(self) -> None:
-        """Reference keys drop .nii/.nii.gz whatever their case; other names are not references."""
-        assert reference_key("case001.nii.gz") == "case001"
-        assert reference_key("Case001.NII.GZ") == "Case001"
-        assert reference_key("case001.Nii") == "case001"
-        assert reference_key("case001.npz") is None
-        assert reference_key(".nii.gz") is None
 
 
 class TestRules:
