@@ -202,6 +202,8 @@ def arrange(
     """
     if spatial is None:
         spatial = _spatial_without_reference(data.shape, name)
+        if axis_order == "zyx":
+            spatial = (spatial[2], spatial[1], spatial[0])
     kept = tuple(n for n in spatial if n != 1)
     expected = kept[::-1] if axis_order == "zyx" else kept
     core = data.reshape(tuple(n for n in data.shape if n != 1))
@@ -486,6 +488,8 @@ def slab_indices(shape: tuple[int, ...], itemsize: int, target: int) -> Iterator
         return
     step = max(1, target // inner)
     head: Index = (slice(None),) * split
-    for outer in np.ndindex(*shape[split + 1 :]):
+    # np.ndindex counts like C order; reversed axes make the first one fastest (F order).
+    for reversed_outer in np.ndindex(*shape[split + 1 :][::-1]):
+        outer = reversed_outer[::-1]
         for start in range(0, shape[split], step):
             yield (*head, slice(start, min(start + step, shape[split])), *outer)

@@ -1,0 +1,154 @@
+"""Atomic, durable, deterministic output files."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from niftidrop import writer
+from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.writer import commit, is_temp_name, unique_name, write_file, write_temp
+
+PAYLOAD = [bytes(range(256)) * 4096, b"tail" * 1000]
+
+
+class TestAtomicWrite:
+    def test_write_file_is_gzip_readable_by_gzip_module_and_tool(self, tmp_path: Path) -> None:
+        """The output is a standard gzip stream: Python's gzip and `gzip -t` accept it."""
+        final = write_file(tmp_path / "a.nii.gz", PAYLOAD, compress=True, threads=2)
+        assert gzip.decompress(final.read_bytes()) == b"".join(PAYLOAD)
+        subprocess.run(["gzip", "-t", str(final)], check=True)
+
+    def test_uncompressed(self, tmp_path: Path) -> None:
+        """compress=False writes the bytes as they are."""
+        final = write_file(tmp_path / "a.nii", PAYLOAD, compress=False)
+        assert final.read_bytes() == b"".join(PAYLOAD)
+
+    def test_same_bytes_whatever_the_time_name_or_threads(self, tmp_path: Path) -> None:
+        """The gzip header has no name or mtime, so rewriting gives identical bytes."""
+        one = write_file(tmp_path / "one.nii.gz", PAYLOAD, compress=True, threads=1)
+        os.utime(tmp_path, (0, 0))
+        two = write_file(tmp_path / "two.nii.gz", PAYLOAD, compress=True, threads=3)
+        assert one.read_bytes() == two.read_bytes()
+        assert one.read_bytes()[4:8] == b"\0\0\0\0"  # mtime field
+
+    def test_temporary_file_is_hidden_in_target_folder(self, tmp_path: Path) -> None:
+        """While written, the data lives under `.<name>.<random>.tmp` next to the target."""
+        seen: list[list[str]] = []
+
+        def chunks() -> Iterator[bytes]:
+            yield b"first"
+            seen.append(sorted(path.name for path in tmp_path.iterdir()))
+            yield b"second"
+
+        write_file(tmp_path / "a.nii", chunks(), compress=False)
+        (names,) = seen
+        assert len(names) == 1
+        assert names[0].startswith(".a.nii.")
+        assert is_temp_name(names[0])
+        assert [path.name for path in tmp_path.iterdir()] == ["a.nii"]
+
+    def test_failure_mid_write_leaves_nothing(self, tmp_path: Path) -> None:
+        """An exception while writing removes the temp file; the final name never appears."""
+
+        def chunks() -> Iterator[bytes]:
+            yield b"x" * 3_000_000
+            raise ConversionError(ErrorCode.DTYPE_OVERFLOW, "late overflow")
+
+        for compress in (True, False):
+            with pytest.raises(ConversionError):
+                write_file(tmp_path / "a.nii.gz", chunks(), compress=compress, threads=2)
+            assert list(tmp_path.iterdir()) == []
+
+    def test_failure_keeps_the_previous_output(self, tmp_path: Path) -> None:
+        """A failed rewrite leaves the old file under the final name untouched."""
+        final = write_file(tmp_path / "a.nii", [b"old"], compress=False)
+
+        def chunks() -> Iterator[bytes]:
+            yield b"new"
+            raise OSError(28, "No space left on device")
+
+        with pytest.raises(OSError, match="No space"):
+            write_file(final, chunks(), compress=False)
+        assert final.read_bytes() == b"old"
+        assert [path.name for path in tmp_path.iterdir()] == ["a.nii"]
+
+    def test_data_and_folder_are_fsynced(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """fsync=True syncs the file before the rename and the folder after it."""
+        synced: list[bool] = []
+        real_fsync = os.fsync
+
+        def spy(descriptor: int) -> None:
+            synced.append(stat.S_ISDIR(os.fstat(descriptor).st_mode))
+            real_fsync(descriptor)
+
+        monkeypatch.setattr(os, "fsync", spy)
+        write_file(tmp_path / "a.nii", [b"x"], compress=False, fsync=True)
+        assert synced == [False, True]
+        synced.clear()
+        write_file(tmp_path / "b.nii", [b"x"], compress=False, fsync=False)
+        assert synced == []
+
+
+class TestConflicts:
+    def test_overwrite_replaces(self, tmp_path: Path) -> None:
+        """overwrite replaces an existing file atomically."""
+        write_file(tmp_path / "a.nii", [b"old"], compress=False)
+        final = write_file(tmp_path / "a.nii", [b"new"], compress=False, on_conflict="overwrite")
+        assert final.read_bytes() == b"new"
+
+    def test_rename_finds_a_free_name(self, tmp_path: Path) -> None:
+        """rename adds -1, -2, ... before the extension and never overwrites."""
+        for content in (b"0", b"1", b"2"):
+            write_file(tmp_path / "a.nii.gz", [content], compress=False, on_conflict="rename")
+        assert (tmp_path / "a.nii.gz").read_bytes() == b"0"
+        assert (tmp_path / "a-1.nii.gz").read_bytes() == b"1"
+        assert (tmp_path / "a-2.nii.gz").read_bytes() == b"2"
+        assert not [path for path in tmp_path.iterdir() if is_temp_name(path.name)]
+
+    def test_fail_raises_output_conflict_and_cleans_up(self, tmp_path: Path) -> None:
+        """fail raises OUTPUT_CONFLICT, keeps the old file and removes the temp file."""
+        write_file(tmp_path / "a.nii", [b"old"], compress=False)
+        with pytest.raises(ConversionError) as caught:
+            write_file(tmp_path / "a.nii", [b"new"], compress=False, on_conflict="fail")
+        assert caught.value.code is ErrorCode.OUTPUT_CONFLICT
+        assert "a.nii" in str(caught.value)
+        assert [path.name for path in tmp_path.iterdir()] == ["a.nii"]
+        assert (tmp_path / "a.nii").read_bytes() == b"old"
+
+    def test_without_hard_links_rename_still_never_overwrites(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """On file systems without links, rename/fail check before renaming."""
+
+        def no_links(source: object, target: object) -> None:
+            raise OSError(1, "Operation not permitted")
+
+        monkeypatch.setattr(writer.os, "link", no_links)
+        write_file(tmp_path / "a.nii", [b"0"], compress=False)
+        placed = write_file(tmp_path / "a.nii", [b"1"], compress=False, on_conflict="rename")
+        assert placed.name == "a-1.nii"
+        assert (tmp_path / "a.nii").read_bytes() == b"0"
+
+    def test_commit_of_a_written_temp(self, tmp_path: Path) -> None:
+        """write_temp + commit is write_file in two steps (several outputs, one decision)."""
+        temp = write_temp(tmp_path / "a.nii", [b"x"], compress=False)
+        assert temp.exists()
+        assert commit(temp, tmp_path / "a.nii", on_conflict="fail") == tmp_path / "a.nii"
+        assert not temp.exists()
+
+    @pytest.mark.parametrize(
+        ("name", "expected"),
+        [("a.nii.gz", "a-3.nii.gz"), ("a.nii", "a-3.nii"), ("a", "a-3"), (".x", ".x-3")],
+    )
+    def test_unique_name(self, name: str, expected: str) -> None:
+        """The suffix goes before the whole extension."""
+        assert unique_name(Path(name), 3) == Path(expected)
