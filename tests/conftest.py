@@ -77,15 +77,17 @@ def make_reference(tmp_path: Path) -> Callable[..., Path]:
 def _force_codes(path: Path, qform_code: int, sform_code: int) -> None:
     """Set the codes in the file itself: nibabel's save turns sform_code 0 into 2."""
     import gzip
+    import io
 
     import nibabel as nib
 
-    header = nib.load(path).header
+    compressed = path.name.endswith(".gz")
+    raw = gzip.decompress(path.read_bytes()) if compressed else path.read_bytes()
+    # The stored header (a loaded image's header has its scaling and offset reset).
+    header = type(nib.load(path).header).from_fileobj(io.BytesIO(raw))
     if (int(header["qform_code"]), int(header["sform_code"])) == (qform_code, sform_code):
         return
     header["qform_code"], header["sform_code"] = qform_code, sform_code
-    compressed = path.name.endswith(".gz")
-    raw = gzip.decompress(path.read_bytes()) if compressed else path.read_bytes()
     block = header.binaryblock
     raw = block + raw[len(block) :]
     path.write_bytes(gzip.compress(raw) if compressed else raw)
