@@ -1,0 +1,150 @@
+"""Tests of the service commands: run --once, status, health, retry (SPEC §6)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import structlog
+
+from niftidrop.cli import ExitCode, main
+
+
+@pytest.fixture(autouse=True)
+def _restore_structlog() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "library").mkdir()
+    image = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.diag([2.0, 2.0, 3.0, 1.0]))
+    nib.save(image, tmp_path / "library" / "case1.nii.gz")
+    (tmp_path / "inbox").mkdir()
+    return tmp_path
+
+
+def flags(root: Path) -> list[str]:
+    return ["--root", str(root), "--log-format", "json", "--no-fsync"]
+
+
+def drop(root: Path, name: str, shape: tuple[int, ...] = (4, 5, 6)) -> Path:
+    path = root / "inbox" / name
+    np.save(path, np.ones(shape, np.uint8))
+    return path
+
+
+def json_lines(text: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+class TestRunOnce:
+    def test_converts_the_inbox_and_exits_0(
+        self, root: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """run --once converts every input present, logs JSON, and exits 0."""
+        drop(root, "case1.npy")
+        assert main(["run", "--once", *flags(root)]) == ExitCode.OK
+        assert (root / "outbox" / "case1.nii.gz").is_file()
+        assert (root / "archive" / "case1.npy").is_file()
+        events = [line["event"] for line in json_lines(capsys.readouterr().out)]
+        assert events.count("input_converted") == 1
+        assert events[-1] == "service_stopped"
+
+    def test_a_rejection_exits_1(self, root: Path) -> None:
+        """run --once exits 1 when an input fails (here: shape mismatch)."""
+        drop(root, "case1.npy", shape=(3, 3, 3))
+        assert main(["run", "--once", *flags(root)]) == ExitCode.FAILED
+        assert (root / "failed" / "case1.npy.error.json").is_file()
+
+    def test_missing_folders_are_created_and_empty_library_warned(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """run creates missing folders and warns when the library is empty."""
+        assert main(["run", "--once", *flags(tmp_path)]) == ExitCode.OK
+        for name in ("inbox", "outbox", "archive", "failed"):
+            assert (tmp_path / name).is_dir()
+        events = json_lines(capsys.readouterr().out)
+        assert any(line["event"] == "library_empty" for line in events)
+
+    def test_bad_config_exits_2(self, root: Path) -> None:
+        """An invalid setting stops the start with exit code 2."""
+        assert main(["run", "--once", *flags(root), "--workers", "0"]) == ExitCode.BAD_CONFIG
+
+    def test_state_on_another_file_system_exits_2(
+        self, root: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A state folder that cannot receive inputs by rename is refused (exit 2)."""
+        if Path("/dev/shm").stat().st_dev == root.stat().st_dev:
+            pytest.skip("needs /dev/shm on another file system")
+        state = Path("/dev/shm") / f"niftidrop-test-{os.getpid()}"
+        try:
+            code = main(["run", "--once", *flags(root), "--state-dir", str(state)])
+        finally:
+            for path in sorted(state.rglob("*"), reverse=True):
+                path.rmdir() if path.is_dir() else path.unlink()
+            state.rmdir()
+        assert code == ExitCode.BAD_CONFIG
+        assert "file system" in capsys.readouterr().err
+
+
+class TestStatusAndHealth:
+    def test_status_counts_each_folder(
+        self, root: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """status --json reports counts per folder and the heartbeat age."""
+        drop(root, "case1.npy")
+        main(["run", "--once", *flags(root)])
+        drop(root, "case1_b.npy")
+        capsys.readouterr()
+        assert main(["status", "--json", *flags(root)]) == ExitCode.OK
+        report = json.loads(capsys.readouterr().out)
+        assert report["inbox"] == 1
+        assert report["outbox"] == 1
+        assert report["archive"] == 1
+        assert report["failed"] == 0
+        assert report["claimed"] == 0
+        assert isinstance(report["heartbeat_age"], float)
+
+    def test_status_text(self, root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """Plain status prints one line per folder, and says when there is no heartbeat."""
+        assert main(["status", *flags(root)]) == ExitCode.OK
+        out = capsys.readouterr().out
+        assert "inbox" in out
+        assert "heartbeat none" in out
+
+    def test_health_follows_the_heartbeat(self, root: Path) -> None:
+        """health is 0 with a fresh heartbeat, 1 with a stale or missing one."""
+        args = ["health", *flags(root), "--heartbeat-interval", "5"]
+        assert main(args) == ExitCode.FAILED
+        heartbeat = root / "inbox" / ".niftidrop" / "heartbeat.json"
+        heartbeat.parent.mkdir(parents=True)
+        heartbeat.write_text("{}")
+        assert main(args) == ExitCode.OK
+        old = time.time() - 16
+        os.utime(heartbeat, (old, old))
+        assert main(args) == ExitCode.FAILED
+
+
+class TestRetry:
+    def test_retry_puts_failed_inputs_back(
+        self, root: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """retry NAME moves that failed input back to the inbox and drops its .error.json."""
+        drop(root, "orphan.npy")
+        drop(root, "lonely.npy")
+        main(["run", "--once", *flags(root)])
+        assert main(["retry", *flags(root), "orphan.npy"]) == ExitCode.OK
+        assert (root / "inbox" / "orphan.npy").is_file()
+        assert not (root / "failed" / "orphan.npy.error.json").exists()
+        assert (root / "failed" / "lonely.npy").is_file()
+        assert main(["retry", *flags(root)]) == ExitCode.OK
+        assert (root / "inbox" / "lonely.npy").is_file()
+        assert "1 input(s) moved back" in capsys.readouterr().out

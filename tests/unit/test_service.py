@@ -1,0 +1,380 @@
+"""Tests of the service life cycle with a fake library and converter (SPEC §1, §6, §7)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from structlog.testing import capture_logs
+
+from niftidrop.api import ConversionResult
+from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.library import Match
+from niftidrop.metrics import Metrics
+from niftidrop.service import Service, SystemdNotifier, handle_signals
+from niftidrop.settings import Settings, load_settings
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+class FakeLibrary:
+    """Every name matches `<library>/ref.nii.gz`, except names starting with "orphan"."""
+
+    def __init__(self, folder: Path) -> None:
+        self.reference = folder / "ref.nii.gz"
+        self.builds = 0
+        self.started = False
+
+    def build(self) -> None:
+        self.builds += 1
+
+    def start(self) -> None:
+        self.started = True
+
+    def stop(self) -> None:
+        self.started = False
+
+    def resolve(self, name: str) -> Match:
+        if name.startswith("orphan"):
+            raise ConversionError(ErrorCode.NO_REFERENCE, f"{name}: expected a reference")
+        return Match(name, name, self.reference, "exact", (self.reference,))
+
+    def __len__(self) -> int:
+        return 1
+
+
+class FakeConverter:
+    """Copies the input to `<stem>.nii.gz`; can fail with OSError a few times first."""
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self.environment_errors = 0
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(
+        self,
+        source: Path,
+        out_dir: Path,
+        *,
+        settings: Settings,
+        reference: Path | None,
+        stem: str | None = None,
+        affine: np.ndarray[Any, Any] | None = None,
+        provenance: Mapping[str, object] | None = None,
+    ) -> ConversionResult:
+        self.release.wait()
+        if self.environment_errors:
+            self.environment_errors -= 1
+            raise OSError(30, "Read-only file system", str(out_dir))
+        self.order.append(source.name)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        output = out_dir / f"{stem}.nii.gz"
+        output.write_bytes(source.read_bytes())
+        size = source.stat().st_size
+        return ConversionResult(source, (output,), (3,), (3,), "f8", "f8", size, size, 0.001)
+
+
+class FakeNotifier(SystemdNotifier):
+    def __init__(self) -> None:
+        super().__init__({})
+        self.messages: list[str] = []
+        self.watchdog_interval = 0.05
+
+    def notify(self, message: str) -> bool:
+        self.messages.append(message)
+        return True
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return load_settings(
+        root=tmp_path,
+        fsync=False,
+        settle_seconds=0.2,
+        heartbeat_interval=0.1,
+        rescan_interval=60,
+        workers=1,
+        shutdown_timeout=10,
+    )
+
+
+class Running:
+    """A service in a thread, with its fakes and captured log lines."""
+
+    def __init__(self, service: Service, converter: FakeConverter, logs: list[Any]) -> None:
+        self.service = service
+        self.converter = converter
+        self.logs = logs
+        self.result: list[int] = []
+        self.thread = threading.Thread(target=lambda: self.result.append(service.run()))
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in list(self.logs) if line["event"] == name]
+
+
+@pytest.fixture
+def make_service(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., Running]]:
+    started: list[Running] = []
+    with capture_logs() as logs:
+
+        def make(**overrides: Any) -> Running:
+            chosen = settings.model_copy(update=overrides) if overrides else settings
+            converter = FakeConverter()
+            service = Service(
+                chosen,
+                library=FakeLibrary(tmp_path),
+                convert_file=converter,
+                metrics=Metrics(),
+                notifier=FakeNotifier(),
+            )
+            return Running(service, converter, logs)
+
+        def start(**overrides: Any) -> Running:
+            running = make(**overrides)
+            running.thread.start()
+            wait_for(running.service.ready.is_set)
+            started.append(running)
+            return running
+
+        yield start
+        for running in started:
+            running.service.request_stop()
+            running.thread.join(timeout=30)
+
+
+def drop(settings: Settings, relative: str, values: int = 3) -> Path:
+    path = settings.inbox_dir / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name("." + path.name + ".tmp")
+    with temporary.open("wb") as handle:  # np.save would append .npy to a path
+        np.save(handle, np.arange(values, dtype=np.float64))
+    temporary.rename(path)
+    return path
+
+
+class TestNotifier:
+    def test_sends_datagrams_to_a_path_socket(self, tmp_path: Path) -> None:
+        """With NOTIFY_SOCKET a path, notify() sends the message as one datagram."""
+        address = str(tmp_path / "notify.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+            receiver.bind(address)
+            notifier = SystemdNotifier({"NOTIFY_SOCKET": address})
+            assert notifier.notify("READY=1")
+            assert receiver.recv(100) == b"READY=1"
+            notifier.close()
+
+    def test_abstract_socket_names(self) -> None:
+        """An @name address is Linux's abstract namespace."""
+        name = f"niftidrop-test-{os.getpid()}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+            receiver.bind("\0" + name)
+            notifier = SystemdNotifier({"NOTIFY_SOCKET": "@" + name})
+            assert notifier.notify("STOPPING=1")
+            assert receiver.recv(100) == b"STOPPING=1"
+            notifier.close()
+
+    def test_without_systemd_nothing_is_sent(self) -> None:
+        """Without NOTIFY_SOCKET notify() is a no-op."""
+        assert not SystemdNotifier({}).notify("READY=1")
+
+    def test_watchdog_interval_is_half_the_period(self) -> None:
+        """WATCHDOG_USEC gives a ping every half period, only for our own pid."""
+        mine = SystemdNotifier({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())})
+        assert mine.watchdog_interval == 1.0
+        other = SystemdNotifier({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"})
+        assert other.watchdog_interval is None
+
+
+class TestSignals:
+    def test_handlers_set_flags_and_are_restored(self, settings: Settings) -> None:
+        """SIGHUP asks for a rescan, SIGTERM for a stop, a second SIGINT forces it."""
+        service = Service(settings, library=FakeLibrary(settings.root), metrics=Metrics())
+        before = signal.getsignal(signal.SIGTERM)
+        with handle_signals(service):
+            os.kill(os.getpid(), signal.SIGHUP)
+            wait_for(lambda: service._rescan_requested)
+            os.kill(os.getpid(), signal.SIGINT)
+            wait_for(lambda: service.stop_requested)
+            assert not service._force_stop
+            os.kill(os.getpid(), signal.SIGINT)
+            wait_for(lambda: service._force_stop)
+        assert signal.getsignal(signal.SIGTERM) is before
+
+
+class TestService:
+    def test_converts_archives_and_logs_one_summary(
+        self, make_service: Callable[..., Running], settings: Settings
+    ) -> None:
+        """A dropped input is converted, archived, and logged once with every field."""
+        running = make_service()
+        drop(settings, "site/a.npy")
+        wait_for((settings.archive_dir / "site" / "a.npy").exists)
+        assert (settings.outbox_dir / "site" / "a.nii.gz").exists()
+        wait_for(lambda: bool(running.events("input_converted")))
+        (line,) = running.events("input_converted")
+        for field in ("input", "reference", "rule", "output", "shape", "dtype_in", "dtype_out"):
+            assert field in line
+        for field in ("bytes_in", "bytes_out", "seconds"):
+            assert field in line
+        assert line["input"] == "site/a.npy"
+
+    def test_rejection_goes_to_failed_and_the_service_goes_on(
+        self, make_service: Callable[..., Running], settings: Settings
+    ) -> None:
+        """A rejected input is logged as input_failed; later inputs still convert."""
+        running = make_service()
+        drop(settings, "orphan.npy")
+        drop(settings, "b.npy")
+        wait_for((settings.archive_dir / "b.npy").exists)
+        wait_for((settings.failed_dir / "orphan.npy.error.json").exists)
+        wait_for(lambda: bool(running.events("input_failed")))
+        (line,) = running.events("input_failed")
+        assert (line["input"], line["error"]) == ("orphan.npy", "no_reference")
+        assert "message" in line
+
+    def test_environmental_errors_are_retried_never_failed(
+        self, make_service: Callable[..., Running], settings: Settings
+    ) -> None:
+        """OSError keeps the input claimed, logs input_retrying with backoff, then converts."""
+        running = make_service()
+        running.converter.environment_errors = 2
+        drop(settings, "a.npy")
+        wait_for((settings.archive_dir / "a.npy").exists)
+        retries = running.events("input_retrying")
+        assert [line["attempt"] for line in retries] == [1, 2]
+        assert retries[1]["retry_in"] == 2 * retries[0]["retry_in"]
+        assert list(settings.failed_dir.iterdir()) == []
+
+    def test_backlog_goes_oldest_first(
+        self, make_service: Callable[..., Running], settings: Settings
+    ) -> None:
+        """Files waiting at start are converted in modification-time order."""
+        for index, name in enumerate(["c.npy", "a.npy", "b.npy"]):
+            path = drop(settings, name)
+            os.utime(path, (1000 + [3, 1, 2][index], 1000 + [3, 1, 2][index]))
+        running = make_service()
+        wait_for(lambda: len(running.converter.order) == 3)
+        assert running.converter.order == ["a.npy", "b.npy", "c.npy"]
+
+    def test_lifecycle_events_and_systemd_messages(
+        self, make_service: Callable[..., Running], settings: Settings
+    ) -> None:
+        """Start and stop are logged in order; READY, WATCHDOG and STOPPING are sent."""
+        running = make_service()
+        notifier = running.service.notifier
+        assert isinstance(notifier, FakeNotifier)
+        wait_for(lambda: "WATCHDOG=1" in notifier.messages)
+        running.service.request_stop()
+        running.thread.join(timeout=30)
+        assert running.result == [0]
+        names = [line["event"] for line in running.logs]
+        expected = ["service_started", "library_indexed", "service_ready"]
+        expected += ["service_stopping", "service_stopped"]
+        assert [name for name in names if name in expected] == expected
+        assert notifier.messages[0] == "READY=1"
+        assert notifier.messages[-1] == "STOPPING=1"
+
+    def test_heartbeat_is_refreshed(
+        self, make_service: Callable[..., Running], settings: Settings
+    ) -> None:
+        """The heartbeat file is rewritten every heartbeat_interval."""
+        running = make_service()
+        heartbeat = running.service.spool.heartbeat_path
+        first = heartbeat.stat().st_mtime_ns
+        wait_for(lambda: heartbeat.stat().st_mtime_ns != first)
+
+    def test_rescan_finds_files_without_events(
+        self, make_service: Callable[..., Running], settings: Settings
+    ) -> None:
+        """A file that produced no event (watch stopped) is found by the rescan."""
+        running = make_service()
+        watcher = running.service._watcher
+        assert watcher is not None
+        watcher.stop()
+        drop(settings, "silent.npy")
+        running.service.request_rescan()
+        wait_for((settings.archive_dir / "silent.npy").exists)
+
+    def test_stop_finishes_the_conversion_in_flight(
+        self, make_service: Callable[..., Running], settings: Settings
+    ) -> None:
+        """A stop during a conversion lets it finish and returns 0."""
+        running = make_service()
+        running.converter.release.clear()
+        drop(settings, "a.npy")
+        wait_for(lambda: bool(list(running.service.spool.claims_folder.iterdir())))
+        running.service.request_stop()
+        running.converter.release.set()
+        running.thread.join(timeout=30)
+        assert running.result == [0]
+        assert (settings.archive_dir / "a.npy").exists()
+
+    def test_second_service_on_the_same_spool_is_refused(
+        self, make_service: Callable[..., Running], settings: Settings
+    ) -> None:
+        """The state folder's lock keeps a second service away."""
+        make_service()
+        second = Service(settings, library=FakeLibrary(settings.root), metrics=Metrics())
+        with pytest.raises(Exception, match="in use"):
+            second.run()
+
+
+class TestOnce:
+    def once(self, settings: Settings) -> tuple[int, list[dict[str, Any]]]:
+        service = Service(
+            settings, library=FakeLibrary(settings.root), convert_file=FakeConverter()
+        )
+        with capture_logs() as logs:
+            code = service.run(once=True)
+        return code, logs
+
+    def test_all_converted_exits_0(self, settings: Settings) -> None:
+        """--once converts every input present and returns 0."""
+        for name in ("a.npy", "sub/b.npy"):
+            drop(settings, name)
+        code, logs = self.once(settings)
+        assert code == 0
+        assert sum(line["event"] == "input_converted" for line in logs) == 2
+
+    def test_a_failure_exits_1(self, settings: Settings) -> None:
+        """--once returns 1 when some input was rejected."""
+        drop(settings, "a.npy")
+        drop(settings, "orphan.npy")
+        code, _ = self.once(settings)
+        assert code == 1
+
+    def test_claimed_inputs_are_recovered(self, settings: Settings) -> None:
+        """Inputs left claimed by a crash are finished by the next start."""
+        from niftidrop.spool import Spool
+
+        spool = Spool(settings)
+        spool.create_folders()
+        spool.claim(drop(settings, "a.npy"))
+        code, logs = self.once(settings)
+        assert code == 0
+        assert (settings.archive_dir / "a.npy").exists()
+        assert any(line["event"] == "spool_recovered" for line in logs)
+
+    def test_incomplete_input_is_left_and_exits_1(self, settings: Settings) -> None:
+        """An input still incomplete is not read, stays in the inbox, and gives 1."""
+        settings.inbox_dir.mkdir(parents=True)
+        (settings.inbox_dir / "partial.npy").write_bytes(b"\x93NUMPY\x01\x00")
+        code, logs = self.once(settings)
+        assert code == 1
+        assert (settings.inbox_dir / "partial.npy").exists()
+        assert any(line["event"] == "input_incomplete" for line in logs)
