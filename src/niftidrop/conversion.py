@@ -31,11 +31,13 @@ NiftiHeader = Any  # a nibabel Nifti1Header or Nifti2Header
 Array = npt.NDArray[Any]
 
 # Slabs of a few MiB keep the compressor fed without holding much in memory.
-SLAB_BYTES = 8 * 1024 * 1024
-# Non-sequential layouts re-read the whole file once per slab, so their slabs are
-# larger (a fifth of the input, capped) and copied in pieces of the input's slowest axis.
+SLAB_BYTES = 4 * 1024 * 1024
+# Non-sequential layouts touch the whole file once per slab, so their slabs are
+# larger (an eighth of the input, capped) and copied in pieces along the input's
+# slowest axis, dropping the pages after each piece.
+TRANSPOSE_SLAB_FRACTION = 8
 TRANSPOSE_SLAB_CAP = 1024 * 1024 * 1024
-PIECE_BYTES = 4 * 1024 * 1024
+PIECE_BYTES = 2 * 1024 * 1024
 SPATIAL = 3
 
 
@@ -334,6 +336,7 @@ def value_range(view: Array, source: InputArray) -> tuple[int, int]:
             piece_low, piece_high = int(values.min()), int(values.max())
             low = piece_low if low is None else min(low, piece_low)
             high = piece_high if high is None else max(high, piece_high)
+            source.release_pages()
     if low is None or high is None:  # pragma: no cover - inputs have a voxel (checked on open)
         raise ValueError("no values")
     return low, high
@@ -390,7 +393,11 @@ def header_bytes(header: NiftiHeader) -> bytes:
 
 
 def encode_volume(volume: Volume, source: InputArray) -> Iterator[memoryview | bytes]:
-    """The bytes of one NIfTI file: header, then Fortran-ordered voxels slab by slab."""
+    """The bytes of one NIfTI file: header, then Fortran-ordered voxels slab by slab.
+
+    Each chunk is valid only until the next one is asked for: one slab buffer is
+    reused for the whole volume, so memory stays at one slab (the writer copies).
+    """
     yield header_bytes(volume.header)
     copy_free = (
         volume.check is None
@@ -398,26 +405,23 @@ def encode_volume(volume: Volume, source: InputArray) -> Iterator[memoryview | b
         and volume.source.dtype == volume.dtype
         and volume.source.dtype.kind != "b"
     )
+    storage: Array | None = None
     for slab_shape, pieces in _slabs_of(volume.source, volume.argmax, source):
-        buffer: Array | None = None
+        count = int(np.prod(slab_shape, dtype=np.int64))
+        if storage is None or storage.size < count:
+            storage = np.empty(count, dtype=volume.dtype)
+        buffer = storage[:count].reshape(slab_shape, order="F")
         for index, piece in pieces:
-            values = piece
-            if copy_free and values.flags.f_contiguous and index is None:
-                yield values.reshape(-1, order="F").view(np.uint8).data
-                continue
+            if copy_free and index is None and piece.flags.f_contiguous:
+                buffer = piece  # already the file's bytes: no copy
+                break
             if volume.check is not None:
-                volume.check(values)
-            if values.dtype.kind == "c" and volume.dtype.kind != "c":
-                values = values.real  # imaginary parts were checked to be zero
-            if index is None:
-                buffer = np.asarray(values, dtype=volume.dtype, order="F")
-                continue
-            if buffer is None:
-                buffer = np.empty(slab_shape, dtype=volume.dtype, order="F")
-            np.copyto(buffer[index], values, casting="unsafe")
-        if buffer is not None:
-            yield buffer.reshape(-1, order="F").view(np.uint8).data
-    source.release_pages()
+                volume.check(piece)
+            # Imaginary parts of a complex -> real cast were checked to be zero.
+            values = piece.real if piece.dtype.kind == "c" and volume.dtype.kind != "c" else piece
+            np.copyto(buffer if index is None else buffer[index], values, casting="unsafe")
+        yield buffer.reshape(-1, order="F").view(np.uint8).data
+        source.release_pages()
 
 
 Index = tuple[slice | int, ...]
@@ -436,19 +440,19 @@ def _slabs_of(
     sequential = _reads_sequentially(view, len(shape))
     target = SLAB_BYTES
     if source.mapping is not None and not sequential:
-        target = max(SLAB_BYTES, min(TRANSPOSE_SLAB_CAP, source.data.nbytes // 5))
+        share = source.data.nbytes // TRANSPOSE_SLAB_FRACTION
+        target = max(SLAB_BYTES, min(TRANSPOSE_SLAB_CAP, share))
     for slab in slab_indices(shape, per_voxel, target):
         part = view[slab]
         slab_shape = part.shape[:-1] if argmax else part.shape
         if source.mapping is None or sequential:
-            yield slab_shape, _whole(part, argmax, source)
+            yield slab_shape, _whole(part, argmax)
         else:
             yield slab_shape, _pieces(part, argmax, source)
 
 
-def _whole(part: Array, argmax: bool, source: InputArray) -> Iterator[tuple[Index | None, Array]]:
+def _whole(part: Array, argmax: bool) -> Iterator[tuple[Index | None, Array]]:
     yield None, (np.argmax(part, axis=-1) if argmax else part)
-    source.release_pages()
 
 
 def _pieces(part: Array, argmax: bool, source: InputArray) -> Iterator[tuple[Index | None, Array]]:
@@ -456,7 +460,7 @@ def _pieces(part: Array, argmax: bool, source: InputArray) -> Iterator[tuple[Ind
     spatial = part.ndim - 1 if argmax else part.ndim
     sizes = [(abs(part.strides[a]), a) for a in range(spatial) if part.shape[a] > 1]
     if not sizes:
-        yield from _whole(part, argmax, source)
+        yield from _whole(part, argmax)
         return
     stride, axis = max(sizes)
     step = max(1, PIECE_BYTES // max(stride, 1))
