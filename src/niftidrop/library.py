@@ -24,6 +24,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from niftidrop.errors import ConversionError, ErrorCode
 from niftidrop.reference_index import (
+    FolderSnapshot,
     ReferenceIndex,
     ReferenceKeys,
     ReferenceScanner,
@@ -117,7 +118,8 @@ class ReferenceLibrary:
         self._watching = False
         self._changes: queue.SimpleQueue[tuple[str, bool] | None] = queue.SimpleQueue()
         self._watcher: BaseObserver | None = None
-        self._linked: list[str] = []  # symlinked folders found by the last build
+        self._linked: list[str] = []  # symlinked folders found by the last walk
+        self._snapshots: dict[str, FolderSnapshot] = {}  # folders of the last walk
         self._linked_watches: dict[str, ObservedWatch] = {}  # by real path
         self._updater: threading.Thread | None = None
 
@@ -154,8 +156,51 @@ class ReferenceLibrary:
                 self._index = index
                 self._built = True
                 self._changed.notify_all()
-            self._linked = scanner.linked
-            self._watch_linked_folders()
+            self._after_walk(scanner)
+
+    def rescan(self) -> None:
+        """Bring the whole index in line with the disk, listing only changed folders.
+
+        The periodic safety net for lost events (SPEC §1.10): folders whose mtime
+        has not moved are not listed again, so a rescan of an unchanged library
+        costs one `stat` per folder.
+        """
+        with self._writer:
+            scanner = ReferenceScanner(self._key_of, previous=self._snapshots)
+            found = [entry for root in self._roots for entry in scanner.scan(root)]
+            keys_by_folder = self._index.keys_by_folder
+            found_paths = {path for _, path in found}
+            removals = [
+                (key, path)
+                for folder, keys in keys_by_folder.items()
+                if folder in scanner.listed or folder not in scanner.snapshots
+                for path, key in keys.items()
+                if path not in found_paths
+            ]
+            additions = [
+                (key, path)
+                for key, path in found
+                if path not in keys_by_folder.get(path.rpartition(os.sep)[0], ())
+            ]
+            if removals or additions:
+                self._change_index(removals, additions)
+            self._after_walk(scanner)
+
+    def _after_walk(self, scanner: ReferenceScanner) -> None:
+        self._snapshots = scanner.snapshots
+        self._linked = scanner.linked
+        self._watch_linked_folders()
+
+    def _change_index(
+        self, removals: Iterable[tuple[str, str]], additions: Iterable[tuple[str, str]]
+    ) -> None:
+        """Apply changes for readers to see at once, and wake `resolve` calls waiting."""
+        with self._changed:
+            for key, path in removals:
+                self._index.discard(key, path)
+            for key, path in additions:
+                self._index.add(key, path)
+            self._changed.notify_all()
 
     def _apply(self, changes: Iterable[tuple[str, bool]]) -> None:
         """Bring the index in line with the disk for the paths that changed."""
@@ -175,12 +220,7 @@ class ReferenceLibrary:
                     additions.append((key, path))
                 else:
                     removals.append((key, path))
-            with self._changed:
-                for key, path in removals:
-                    self._index.discard(key, path)
-                for key, path in additions:
-                    self._index.add(key, path)
-                self._changed.notify_all()
+            self._change_index(removals, additions)
 
     def _in_library(self, path: str) -> bool:
         """Whether `path` lies below a library folder, with no hidden name on the way."""
@@ -409,7 +449,7 @@ class ReferenceLibrary:
             try:
                 change = self._changes.get(timeout=max(0.0, next_rescan - time.monotonic()))
             except queue.Empty:
-                self.build()  # the safety net for lost events (SPEC §1.10)
+                self.rescan()
                 next_rescan = time.monotonic() + interval
                 continue
             batch = [change]

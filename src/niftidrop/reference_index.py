@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from bisect import bisect_left, insort
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 INPUT_EXTENSIONS: Final = (".npy", ".npz")
 REFERENCE_EXTENSIONS: Final = (".nii.gz", ".nii")  # longest first: ".nii.gz" ends in neither
+# Folder mtimes advance by coarse clock ticks, so a change made just after a listing
+# can leave the mtime as it was: only a folder listed this long after its last
+# change is trusted to be unchanged while its mtime is.
+MTIME_SLACK_NS: Final = 2_000_000_000
 
 
 def input_key(name: str) -> str:
@@ -39,25 +44,31 @@ def reference_key(name: str) -> str | None:
 
 
 class ReferenceIndex:
-    """Keys → reference paths, and the same keys sorted for prefix searches.
+    """Keys → reference paths, the same keys sorted for prefix searches, and the
+    references of each folder (so a folder's changes are found without a scan).
 
     A key with more than one path is ambiguous. Paths are kept as strings: they
     are half the size of `Path` objects, and lookups turn only the answer into one.
     """
 
-    __slots__ = ("paths_by_key", "size", "sorted_keys")
+    __slots__ = ("keys_by_folder", "paths_by_key", "size", "sorted_keys")
 
     def __init__(self, entries: Iterable[tuple[str, str]] = ()) -> None:
         """An index of the (key, path) pairs in `entries`."""
-        paths_by_key: dict[str, tuple[str, ...]] = {}
-        size = 0
+        self.paths_by_key: dict[str, tuple[str, ...]] = {}
+        self.keys_by_folder: dict[str, dict[str, str]] = {}  # folder → {path: key}
+        self.size = 0
         for key, path in entries:
-            existing = paths_by_key.get(key)
-            paths_by_key[key] = (path,) if existing is None else (*existing, path)
-            size += 1
-        self.paths_by_key = paths_by_key
-        self.sorted_keys = sorted(paths_by_key)
-        self.size = size
+            existing = self.paths_by_key.get(key)
+            if existing is None:
+                self.paths_by_key[key] = (path,)
+            elif path not in existing:
+                self.paths_by_key[key] = (*existing, path)
+            else:
+                continue
+            self._file_in_folder(path, key)
+            self.size += 1
+        self.sorted_keys = sorted(self.paths_by_key)
 
     def add(self, key: str, path: str) -> None:
         """Index `path` under `key` (no-op if it already is)."""
@@ -69,7 +80,16 @@ class ReferenceIndex:
             self.paths_by_key[key] = (*paths, path)
         else:
             return
+        self._file_in_folder(path, key)
         self.size += 1
+
+    def _file_in_folder(self, path: str, key: str) -> None:
+        folder = path.rpartition(os.sep)[0]
+        in_folder = self.keys_by_folder.get(folder)
+        if in_folder is None:
+            self.keys_by_folder[folder] = {path: key}
+        else:
+            in_folder[path] = key
 
     def discard(self, key: str, path: str) -> None:
         """Forget `path` under `key` (no-op if it is not indexed)."""
@@ -82,44 +102,77 @@ class ReferenceIndex:
         else:
             del self.paths_by_key[key]
             del self.sorted_keys[bisect_left(self.sorted_keys, key)]
+        folder = path.rpartition(os.sep)[0]
+        in_folder = self.keys_by_folder[folder]
+        del in_folder[path]
+        if not in_folder:
+            del self.keys_by_folder[folder]
         self.size -= 1
 
     def entries_under(self, folder: str) -> list[tuple[str, str]]:
-        """Every (key, path) inside `folder`; a scan, used only when a folder goes away."""
+        """Every (key, path) in `folder` and its subfolders."""
         prefix = folder.rstrip(os.sep) + os.sep
         return [
             (key, path)
-            for key, paths in self.paths_by_key.items()
-            for path in paths
-            if path.startswith(prefix)
+            for holder, keys in self.keys_by_folder.items()
+            if holder == folder or holder.startswith(prefix)
+            for path, key in keys.items()
         ]
 
     def keys_extending(self, key: str, separators: str) -> list[str]:
-        """Keys equal to `key` + separator + at least one more character, sorted."""
+        """Keys equal to `key` + separator + at least one more character, sorted.
+
+        One bisect per separator finds where such keys start; they follow in a run.
+        """
+        keys = self.sorted_keys
         found: list[str] = []
         for separator in separators:
             prefix = key + separator
-            position = bisect_left(self.sorted_keys, prefix)
-            while position < len(self.sorted_keys):
-                candidate = self.sorted_keys[position]
-                if not candidate.startswith(prefix):
-                    break
-                if len(candidate) > len(prefix):
-                    found.append(candidate)
+            position = bisect_left(keys, prefix)
+            while position < len(keys) and keys[position].startswith(prefix):
+                if len(keys[position]) > len(prefix):
+                    found.append(keys[position])
                 position += 1
-        return sorted(found)
+        found.sort()
+        return found
+
+
+class FolderSnapshot(NamedTuple):
+    """What a walk learnt about one folder, to skip listing it again while unchanged."""
+
+    identity: tuple[int, int]  # st_dev, st_ino
+    mtime_ns: int
+    listed_ns: int  # wall clock just before it was listed
+    subfolders: tuple[tuple[str, bool], ...]  # (path, is a symlink)
+
+    def still_valid(self, identity: tuple[int, int], mtime_ns: int) -> bool:
+        """Whether the folder is provably unchanged since it was listed."""
+        return (
+            identity == self.identity
+            and mtime_ns == self.mtime_ns
+            and mtime_ns < self.listed_ns - MTIME_SLACK_NS
+        )
 
 
 class ReferenceScanner:
-    """Walks library folders with `os.scandir`, following symlinked folders once."""
+    """Walks library folders with `os.scandir`, following symlinked folders once.
 
-    def __init__(self, key_of: ReferenceKeys) -> None:
+    Given the snapshots of an earlier walk, it lists only folders whose mtime
+    changed (adding, removing or renaming an entry changes it) and reuses the rest.
+    """
+
+    def __init__(
+        self, key_of: ReferenceKeys, previous: Mapping[str, FolderSnapshot] | None = None
+    ) -> None:
         self._key_of = key_of
+        self._previous = previous or {}
         self._visited: set[tuple[int, int]] = set()
-        self.linked: list[str] = []  # symlinked folders scanned, under the path they were found
+        self.linked: list[str] = []  # symlinked folders walked, under the path they were found
+        self.snapshots: dict[str, FolderSnapshot] = {}  # every folder walked
+        self.listed: set[str] = set()  # the folders listed again (changed or new)
 
     def scan(self, folder: str) -> list[tuple[str, str]]:
-        """Every (key, path) of a reference below `folder`, skipping hidden names."""
+        """Every (key, path) of a reference in the listed folders below `folder`."""
         found: list[tuple[str, str]] = []
         pending = [(folder, False)]
         while pending:
@@ -134,12 +187,24 @@ class ReferenceScanner:
             self._visited.add(identity)
             if is_link:
                 self.linked.append(current)
+            previous = self._previous.get(current)
+            if previous is not None and previous.still_valid(identity, status.st_mtime_ns):
+                self.snapshots[current] = previous
+                pending.extend(previous.subfolders)
+                continue
+            listed_ns = time.time_ns()
+            subfolders: list[tuple[str, bool]] = []
             try:
                 with os.scandir(current) as entries:
                     for entry in entries:
-                        self._visit(entry, found, pending)
+                        self._visit(entry, found, subfolders)
             except OSError:  # unreadable or vanished while scanning: the rescan retries
                 continue
+            self.snapshots[current] = FolderSnapshot(
+                identity, status.st_mtime_ns, listed_ns, tuple(subfolders)
+            )
+            self.listed.add(current)
+            pending.extend(subfolders)
         return found
 
     def _visit(

@@ -284,6 +284,32 @@ class TestIndex:
         assert matches(library, "old.npz", None)
         assert matches(library, "new.npz", tmp_path / "new.nii.gz")
 
+    def test_rescan_updates_changed_folders(self, tmp_path: Path) -> None:
+        """rescan() adds, removes and forgets references of changed or vanished folders."""
+        library = library_of(tmp_path, "keep/a.nii", "gone/b.nii", "edit/c.nii")
+        (tmp_path / "edit" / "c.nii").rename(tmp_path / "edit" / "d.nii")
+        (tmp_path / "gone" / "b.nii").unlink()
+        (tmp_path / "gone").rmdir()
+        touch(tmp_path, "new/e.nii")
+        library.rescan()
+        assert len(library) == 3
+        indexed = {key for key in "abcde" if not matches(library, f"{key}.npy", None)}
+        assert indexed == {"a", "d", "e"}
+
+    def test_rescan_skips_unchanged_folders(self, tmp_path: Path) -> None:
+        """rescan() does not list a folder whose mtime is old and unchanged; build() does."""
+        library_dir = tmp_path / "library"
+        library_dir.mkdir()
+        past = time.time_ns() - 3600 * 10**9
+        os.utime(library_dir, ns=(past, past))
+        library = library_of(library_dir)
+        touch(library_dir, "sneaked.nii")
+        os.utime(library_dir, ns=(past, past))  # as if the folder had not changed
+        library.rescan()
+        assert len(library) == 0
+        library.build()
+        assert len(library) == 1
+
     def test_from_settings(self, tmp_path: Path) -> None:
         """from_settings takes the folders and matching settings of the settings model."""
         settings = load_settings(root=tmp_path, library=["refs"], separators="-", reference_wait=2)

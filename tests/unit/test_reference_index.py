@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from pathlib import Path
 
 from niftidrop.reference_index import (
+    MTIME_SLACK_NS,
     ReferenceIndex,
     ReferenceKeys,
     ReferenceScanner,
@@ -86,9 +89,22 @@ class TestReferenceIndex:
         assert index.keys_extending("case3", "_-.") == []
 
     def test_entries_under(self) -> None:
-        """entries_under finds the paths inside a folder, not in a folder with a longer name."""
-        index = ReferenceIndex([("a", "/l/sub/a.nii"), ("b", "/l/subway/b.nii")])
-        assert index.entries_under("/l/sub") == [("a", "/l/sub/a.nii")]
+        """entries_under finds the paths inside a folder tree, not in a longer-named folder."""
+        index = ReferenceIndex(
+            [("a", "/l/sub/a.nii"), ("c", "/l/sub/deep/c.nii"), ("b", "/l/subway/b.nii")]
+        )
+        assert sorted(index.entries_under("/l/sub")) == [
+            ("a", "/l/sub/a.nii"),
+            ("c", "/l/sub/deep/c.nii"),
+        ]
+
+    def test_keys_by_folder_follows_changes(self) -> None:
+        """Each folder's references stay known through add and discard."""
+        index = ReferenceIndex([("a", "/l/a.nii")])
+        index.add("b", "/l/s/b.nii")
+        assert index.keys_by_folder == {"/l": {"/l/a.nii": "a"}, "/l/s": {"/l/s/b.nii": "b"}}
+        index.discard("b", "/l/s/b.nii")
+        assert index.keys_by_folder == {"/l": {"/l/a.nii": "a"}}
 
 
 class TestReferenceScanner:
@@ -118,3 +134,49 @@ class TestReferenceScanner:
     def test_missing_folder_finds_nothing(self, tmp_path: Path) -> None:
         """A folder that does not exist is an empty scan, not an error."""
         assert ReferenceScanner(ReferenceKeys(None)).scan(str(tmp_path / "absent")) == []
+
+
+def age(folder: Path, seconds: float) -> None:
+    """Set `folder`'s mtime `seconds` into the past, as if it had not changed since."""
+    past = time.time_ns() - int(seconds * 1e9)
+    os.utime(folder, ns=(past, past))
+
+
+class TestScannerSnapshots:
+    def test_unchanged_folders_are_not_listed_again(self, tmp_path: Path) -> None:
+        """A folder whose mtime is old and unchanged is reused, not listed."""
+        (tmp_path / "sub").mkdir()
+        (tmp_path / "sub" / "a.nii").touch()
+        age(tmp_path / "sub", 3600)
+        age(tmp_path, 3600)
+        keys = ReferenceKeys(None)
+        first = ReferenceScanner(keys)
+        assert first.scan(str(tmp_path)) == [("a", str(tmp_path / "sub" / "a.nii"))]
+        second = ReferenceScanner(keys, previous=first.snapshots)
+        assert second.scan(str(tmp_path)) == []
+        assert second.listed == set()
+        assert second.snapshots == first.snapshots
+
+    def test_changed_folder_is_listed_again(self, tmp_path: Path) -> None:
+        """A file added to a folder changes its mtime, so that folder alone is listed."""
+        (tmp_path / "sub").mkdir()
+        age(tmp_path / "sub", 3600)
+        age(tmp_path, 3600)
+        keys = ReferenceKeys(None)
+        first = ReferenceScanner(keys)
+        first.scan(str(tmp_path))
+        (tmp_path / "sub" / "new.nii").touch()
+        second = ReferenceScanner(keys, previous=first.snapshots)
+        assert second.scan(str(tmp_path)) == [("new", str(tmp_path / "sub" / "new.nii"))]
+        assert second.listed == {str(tmp_path / "sub")}
+
+    def test_recent_folders_are_always_listed(self, tmp_path: Path) -> None:
+        """A folder changed shortly before its listing is listed again, mtime or not."""
+        (tmp_path / "a.nii").touch()
+        keys = ReferenceKeys(None)
+        first = ReferenceScanner(keys)
+        first.scan(str(tmp_path))
+        snapshot = first.snapshots[str(tmp_path)]
+        assert snapshot.listed_ns - snapshot.mtime_ns < MTIME_SLACK_NS
+        second = ReferenceScanner(keys, previous=first.snapshots)
+        assert second.scan(str(tmp_path)) == [("a", str(tmp_path / "a.nii"))]
