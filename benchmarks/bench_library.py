@@ -78,7 +78,7 @@ def median_seconds(action: Callable[[str], object], names: Sequence[str]) -> flo
 def hand_written_lookup(root: Path) -> Callable[[str], object]:
     """The baseline: a recursive glob for the input's key, as users write it by hand."""
 
-    def look_up(name: str) -> list[str]:
+    def look_up(name: str) -> list[Path]:
         key = name.rsplit(".", 1)[0]
         return sorted(root.glob(f"**/{glob.escape(key)}*"))
 
