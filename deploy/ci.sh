@@ -22,6 +22,7 @@ VENV="${NIFTIDROP_DEPLOY_VENV:-$REPO/.venv}"
 PY="$VENV/bin/python"
 [[ -x "$PY" ]] || fail "no $PY: run \`make test\` (or \`make deploy-check\`) first, it creates .venv"
 FIXTURE=("$PY" "$REPO/deploy/spool_fixture.py")
+FIXTURE_IN_CONTAINER=/opt/ci/spool_fixture.py
 
 WORK="$(mktemp -d /var/tmp/niftidrop-deploy.XXXXXX)"
 export CONTAINERS_CONF="$WORK/containers.conf"
@@ -109,7 +110,8 @@ step_container() {
     # No systemd on the host to schedule health checks: `podman healthcheck run`
     # below runs the image's HEALTHCHECK by hand instead.
     podman run --detach --name "$APP_CONTAINER" --volume "$spool:/data" \
-        --health-interval disable \
+        --volume "$REPO/deploy/spool_fixture.py:$FIXTURE_IN_CONTAINER:ro" \
+        --health-interval disable --env NIFTIDROP_METRICS_ADDRESS=0.0.0.0:9464 \
         --env NIFTIDROP_HEARTBEAT_INTERVAL=1 --env NIFTIDROP_SETTLE_SECONDS=0.2 \
         "$APP_IMAGE" >/dev/null 2>"$WORK/run-app.log" ||
         { cat "$WORK/run-app.log" >&2; fail "podman run ${APP_IMAGE}"; }
@@ -122,6 +124,8 @@ step_container() {
     wait_for "$WAIT_SECONDS" "archive/case001_pred.npy" test -f "$spool/archive/case001_pred.npy"
     app_has_event input_converted || fail "no input_converted in the container's log"
     podman exec "$APP_CONTAINER" niftidrop health || fail "niftidrop health inside the container"
+    podman exec "$APP_CONTAINER" python "$FIXTURE_IN_CONTAINER" scrape http://127.0.0.1:9464 ||
+        fail "the metrics endpoint inside the container"
     podman healthcheck run "$APP_CONTAINER" || fail "the image's HEALTHCHECK"
     podman stop --time 40 "$APP_CONTAINER" >/dev/null 2>>"$WORK/run-app.log" || fail "podman stop"
     local status
@@ -165,6 +169,7 @@ step_systemd() {
     "${FIXTURE[@]}" reference "$library" >/dev/null
     podman run --detach --name "$SYSTEMD_CONTAINER" --systemd=always \
         --volume "$spool:/var/lib/niftidrop" --volume "$library:/srv/niftidrop/library:ro" \
+        --volume "$REPO/deploy/spool_fixture.py:$FIXTURE_IN_CONTAINER:ro" \
         "$SYSTEMD_IMAGE" >/dev/null || fail "podman run --systemd=always ${SYSTEMD_IMAGE}"
     # Type=notify: "active" only once niftidrop has sent READY=1.
     wait_for "$WAIT_SECONDS" "niftidrop.service ActiveState=active" unit_is ActiveState active
@@ -178,6 +183,9 @@ step_systemd() {
     "${FIXTURE[@]}" verify "$spool/outbox/case001_pred.nii.gz" "$library/case001.nii.gz" ||
         fail "the unit's output does not match the prediction and its reference"
     unit_journal_has_event input_converted || fail "no input_converted in the unit's journal"
+    # The example config serves metrics on loopback, which the unit's IP filter allows.
+    podman exec "$SYSTEMD_CONTAINER" /opt/niftidrop/bin/python "$FIXTURE_IN_CONTAINER" \
+        scrape http://127.0.0.1:9464 || fail "the unit's metrics endpoint"
     unit_is ActiveState active || fail "niftidrop.service is $(unit_property ActiveState) after converting"
 
     podman exec "$SYSTEMD_CONTAINER" systemctl stop niftidrop.service ||

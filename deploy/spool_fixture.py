@@ -6,6 +6,7 @@
                                          should, owned by UID:GID with MODE (octal)
     spool_fixture.py verify OUTPUT REF   OUTPUT holds the dropped data on REF's grid
     spool_fixture.py has-event EVENT     stdin is JSON log lines and one has "event": EVENT
+    spool_fixture.py scrape URL          URL/metrics counts a converted input, URL/healthz is 200
 
 Each command exits 0 on success and 1 with a message saying what was expected
 and what was found.
@@ -16,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +124,35 @@ def find_event(lines: list[str], event: str) -> list[str]:
     return problems
 
 
+def scrape(base_url: str) -> list[str]:
+    """Problems with the metrics endpoint after one conversion."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    # Straight to the endpoint, whatever proxy the environment names.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    problems = []
+    try:
+        with opener.open(f"{base_url}/healthz", timeout=10) as response:
+            health = response.status
+    except urllib.error.HTTPError as error:
+        health = error.code
+    if health != 200:
+        problems.append(f"{base_url}/healthz: expected 200, found {health}")
+    with opener.open(f"{base_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    converted = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "niftidrop_inputs_converted_total"
+    ]
+    if not converted or converted[0] < 1:
+        problems.append(
+            f"{base_url}/metrics: expected niftidrop_inputs_converted_total >= 1, found {converted}"
+        )
+    return problems
+
+
 def main(argv: list[str]) -> int:
     command, *args = argv
     problems: list[str] = []
@@ -132,6 +164,8 @@ def main(argv: list[str]) -> int:
         print(drop_prediction(Path(args[0]), owner, mode))
     elif command == "verify":
         problems = verify_output(Path(args[0]), Path(args[1]))
+    elif command == "scrape":
+        problems = scrape(args[0])
     elif command == "has-event":
         problems = find_event(sys.stdin.read().splitlines(), args[0])
     else:
