@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench deploy-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,8 @@ run: $(STAMP)
 	$(BIN)/niftidrop run
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks deploy
+	$(BIN)/ruff format --check src tests benchmarks deploy
 	$(BIN)/mypy
 
 test: lint
@@ -27,6 +27,12 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks
+
+# Builds and runs the Dockerfile and the systemd unit with podman (as root on
+# Debian; README, "Deployment"). .ci/run runs it after `make test`.
+deploy-check: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,deploy]'
+	bash deploy/ci.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
