@@ -1,0 +1,1 @@
+"""Benchmarks that reproduce every performance figure of the README (`python -m benchmarks`)."""
