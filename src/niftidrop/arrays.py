@@ -10,10 +10,12 @@ from the header, before any data is read.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -42,7 +44,7 @@ class NpyLayout:
 
     @property
     def data_bytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass
@@ -145,7 +147,7 @@ def is_complete(path: Path) -> bool:
                 shape, _, dtype = _read_npy_header(stream, path.name)
                 offset = stream.tell()
                 size = os.fstat(stream.fileno()).st_size
-            declared = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            declared = math.prod(shape) * dtype.itemsize
             return offset + declared == size
         if suffix == ".npz":
             return _zip_members_present(path)
@@ -218,7 +220,7 @@ def _open_npy(path: Path, max_input_bytes: int) -> InputArray:
                 f"{layout.dtype.str}, found {size} (trailing bytes)",
             )
         mapping = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
-    count = int(np.prod(layout.shape, dtype=np.int64))
+    count = math.prod(layout.shape)
     flat = np.frombuffer(mapping, dtype=layout.dtype, count=count, offset=layout.offset)
     data = flat.reshape(layout.shape, order="F" if layout.fortran_order else "C")
     return InputArray(path=path, data=data, mapping=mapping)
@@ -236,7 +238,8 @@ def _open_npz(path: Path, npz_key: str | None, max_input_bytes: int) -> InputArr
         raise ConversionError(
             ErrorCode.CORRUPT, f"{path.name}: expected a zip archive of .npy arrays ({exc})"
         ) from None
-    except (zipfile.LargeZipFile, NotImplementedError, EOFError) as exc:
+    # Encrypted (RuntimeError), damaged deflate data (zlib.error), unknown compression.
+    except (zipfile.LargeZipFile, NotImplementedError, EOFError, RuntimeError, zlib.error) as exc:
         raise ConversionError(
             ErrorCode.CORRUPT, f"{path.name}: unreadable member ({exc})"
         ) from None
@@ -266,7 +269,7 @@ def _read_member(member: IO[bytes], label: str, max_input_bytes: int) -> npt.NDA
     shape, fortran_order, dtype = _read_npy_header(member, label)
     check_dtype(dtype, label)
     check_shape(shape, label)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     _check_size(count * dtype.itemsize, max_input_bytes, label)
     buffer = bytearray(count * dtype.itemsize)
     view = memoryview(buffer)

@@ -221,3 +221,26 @@ class TestOpenNpz:
         with zipfile.ZipFile(path, "w") as archive:
             archive.writestr("x.npy", struct.pack("<10I", *range(10)))
         assert _rejection(path).code is ErrorCode.CORRUPT
+
+
+class TestNeverCrashes:
+    def test_damaged_deflate_data_is_corrupt(self, tmp_path: Path) -> None:
+        """A member whose compressed bytes are damaged is CORRUPT, not a zlib crash."""
+        path = tmp_path / "d.npz"
+        np.savez_compressed(path, x=np.random.default_rng(0).random(50_000))
+        raw = bytearray(path.read_bytes())
+        for offset in range(200, 2000):
+            raw[offset] ^= 0xFF
+        path.write_bytes(bytes(raw))
+        assert _rejection(path).code is ErrorCode.CORRUPT
+
+    def test_absurd_declared_shape_does_not_overflow(self, tmp_path: Path) -> None:
+        """A header declaring 2**120 bytes is TOO_LARGE (no integer wrap-around)."""
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": "<f8", "fortran_order": False, "shape": (2**40, 2**40, 2**40)}
+        )
+        path = tmp_path / "huge.npy"
+        path.write_bytes(header.getvalue() + b"\0" * 64)
+        assert _rejection(path).code is ErrorCode.TOO_LARGE
+        assert not is_complete(path)
