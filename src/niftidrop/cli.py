@@ -105,10 +105,11 @@ def _cmd_match(settings: Settings, args: argparse.Namespace) -> int:
         if found["error"] is None:
             print(f"{name}: {found['reference']} (rule {found['rule']}, key {found['key']})")
         else:
-            print(f"{name}: {found['error']}: {found['message']}")
+            print(f"{name}: {found['error']}\n    {found['message']}")
+        label = "candidate" if found["reference"] is None else "other candidate"
         for other in found["candidates"]:
             if other != found["reference"]:
-                print(f"    other candidate: {other}")
+                print(f"    {label}: {other}")
     return ExitCode.FAILED if unmatched else ExitCode.OK
 
 

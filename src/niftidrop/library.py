@@ -110,9 +110,11 @@ class ReferenceLibrary:
         self._roots = tuple(str(folder) for folder in self.folders)
         self._index = ReferenceIndex()
         self._built = False
-        # Readers hold `_changed` only for a lookup; writers hold `_writer` for a
-        # whole update (disk reads included) so updates never interleave.
-        self._changed = threading.Condition()
+        # `_lock` guards the index: readers hold it for one lookup, writers to apply
+        # a change. Writers also hold `_writer` for a whole update (disk reads
+        # included) so updates never interleave. `_changed` wakes waiting resolves.
+        self._lock = threading.Lock()  # a bare Lock: cheaper to take than a Condition
+        self._changed = threading.Condition(self._lock)
         self._writer = threading.Lock()
         self._lifecycle = threading.Lock()
         self._watching = False
@@ -138,7 +140,7 @@ class ReferenceLibrary:
         )
 
     def __len__(self) -> int:
-        with self._changed:
+        with self._lock:
             return self._index.size
 
     def __repr__(self) -> str:
@@ -152,7 +154,7 @@ class ReferenceLibrary:
         with self._writer:
             scanner = ReferenceScanner(self._key_of)
             index = ReferenceIndex(entry for root in self._roots for entry in scanner.scan(root))
-            with self._changed:
+            with self._lock:
                 self._index = index
                 self._built = True
                 self._changed.notify_all()
@@ -195,7 +197,7 @@ class ReferenceLibrary:
         self, removals: Iterable[tuple[str, str]], additions: Iterable[tuple[str, str]]
     ) -> None:
         """Apply changes for readers to see at once, and wake `resolve` calls waiting."""
-        with self._changed:
+        with self._lock:
             for key, path in removals:
                 self._index.discard(key, path)
             for key, path in additions:
@@ -239,7 +241,7 @@ class ReferenceLibrary:
         Raises `ConversionError` with `no_reference`, or `ambiguous_reference`
         carrying the equally good candidates.
         """
-        with self._changed:
+        with self._lock:
             return self._match(name)
 
     def resolve(self, name: str) -> Match:
@@ -249,7 +251,7 @@ class ReferenceLibrary:
         The wait is woken by index updates, so it only helps while `start()`ed.
         """
         deadline = time.monotonic() + self.reference_wait
-        with self._changed:
+        with self._lock:
             while True:
                 try:
                     return self._match(name)
@@ -315,7 +317,7 @@ class ReferenceLibrary:
                 return self._decide(name, key, "input_prefix", extending)
         raise ConversionError(
             ErrorCode.NO_REFERENCE,
-            f"{name}: expected a reference for key {key!r} ({self._rules_text(key)}), "
+            f"{name}: expected {self._rules_text(key)}, "
             f"found none among {self._index.size} references in {', '.join(self._roots)}",
         )
 
@@ -341,22 +343,24 @@ class ReferenceLibrary:
         if self._pattern is not None:
             return f"a reference whose key_pattern key is {key!r}"
         return (
-            f"{key}.nii[.gz], a reference key that {key!r} starts with, or {key!r} followed "
-            f"by more, split by one of {self.separators!r}"
+            f"a reference keyed {key!r}, a prefix of it, or {key!r} plus a suffix "
+            f"(separated by one of {self.separators!r})"
         )
 
     def _decide(self, name: str, key: str, rule: Rule, candidate_keys: list[str]) -> Match:
         """The match for the first of `candidate_keys`, refused when that key is shared."""
-        paths_by_key = self._index.paths_by_key
-        chosen = paths_by_key[candidate_keys[0]]
+        index = self._index
+        chosen = index.paths_by_key[candidate_keys[0]]
         if len(chosen) > 1:
             raise ConversionError(
                 ErrorCode.AMBIGUOUS_REFERENCE,
                 f"{name}: expected one reference for key {candidate_keys[0]!r} (rule {rule}), "
                 f"found {len(chosen)}: {', '.join(chosen)}",
-                candidates=[Path(path) for path in chosen],
+                candidates=[index.path(path) for path in chosen],
             )
-        candidates = tuple([Path(path) for other in candidate_keys for path in paths_by_key[other]])
+        candidates = tuple(
+            [index.path(path) for other in candidate_keys for path in index.paths_by_key[other]]
+        )
         return Match(name, key, candidates[0], rule, candidates)
 
     # Watching.
@@ -388,14 +392,14 @@ class ReferenceLibrary:
                 target=self._follow_changes, args=(interval,), name="niftidrop-library", daemon=True
             )
             self._updater.start()
-            with self._changed:
+            with self._lock:
                 self._watching = True
 
     def stop(self) -> None:
         """Stop watching; the index stays as it is. Idempotent."""
         with self._lifecycle:
             watcher, updater = self._watcher, self._updater
-            with self._changed:
+            with self._lock:
                 self._watching = False
                 self._changed.notify_all()  # waiting `resolve` calls give up now
             if updater is not None:  # first: its rescan may still schedule watches

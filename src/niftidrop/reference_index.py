@@ -51,12 +51,13 @@ class ReferenceIndex:
     are half the size of `Path` objects, and lookups turn only the answer into one.
     """
 
-    __slots__ = ("keys_by_folder", "paths_by_key", "size", "sorted_keys")
+    __slots__ = ("_folder_paths", "keys_by_folder", "paths_by_key", "size", "sorted_keys")
 
     def __init__(self, entries: Iterable[tuple[str, str]] = ()) -> None:
         """An index of the (key, path) pairs in `entries`."""
         self.paths_by_key: dict[str, tuple[str, ...]] = {}
         self.keys_by_folder: dict[str, dict[str, str]] = {}  # folder → {path: key}
+        self._folder_paths: dict[str, Path] = {}
         self.size = 0
         for key, path in entries:
             existing = self.paths_by_key.get(key)
@@ -108,6 +109,15 @@ class ReferenceIndex:
         if not in_folder:
             del self.keys_by_folder[folder]
         self.size -= 1
+
+    def path(self, path: str) -> Path:
+        """`path` as a `Path`, joined onto its folder's cached `Path` (parsing only the
+        file name makes a lookup's answer cheaper)."""
+        folder, _, name = path.rpartition(os.sep)
+        parent = self._folder_paths.get(folder)
+        if parent is None:
+            parent = self._folder_paths[folder] = Path(folder)
+        return parent / name
 
     def entries_under(self, folder: str) -> list[tuple[str, str]]:
         """Every (key, path) in `folder` and its subfolders."""

@@ -51,7 +51,9 @@ class TestHumanOutput:
         """A name without a reference is reported with its error code, and the exit is 1."""
         assert run_match(library, "case001.npz", "case10.npz") == ExitCode.FAILED
         out = capsys.readouterr().out
-        assert "case10.npz: no_reference:" in out
+        assert (
+            "case10.npz: no_reference\n    case10.npz: expected a reference keyed 'case10'" in out
+        )
         assert f"case001.npz: {library / 'case001.nii.gz'} (rule exact" in out
 
     def test_ambiguous_lists_candidates_and_exits_1(
@@ -60,9 +62,9 @@ class TestHumanOutput:
         """An ambiguous key is a failure that lists every candidate."""
         assert run_match(library, "dup_seg.npz") == ExitCode.FAILED
         out = capsys.readouterr().out
-        assert "dup_seg.npz: ambiguous_reference:" in out
-        assert f"    other candidate: {library / 'a' / 'dup.nii'}" in out
-        assert f"    other candidate: {library / 'b' / 'dup.nii'}" in out
+        assert "dup_seg.npz: ambiguous_reference\n" in out
+        assert f"    candidate: {library / 'a' / 'dup.nii'}" in out
+        assert f"    candidate: {library / 'b' / 'dup.nii'}" in out
 
 
 class TestJsonOutput:
