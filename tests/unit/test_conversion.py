@@ -442,3 +442,13 @@ class TestReference:
         assert read_reference(path) is read_reference(path)
         nib.save(nib.Nifti1Image(np.zeros((3, 3, 3, 3), np.uint8), np.eye(4)), path)
         assert read_reference(path).shape == (3, 3, 3, 3)
+
+    def test_planning_leaves_the_cached_header_alone(self) -> None:
+        """Building an output header never changes the cached reference header."""
+        reference = read_reference(NIBABEL_DATA / "example4d.nii.gz")
+        before = reference.header.binaryblock
+        conversion.output_header(
+            reference, None, (128, 96, 24), np.dtype("u1"), version="1", name="x"
+        )
+        assert reference.header.binaryblock == before
+        assert len(reference.header.extensions) == 2
