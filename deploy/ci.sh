@@ -238,3 +238,4 @@ run_step systemd step_systemd
 echo "==> deployment checks passed in $((SECONDS - STARTED)) s"
 printf '    %s\n' "${TIMINGS[@]}"
 echo "    image ${APP_IMAGE}: ${IMAGE_MB} MB; unit exposure: ${EXPOSURE}"
+echo "deploy: ${#TIMINGS[@]} passed, 0 failed"
