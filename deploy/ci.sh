@@ -72,6 +72,8 @@ step_images() {
         --file deploy/systemd-test/Containerfile \
         --tag "$SYSTEMD_IMAGE" "$context" >"$WORK/build-systemd.log" 2>&1 ||
         { tail -n 30 "$WORK/build-systemd.log" >&2; fail "podman build of the systemd test image"; }
+    # Rebuilds leave the previous, now untagged, images behind.
+    podman image prune --force >/dev/null
     IMAGE_MB="$(podman image inspect --format '{{.Size}}' "$APP_IMAGE" | awk '{printf "%.0f", $1 / 1e6}')"
     log "image ${APP_IMAGE}: ${IMAGE_MB} MB"
 }
