@@ -9,12 +9,14 @@ a whole table (a rebuild is swapped in at once).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
+import stat
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -212,13 +214,13 @@ class ReferenceLibrary:
             for path, is_folder in dict.fromkeys(changes):
                 if is_folder:
                     removals.extend(self._index.entries_under(path))
-                    if self._in_library(path) and Path(path).is_dir():
+                    if self._in_library(path) and _has_mode(path, stat.S_ISDIR):
                         additions.extend(ReferenceScanner(self._key_of).scan(path))
                     continue
                 key = self._key_of(Path(path).name)
                 if key is None:
                     continue
-                if self._in_library(path) and Path(path).is_file():
+                if self._in_library(path) and _has_mode(path, stat.S_ISREG):
                     additions.append((key, path))
                 else:
                     removals.append((key, path))
@@ -378,7 +380,7 @@ class ReferenceLibrary:
             watcher = make_observer(self.observer, self.poll_interval, self._roots)
             handler = _ChangeHandler(self._changes, self._key_of)
             for root in self._roots:
-                if Path(root).is_dir():
+                if _has_mode(root, stat.S_ISDIR):
                     watcher.schedule(handler, root, recursive=True)
             watcher.start()
             self._watcher = watcher
@@ -428,11 +430,13 @@ class ReferenceLibrary:
             if not any(_is_within(real, root) for root in real_roots):
                 wanted.setdefault(real, link)
         for real in set(self._linked_watches) - set(wanted):
-            watcher.unschedule(self._linked_watches.pop(real))
+            with contextlib.suppress(KeyError, OSError):  # its emitter may be gone already
+                watcher.unschedule(self._linked_watches.pop(real))
         for real, link in wanted.items():
             if real not in self._linked_watches:
                 handler = _ChangeHandler(self._changes, self._key_of, seen_as=(real, link))
-                self._linked_watches[real] = watcher.schedule(handler, real, recursive=True)
+                with contextlib.suppress(OSError):  # vanished meanwhile: the rescan retries
+                    self._linked_watches[real] = watcher.schedule(handler, real, recursive=True)
 
     def __enter__(self) -> ReferenceLibrary:
         self.start()
@@ -493,6 +497,18 @@ class _ChangeHandler(FileSystemEventHandler):
                 path = link + path[len(real) :]
             if event.is_directory or self._key_of(Path(path).name) is not None:
                 self._changes.put((path, event.is_directory))
+
+
+def _has_mode(path: str, is_kind: Callable[[int], bool]) -> bool:
+    """Whether `path` exists and `is_kind` (e.g. `stat.S_ISREG`) holds for it.
+
+    Unlike `Path.is_file()`, any `OSError` (permission denied included) means no:
+    the writer thread must survive whatever the disk does.
+    """
+    try:
+        return is_kind(Path(path).stat().st_mode)
+    except OSError:
+        return False
 
 
 # Choosing an observer (SPEC §1.10).

@@ -436,6 +436,26 @@ class TestLiveUpdates:
         wait_until(lambda: len(library) == 1, "a reference moved out")
         assert library.match("marker.npz").rule == "exact"
 
+    def test_unreadable_paths_do_not_stop_updates(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started: list[ReferenceLibrary]
+    ) -> None:
+        """A reference whose stat fails (permission denied) is skipped; updates go on."""
+        real_stat = Path.stat
+
+        def stat(path: Path, *, follow_symlinks: bool = True) -> os.stat_result:
+            if path.name.startswith("forbidden"):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_stat(path, follow_symlinks=follow_symlinks)
+
+        monkeypatch.setattr(Path, "stat", stat)
+        library = library_of(tmp_path)
+        library.start(rescan_interval=3600.0)
+        started.append(library)
+        touch(tmp_path, "forbidden.nii")
+        (allowed,) = touch(tmp_path, "allowed.nii")
+        wait_until(lambda: matches(library, "allowed.npz", allowed), "a reference after a failure")
+        assert matches(library, "forbidden.npz", None)
+
     def test_rescan_catches_what_events_missed(
         self, tmp_path: Path, started: list[ReferenceLibrary]
     ) -> None:
