@@ -2,9 +2,10 @@
 
 SPEC §2. The library folders are scanned once into a table of keys → paths; every
 lookup after that is a few dict lookups and one bisect in memory, never a disk
-access. While started, a watchdog observer and a periodic rescan keep the table
-current; all changes go through one writer at a time, and readers only ever see
-a whole table (a rebuild is swapped in at once).
+access. While started, a watchdog observer and a periodic rescan (which lists
+again only folders whose mtime changed) keep the table current. One writer at a
+time changes it, under the same lock that lookups take, so a lookup never sees
+half of a change; a full rebuild is swapped in at once.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class Match:
     name: str  # the input name asked about
     key: str  # its key
     reference: Path | None  # None only for rule "identity"
-    rule: Rule
+    rule: Rule  # "key_pattern": rule 1 (exact) applied to the keys key_pattern extracts
     candidates: tuple[Path, ...]  # every reference the deciding rule considered
 
 
