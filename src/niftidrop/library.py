@@ -379,10 +379,14 @@ class ReferenceLibrary:
             interval = rescan_interval if rescan_interval is not None else self.rescan_interval
             self._changes = queue.SimpleQueue()
             watcher = make_observer(self.observer, self.poll_interval, self._roots)
-            handler = _ChangeHandler(self._changes, self._key_of)
             for root in self._roots:
                 if _has_mode(root, stat.S_ISDIR):
-                    watcher.schedule(handler, root, recursive=True)
+                    # Watch the real folder: a watch on a symlink sees the link, not
+                    # its contents. Events are renamed back to the configured path.
+                    real = os.path.realpath(root)
+                    seen_as = (real, root) if real != root else None
+                    handler = _ChangeHandler(self._changes, self._key_of, seen_as=seen_as)
+                    watcher.schedule(handler, real, recursive=True)
             watcher.start()
             self._watcher = watcher
             self._linked_watches = {}

@@ -255,6 +255,14 @@ class TestIndex:
         assert len(library) == 2
         assert library.match("linked.npz").reference == library_dir / "link" / "linked.nii.gz"
 
+    def test_nested_library_folders_index_files_once(self, tmp_path: Path) -> None:
+        """A library folder inside another is not indexed twice (no false ambiguity)."""
+        touch(tmp_path, "sub/inner.nii")
+        library = ReferenceLibrary([tmp_path, tmp_path / "sub"])
+        library.build()
+        assert len(library) == 1
+        assert library.match("inner.npy").rule == "exact"
+
     def test_missing_folder_is_an_empty_library(self, tmp_path: Path) -> None:
         """A library folder that does not exist indexes nothing instead of failing."""
         library = ReferenceLibrary([tmp_path / "absent"])
@@ -422,6 +430,20 @@ class TestLiveUpdates:
         wait_until(lambda: matches(library, "new.npz", seen_as), "a reference behind a symlink")
         (tmp_path / "elsewhere" / "new.nii.gz").unlink()
         wait_until(lambda: len(library) == 0, "a reference removed behind a symlink")
+
+    def test_library_folder_given_as_a_symlink(
+        self, tmp_path: Path, started: list[ReferenceLibrary]
+    ) -> None:
+        """A library folder that is itself a symlink is watched through to its contents."""
+        (tmp_path / "storage").mkdir()
+        configured = tmp_path / "library"
+        configured.symlink_to(tmp_path / "storage", target_is_directory=True)
+        library = ReferenceLibrary([configured])
+        library.start(rescan_interval=3600.0)
+        started.append(library)
+        touch(tmp_path / "storage", "top.nii.gz")
+        seen_as = configured / "top.nii.gz"
+        wait_until(lambda: matches(library, "top.npz", seen_as), "a reference in a linked root")
 
     def test_hidden_and_outside_names_stay_out(
         self, tmp_path: Path, started: list[ReferenceLibrary]
