@@ -221,7 +221,7 @@ class ReferenceScanner:
         self,
         entry: os.DirEntry[str],
         found: list[tuple[str, str]],
-        pending: list[tuple[str, bool]],
+        subfolders: list[tuple[str, bool]],
     ) -> None:
         name = entry.name
         if name.startswith("."):
@@ -231,7 +231,7 @@ class ReferenceScanner:
             if key is not None and entry.is_file():
                 found.append((key, entry.path))
             elif entry.is_dir():
-                pending.append((entry.path, entry.is_symlink()))
+                subfolders.append((entry.path, entry.is_symlink()))
         except OSError:
             return
 
