@@ -336,7 +336,9 @@ class Spool:
                 summary = convert(claim)
             except ConversionError as error:
                 return self.fail(claim, error_record(claim, error))
-            write_json_atomic(claim.folder / CONVERTED_MARKER, summary, durable=self.durable)
+            # Not fsynced: it only spares a redo (which is idempotent) after a crash, and
+            # a kill -9 keeps the page cache; two fsyncs per input are worth saving.
+            write_json_atomic(claim.folder / CONVERTED_MARKER, summary, durable=False)
         return self._finish_converted(claim, summary)
 
     def _finish_converted(self, claim: Claim, summary: dict[str, Any]) -> Converted:
