@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Final, Literal, TypedDict
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.observers import is_within, make_observer, needs_polling
 from niftidrop.reference_index import (
     FolderSnapshot,
     ReferenceIndex,
@@ -40,12 +41,10 @@ if TYPE_CHECKING:
 
     from niftidrop.settings import Settings
 
-Rule = Literal["exact", "reference_prefix", "input_prefix", "key_pattern", "identity"]
+# `needs_polling` lives in `observers`; it stays importable from here for the watcher.
+__all__ = ["Match", "MatchReport", "ReferenceLibrary", "Rule", "needs_polling"]
 
-# File systems whose changes inotify does not (reliably) report: poll them instead.
-POLLED_FILE_SYSTEMS: Final = frozenset(
-    {"nfs", "nfs4", "cifs", "smb", "smb3", "smbfs", "fuse", "fuseblk", "9p"}
-)
+Rule = Literal["exact", "reference_prefix", "input_prefix", "key_pattern", "identity"]
 
 
 @dataclass(frozen=True)
@@ -432,7 +431,7 @@ class ReferenceLibrary:
         wanted: dict[str, str] = {}
         for link in self._linked:
             real = os.path.realpath(link)
-            if not any(_is_within(real, root) for root in real_roots):
+            if not any(is_within(real, root) for root in real_roots):
                 wanted.setdefault(real, link)
         for real in set(self._linked_watches) - set(wanted):
             with contextlib.suppress(KeyError, OSError):  # its emitter may be gone already
@@ -497,7 +496,7 @@ class _ChangeHandler(FileSystemEventHandler):
             paths.append(event.dest_path)
         for raw in paths:
             path = os.fsdecode(raw)
-            if self._seen_as is not None and _is_within(path, self._seen_as[0]):
+            if self._seen_as is not None and is_within(path, self._seen_as[0]):
                 real, link = self._seen_as
                 path = link + path[len(real) :]
             if event.is_directory or self._key_of(Path(path).name) is not None:
@@ -514,54 +513,3 @@ def _has_mode(path: str, is_kind: Callable[[int], bool]) -> bool:
         return is_kind(Path(path).stat().st_mode)
     except OSError:
         return False
-
-
-# Choosing an observer (SPEC §1.10).
-
-
-def file_system_type(
-    path: str | Path, mountinfo: Path = Path("/proc/self/mountinfo")
-) -> str | None:
-    """The type of the file system holding `path` (e.g. "ext4", "nfs4"), None if unknown."""
-    try:
-        lines = mountinfo.read_text().splitlines()
-    except OSError:  # not Linux, or /proc not mounted
-        return None
-    real = os.path.realpath(path)
-    best_mount, best_type = "", None
-    for line in lines:
-        fields = line.split()
-        if "-" not in fields[6:]:
-            continue
-        mount_point = _unescape_mount(fields[4])
-        fs_type = fields[fields.index("-", 6) + 1]
-        # `>=`: a later mount on the same point hides the earlier one.
-        if _is_within(real, mount_point) and len(mount_point) >= len(best_mount):
-            best_mount, best_type = mount_point, fs_type
-    return best_type
-
-
-def _is_within(path: str, folder: str) -> bool:
-    """Whether `path` is `folder` or lies below it (both absolute, normalised)."""
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _unescape_mount(field: str) -> str:
-    # mountinfo writes space, tab, newline and backslash as octal escapes.
-    return re.sub(r"\\([0-7]{3})", lambda octal: chr(int(octal.group(1), 8)), field)
-
-
-def needs_polling(path: str | Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> bool:
-    """Whether `path` is on a network or FUSE file system, where inotify misses changes."""
-    fs_type = file_system_type(path, mountinfo)
-    return fs_type is not None and fs_type.split(".")[0] in POLLED_FILE_SYSTEMS
-
-
-def make_observer(kind: str, poll_interval: float, folders: Iterable[str | Path]) -> BaseObserver:
-    """A watchdog observer: `polling`, `inotify` (the native one), or `auto`."""
-    from watchdog.observers import Observer
-    from watchdog.observers.polling import PollingObserver
-
-    if kind == "polling" or (kind == "auto" and any(needs_polling(f) for f in folders)):
-        return PollingObserver(timeout=poll_interval)
-    return Observer()
