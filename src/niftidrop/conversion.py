@@ -37,7 +37,7 @@ SLAB_BYTES = 4 * 1024 * 1024
 # slowest axis, dropping the pages after each piece.
 TRANSPOSE_SLAB_FRACTION = 8
 TRANSPOSE_SLAB_CAP = 1024 * 1024 * 1024
-PIECE_BYTES = 2 * 1024 * 1024
+PIECE_BYTES = 4 * 1024 * 1024
 SPATIAL = 3
 
 
@@ -419,12 +419,44 @@ def encode_volume(volume: Volume, source: InputArray) -> Iterator[memoryview | b
                 volume.check(piece)
             # Imaginary parts of a complex -> real cast were checked to be zero.
             values = piece.real if piece.dtype.kind == "c" and volume.dtype.kind != "c" else piece
-            np.copyto(buffer if index is None else buffer[index], values, casting="unsafe")
+            copy_in_tiles(buffer if index is None else buffer[index], values)
         yield buffer.reshape(-1, order="F").view(np.uint8).data
         source.release_pages()
 
 
 Index = tuple[slice | int, ...]
+# A transposing copy is cache-friendly in tiles this long along the axes that
+# are fastest in the source and in the target, and this long along a third axis.
+TILE_FAST = 64
+TILE_OTHER = 8
+
+
+def copy_in_tiles(target: Array, values: Array) -> None:
+    """`target[...] = values` (cast unchecked), in cache-sized tiles when transposing.
+
+    `target` is Fortran-ordered. When `values` runs fastest along another axis,
+    a plain copy strides through memory on one side; tiles keep both in cache.
+    """
+    sizes = [(abs(stride), axis) for axis, stride in enumerate(values.strides)]
+    moving = [(stride, axis) for stride, axis in sizes if values.shape[axis] > 1]
+    source_fast = min(moving)[1] if moving else 0
+    target_fast = next((a for a in range(target.ndim) if target.shape[a] > 1), 0)
+    if source_fast == target_fast or target.size <= TILE_FAST * TILE_FAST * TILE_OTHER:
+        np.copyto(target, values, casting="unsafe")
+        return
+    others = [a for a in range(target.ndim) if a not in (source_fast, target_fast)]
+    third = max(others, key=lambda a: target.shape[a]) if others else None
+    steps = {source_fast: TILE_FAST, target_fast: TILE_FAST}
+    if third is not None:
+        steps[third] = TILE_OTHER
+    ranges = [
+        [slice(start, start + steps[axis]) for start in range(0, target.shape[axis], steps[axis])]
+        if axis in steps
+        else [slice(None)]
+        for axis in range(target.ndim)
+    ]
+    for tile in itertools.product(*ranges):
+        np.copyto(target[tile], values[tile], casting="unsafe")
 
 
 def _slabs_of(

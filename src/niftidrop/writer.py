@@ -26,8 +26,9 @@ igzip_threaded: Any = isal.igzip_threaded
 Chunk = bytes | memoryview
 TEMP_PREFIX = "."
 TEMP_SUFFIX = ".tmp"
-# igzip compresses independent blocks of this size on each thread.
-GZIP_BLOCK_BYTES = 1024 * 1024
+# igzip compresses blocks of this size on each thread (each primed with the 32 KiB
+# before it); small blocks keep the queues, and so the memory, small.
+GZIP_BLOCK_BYTES = 256 * 1024
 OnConflict = Literal["overwrite", "rename", "fail"]
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
 

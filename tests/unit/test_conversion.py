@@ -18,6 +18,7 @@ from niftidrop.arrays import InputArray, open_input
 from niftidrop.conversion import (
     Plan,
     arrange,
+    copy_in_tiles,
     encode_volume,
     header_bytes,
     narrowest_integer,
@@ -398,6 +399,17 @@ class TestStreaming:
         np.testing.assert_array_equal(
             np.frombuffer(body, "<f4").reshape(data.shape, order="F"), data
         )
+
+    @pytest.mark.parametrize("axes", [(0, 1, 2), (2, 1, 0), (1, 2, 0), (0, 2, 1, 3), (3, 2, 1, 0)])
+    def test_tiled_copy_equals_plain_copy(self, axes: tuple[int, ...]) -> None:
+        """The cache-tiled transposing copy writes exactly what a plain copy would."""
+        shape = (70, 33, 150, 2)[: len(axes)]
+        stored = np.random.default_rng(4).random([shape[a] for a in axes]).astype(np.float32)
+        values = stored.transpose(np.argsort(axes))
+        assert values.shape == shape
+        target = np.zeros(shape, np.float64, order="F")
+        copy_in_tiles(target, values)
+        np.testing.assert_array_equal(target, values)
 
     def test_int64_range_pass_then_narrow_output(self, tmp_path: Path) -> None:
         """auto on a mapped int64 label map scans the values first, then writes uint8."""
