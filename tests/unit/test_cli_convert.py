@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,3 +100,31 @@ class TestConvertCommand:
         np.testing.assert_array_equal(
             nib.load("o/x.nii.gz").affine, np.array(json.loads(affine), dtype=float)
         )
+
+
+class TestProgress:
+    def _convert_two(self, make_reference: MakeReference) -> None:
+        reference = make_reference(shape=(2, 2, 2))
+        for name in ("a.npy", "b.npy"):
+            np.save(name, np.zeros((2, 2, 2), np.uint8))
+        assert main(["convert", "a.npy", "b.npy", "-o", "o", "--reference", str(reference)]) == 0
+
+    def test_bar_on_a_terminal(
+        self,
+        make_reference: MakeReference,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Several inputs and stderr on a terminal: a progress bar on stderr only."""
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+        self._convert_two(make_reference)
+        captured = capsys.readouterr()
+        assert "2/2" in captured.err
+        assert "2/2" not in captured.out
+
+    def test_no_bar_otherwise(
+        self, make_reference: MakeReference, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Without a terminal (logs, pipes) there is no progress bar."""
+        self._convert_two(make_reference)
+        assert capsys.readouterr().err == ""
