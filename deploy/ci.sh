@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Proves the deployment recipes of the README by running them:
+#   0. tools      podman, buildah, debootstrap, runc, systemd, shellcheck (apt-get)
 #   1. lint       hadolint on the Dockerfile and the systemd test image, shellcheck
 #   2. images     the Dockerfile's image, and a systemd image with the unit installed
 #   3. unit       `systemd-analyze verify` prints nothing; security exposure <= 2.0
@@ -226,11 +227,14 @@ check_watchdog_restart() {
     log "a missed watchdog killed and restarted the service"
 }
 
-STARTED=$SECONDS
-ensure_tools
-write_containers_conf "$CONTAINERS_CONF"
-podman rm --force --ignore --time 0 "$APP_CONTAINER" "$SYSTEMD_CONTAINER" >/dev/null 2>&1 || true
+step_tools() {
+    ensure_tools
+    write_containers_conf "$CONTAINERS_CONF"
+    podman rm --force --ignore --time 0 "$APP_CONTAINER" "$SYSTEMD_CONTAINER" >/dev/null 2>&1 || true
+}
 
+STARTED=$SECONDS
+run_step tools step_tools
 run_step lint step_lint
 run_step images step_images
 run_step unit step_unit
