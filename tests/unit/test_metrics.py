@@ -17,9 +17,11 @@ from niftidrop.metrics import Metrics, parse_address
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _get(port: int, path: str, accept: str | None = None) -> tuple[int, str, str]:
-    """(status, content type, body) of GET http://127.0.0.1:<port><path>."""
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+def _get(
+    port: int, path: str, accept: str | None = None, host: str = "127.0.0.1"
+) -> tuple[int, str, str]:
+    """(status, content type, body) of GET http://<host>:<port><path>."""
+    request = urllib.request.Request(f"http://{host}:{port}{path}")
     if accept is not None:
         request.add_header("Accept", accept)
     try:
@@ -154,6 +156,17 @@ class TestServe:
         metrics.serve("127.0.0.1:0", broken)
         assert metrics.port is not None
         assert _get(metrics.port, "/healthz")[0] == 503
+
+    def test_serves_ipv6_loopback(self, metrics: Metrics) -> None:
+        """A bracketed IPv6 host ("[::1]:port") is served over IPv6."""
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("this machine has no IPv6 loopback")
+        metrics.serve("[::1]:0", lambda: True)
+        assert metrics.port is not None
+        assert _get(metrics.port, "/healthz", host="[::1]")[0] == 200
 
     def test_unknown_path_is_404(self, metrics: Metrics) -> None:
         """Paths other than /metrics and /healthz are not found."""
