@@ -495,7 +495,9 @@ def _pieces(part: Array, argmax: bool, source: InputArray) -> Iterator[tuple[Ind
         yield from _whole(part, argmax)
         return
     stride, axis = max(sizes)
-    step = max(1, PIECE_BYTES // max(stride, 1))
+    # With argmax every step along `axis` reads each channel's stretch of the file.
+    span = max(stride, 1) * (part.shape[-1] if argmax else 1)
+    step = max(1, PIECE_BYTES // span)
     for start in range(0, part.shape[axis], step):
         index = (slice(None),) * axis + (slice(start, start + step),)
         values = part[index]
