@@ -289,7 +289,17 @@ class Spool:
 
     def release(self, claim: Claim) -> None:
         """Remove a claim's folder (its input has left)."""
-        shutil.rmtree(claim.folder, ignore_errors=True)
+        # The usual content is known (markers, then the relative folders): removing
+        # it directly is much cheaper than rmtree's walk; rmtree handles the rest.
+        try:
+            for marker in (CONVERTED_MARKER, FAILURE_MARKER):
+                with contextlib.suppress(FileNotFoundError):
+                    (claim.folder / marker).unlink()
+            for folder in [claim.subfolder, *claim.subfolder.parents][:-1]:  # deepest first
+                (claim.folder / folder).rmdir()
+            claim.folder.rmdir()
+        except OSError:
+            shutil.rmtree(claim.folder, ignore_errors=True)
 
     def remove_stale_temporaries(self) -> int:
         """Delete hidden `.*.tmp` files niftidrop left behind in its own folders."""
@@ -336,9 +346,9 @@ class Spool:
                 summary = convert(claim)
             except ConversionError as error:
                 return self.fail(claim, error_record(claim, error))
-            # Not fsynced: it only spares a redo (which is idempotent) after a crash, and
-            # a kill -9 keeps the page cache; two fsyncs per input are worth saving.
-            write_json_atomic(claim.folder / CONVERTED_MARKER, summary, durable=False)
+            # Written in place, not fsynced: it only spares a redo (idempotent) after a
+            # crash, and a torn marker does not parse, which means "redo".
+            (claim.folder / CONVERTED_MARKER).write_text(json.dumps(summary, default=str))
         return self._finish_converted(claim, summary)
 
     def _finish_converted(self, claim: Claim, summary: dict[str, Any]) -> Converted:
