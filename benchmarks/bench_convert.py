@@ -103,10 +103,14 @@ def nib_save(source: Path, reference: Path, out: Path) -> Path:
     return target
 
 
-def nidataset_convert(source: Path, reference: Path, out: Path) -> Path:
+def nidataset_method() -> Callable[[Path, Path, Path], Path]:
+    # Imported here, before the clock starts: nidataset's imports are not its speed.
     from nidataset.transforms import numpy_to_nifti
 
-    return Path(numpy_to_nifti(str(source), str(out), reference_nifti=str(reference)))
+    def convert(source: Path, reference: Path, out: Path) -> Path:
+        return Path(numpy_to_nifti(str(source), str(out), reference_nifti=str(reference)))
+
+    return convert
 
 
 METHODS: dict[str, Callable[[], Callable[[Path, Path, Path], Path]]] = {
@@ -114,7 +118,7 @@ METHODS: dict[str, Callable[[], Callable[[Path, Path, Path], Path]]] = {
     "niftidrop argmax": lambda: niftidrop_method(channels="argmax"),
     "niftidrop, fsync off": lambda: niftidrop_method(fsync=False),
     "nib.save": lambda: nib_save,
-    "nidataset": lambda: nidataset_convert,
+    "nidataset": nidataset_method,
 }
 
 
