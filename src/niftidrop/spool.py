@@ -236,9 +236,8 @@ class Spool:
     def claim(self, path: Path) -> Claim | None:
         """Move `path` out of the inbox by rename into a new claim; None if it is gone."""
         relative = self.relative(path)
-        # A subfolder replaced by a symlink must not let a rename reach outside.
-        if os.path.realpath(path.parent) != str(path.parent):
-            return None
+        if relative.parent != PurePosixPath() and not self._inside_inbox(path.parent):
+            return None  # a subfolder replaced by a symlink must not lead a rename outside
         folder = Path(tempfile.mkdtemp(prefix="", dir=self.claims_folder))
         claim = Claim(folder, relative)
         try:
@@ -251,6 +250,11 @@ class Spool:
             self.release(claim)
             raise
         return claim
+
+    def _inside_inbox(self, folder: Path) -> bool:
+        """Whether `folder` (a subfolder of the inbox) is really inside it, symlinks resolved."""
+        # The inbox itself may sit behind a symlink: compare both resolved.
+        return folder.resolve() == self.inbox.resolve() / folder.relative_to(self.inbox)
 
     def claims(self) -> list[Claim]:
         """Every claim left in the state folder, oldest input first (crash recovery).

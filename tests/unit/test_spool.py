@@ -125,6 +125,26 @@ class TestClaim:
         assert first.path.read_bytes() == b"one"
         assert second.path.read_bytes() == b"two"
 
+    def test_inbox_behind_a_symlink_is_claimed(self, tmp_path: Path) -> None:
+        """An inbox whose path goes through a symlink works, subfolders included."""
+        (tmp_path / "real").mkdir()
+        (tmp_path / "alias").symlink_to(tmp_path / "real")
+        spool = Spool(load_settings(root=tmp_path / "alias", fsync=False))
+        spool.create_folders()
+        for relative in ("a.npy", "site/b.npy"):
+            assert spool.claim(drop(spool, relative)) is not None
+
+    def test_subfolder_replaced_by_a_symlink_is_not_followed(
+        self, spool: Spool, tmp_path: Path
+    ) -> None:
+        """A rename never reaches through a symlinked subfolder to a file outside."""
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / "secret.npy").write_bytes(b"secret")
+        (spool.inbox / "site").symlink_to(outside)
+        assert spool.claim(spool.inbox / "site" / "secret.npy") is None
+        assert (outside / "secret.npy").read_bytes() == b"secret"
+
     def test_vanished_input_gives_none_and_no_claim_folder(self, spool: Spool) -> None:
         """A file gone before the rename is not claimed and leaves nothing behind."""
         assert spool.claim(spool.inbox / "gone.npy") is None
