@@ -2,9 +2,10 @@
 nothing goes to failed, and everything converts once the cause is gone.
 
 The tests run as root, where a read-only mode bit does not stop writes, so the
-fault is made real another way: the folder is replaced by a plain file for a
-while, and every write into it fails with an OSError (NotADirectoryError /
-FileExistsError) exactly as a vanished or unwritable mount would.
+fault is made real another way: the input's subfolder of the outbox (archive,
+failed) is a plain file for a while, so every write there fails with an OSError
+(FileExistsError / NotADirectoryError) as an unwritable mount would. Removing
+that file, one atomic step, is the fix.
 """
 
 from __future__ import annotations
@@ -25,17 +26,14 @@ from support import (
 
 
 @contextmanager
-def folder_replaced_by_a_file(folder: Path) -> Iterator[None]:
-    """`folder` is a regular file inside the block, and itself again afterwards."""
-    folder.mkdir(exist_ok=True)
-    away = folder.with_name(folder.name + ".away")
-    folder.rename(away)
+def unwritable(folder: Path) -> Iterator[None]:
+    """Inside the block `folder` is a plain file, so nothing can be written into it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
     folder.write_bytes(b"")
     try:
         yield
     finally:
         folder.unlink()
-        away.rename(folder)
 
 
 def claimed(root: Path) -> list[str]:
@@ -48,17 +46,17 @@ class TestTransientFaults:
     ) -> None:
         """Outbox unusable: retried with backoff, never failed, converted once fixed."""
         service = start_service(root)
-        with folder_replaced_by_a_file(root / "outbox"):
-            drop_by_rename(root / "inbox", "case_1.npy", prediction(1))
+        with unwritable(root / "outbox" / "site"):
+            drop_by_rename(root / "inbox", "site/case_1.npy", prediction(1))
             wait_until(lambda: len(service.events("input_retrying")) >= 2, what="two retries")
             assert [Path(name).name for name in claimed(root)] == ["case_1.npy"]
             assert files_in(root / "failed") == []
         wait_until(lambda: service.events("input_converted"), timeout=60)
         retries = service.events("input_retrying")
-        assert retries[0]["input"] == "case_1.npy"
+        assert retries[0]["input"] == "site/case_1.npy"
         assert retries[1]["retry_in"] > retries[0]["retry_in"]  # backoff grows
-        assert np.array_equal(output_of(root, "case_1.npy"), prediction(1))
-        assert files_in(root / "archive") == ["case_1.npy"]
+        assert np.array_equal(output_of(root, "site/case_1.npy"), prediction(1))
+        assert files_in(root / "archive") == ["site/case_1.npy"]
         assert files_in(root / "failed") == []
         assert len(service.events("input_converted")) == 1
 
@@ -67,27 +65,28 @@ class TestTransientFaults:
     ) -> None:
         """Archive unusable after a durable output: retried, archived later, converted once."""
         service = start_service(root)
-        with folder_replaced_by_a_file(root / "archive"):
-            drop_by_rename(root / "inbox", "case_2.npy", prediction(2))
+        with unwritable(root / "archive" / "site"):
+            drop_by_rename(root / "inbox", "site/case_2.npy", prediction(2))
             wait_until(lambda: service.events("input_retrying"), what="a retry")
-            assert (root / "outbox" / "case_2.nii.gz").is_file()
-        wait_until((root / "archive" / "case_2.npy").is_file, timeout=60)
+            assert (root / "outbox" / "site" / "case_2.nii.gz").is_file()
+        wait_until((root / "archive" / "site" / "case_2.npy").is_file, timeout=60)
         wait_until(lambda: service.events("input_converted"))
         assert len(service.events("input_converted")) == 1
         assert files_in(root / "failed") == []
-        assert files_in(root / "outbox") == ["case_2.nii.gz"]
+        assert files_in(root / "outbox") == ["site/case_2.nii.gz"]
 
     def test_unwritable_failed_folder_delays_a_rejection(
         self, root: Path, start_service: Callable[..., ThreadedService]
     ) -> None:
         """A rejection that cannot be written yet waits claimed, then lands with its record."""
         service = start_service(root)
-        with folder_replaced_by_a_file(root / "failed"):
-            drop_by_rename(root / "inbox", "orphan.npy", prediction(3))
+        with unwritable(root / "failed" / "site"):
+            drop_by_rename(root / "inbox", "site/orphan.npy", prediction(3))
             wait_until(lambda: service.events("input_retrying"), what="a retry")
             assert len(claimed(root)) >= 1
-        wait_until((root / "failed" / "orphan.npy.error.json").is_file, timeout=60)
-        assert files_in(root / "failed") == ["orphan.npy", "orphan.npy.error.json"]
+        wait_until((root / "failed" / "site" / "orphan.npy.error.json").is_file, timeout=60)
+        assert files_in(root / "failed") == ["site/orphan.npy", "site/orphan.npy.error.json"]
+        wait_until(lambda: service.events("input_failed"), what="input_failed")
         assert len(service.events("input_failed")) == 1
 
     def test_other_inputs_keep_flowing_during_a_fault(
@@ -95,12 +94,10 @@ class TestTransientFaults:
     ) -> None:
         """A fault in one subfolder of the outbox does not hold up inputs elsewhere."""
         service = start_service(root)
-        (root / "outbox").mkdir(exist_ok=True)
-        (root / "outbox" / "site").write_bytes(b"")  # site/ outputs cannot be written
-        drop_by_rename(root / "inbox", "site/case_3.npy", prediction(3))
-        wait_until(lambda: service.events("input_retrying"), what="a retry")
-        drop_by_rename(root / "inbox", "case_4.npy", prediction(4))
-        wait_until((root / "archive" / "case_4.npy").is_file)
-        (root / "outbox" / "site").unlink()
+        with unwritable(root / "outbox" / "site"):
+            drop_by_rename(root / "inbox", "site/case_3.npy", prediction(3))
+            wait_until(lambda: service.events("input_retrying"), what="a retry")
+            drop_by_rename(root / "inbox", "case_4.npy", prediction(4))
+            wait_until((root / "archive" / "case_4.npy").is_file)
         wait_until((root / "archive" / "site" / "case_3.npy").is_file, timeout=60)
         assert files_in(root / "failed") == []
