@@ -415,7 +415,9 @@ class Spool:
             except FileExistsError:
                 continue
             except OSError as error:
-                if error.errno != errno.EXDEV:
+                # Another file system, or no hard link allowed (fs.protected_hardlinks
+                # on someone else's file, file systems without links): copy instead.
+                if error.errno not in (errno.EXDEV, errno.EPERM):
                     raise
                 if not self._copy_no_replace(source, target):
                     continue

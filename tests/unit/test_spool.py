@@ -12,6 +12,7 @@ import pytest
 from niftidrop.errors import ConfigError, ConversionError, ErrorCode
 from niftidrop.settings import Settings, load_settings
 from niftidrop.spool import (
+    CLAIMS,
     CONVERTED_MARKER,
     FAILURE_MARKER,
     Claim,
@@ -41,6 +42,9 @@ def drop(spool: Spool, relative: str, content: bytes = b"data") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
     return path
+
+
+CLAIMS_FOLDER = f"/{CLAIMS}/"
 
 
 def converted(claim: Claim) -> dict[str, Any]:
@@ -183,6 +187,29 @@ class TestFinish:
             spool.handle(claim, converted)
         assert files_under(spool.archive_folder) == ["a-1.npy", "a-2.npy", "a.npy"]
         assert (spool.archive_folder / "a.npy").read_bytes() == b"one"
+
+    def test_archive_copies_when_links_are_refused(
+        self, spool: Spool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without hard links (EXDEV, EPERM) the input is copied, still never overwriting."""
+        real_link = os.link
+        refused = {"count": 0}
+
+        def refuse_claims(source: Any, target: Any, **kwargs: Any) -> None:
+            if CLAIMS_FOLDER in str(source):
+                refused["count"] += 1
+                raise PermissionError(1, "Operation not permitted")
+            real_link(source, target, **kwargs)
+
+        monkeypatch.setattr(os, "link", refuse_claims)
+        for content in (b"one", b"two"):
+            claim = spool.claim(drop(spool, "a.npy", content))
+            assert claim is not None
+            assert isinstance(spool.handle(claim, converted), Converted)
+        assert refused["count"] == 2
+        assert files_under(spool.archive_folder) == ["a-1.npy", "a.npy"]
+        assert (spool.archive_folder / "a-1.npy").read_bytes() == b"two"
+        assert spool.claims() == []
 
     def test_delete_after_success(self, tmp_path: Path) -> None:
         """after_success = delete removes the input instead of archiving it."""
