@@ -29,6 +29,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -406,40 +407,42 @@ class Spool:
         """Give `source` a new name in `folder` (`name` or a suffixed variant) that no
         file has, nor `<new name><companion>`."""
         folder.mkdir(parents=True, exist_ok=True)
-        for candidate in unique_names(name or source.name):
-            target = folder / candidate
-            if companion and target.with_name(candidate + companion).exists():
-                continue
-            try:
-                os.link(source, target, follow_symlinks=False)
-            except FileExistsError:
-                continue
-            except OSError as error:
-                # Another file system, or no hard link allowed (fs.protected_hardlinks
-                # on someone else's file, file systems without links): copy instead.
-                if error.errno not in (errno.EXDEV, errno.EPERM):
-                    raise
-                if not self._copy_no_replace(source, target):
-                    continue
-            if self.durable:
-                fsync_folder(folder)
-            return target
-        raise AssertionError("unreachable: unique_names never ends")
-
-    def _copy_no_replace(self, source: Path, target: Path) -> bool:
-        """Across file systems: copy to a hidden temporary, then link it to `target`."""
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        shutil.copy2(source, temporary, follow_symlinks=False)
+        linked = source
+        copy: Path | None = None
         try:
-            if self.durable and not temporary.is_symlink():
-                with temporary.open("rb") as handle:
-                    os.fsync(handle.fileno())
-            os.link(temporary, target, follow_symlinks=False)
-        except FileExistsError:
-            return False
+            for candidate in unique_names(name or source.name):
+                target = folder / candidate
+                if companion and target.with_name(candidate + companion).exists():
+                    continue
+                try:
+                    os.link(linked, target, follow_symlinks=False)
+                except FileExistsError:
+                    continue
+                except OSError as error:
+                    # Another file system, or no hard link allowed (protected_hardlinks
+                    # on someone else's file, file systems without links): link a copy.
+                    if copy is not None or error.errno not in (errno.EXDEV, errno.EPERM):
+                        raise
+                    linked = copy = self._copy_beside(source, target)
+                    if not _link_if_free(copy, target):
+                        continue
+                if self.durable:
+                    fsync_folder(folder)
+                return target
+            raise AssertionError("unreachable: unique_names never ends")
         finally:
-            temporary.unlink()
-        return True
+            if copy is not None:
+                copy.unlink()
+
+    def _copy_beside(self, source: Path, target: Path) -> Path:
+        """A durable copy of `source` under a hidden temporary name next to `target`."""
+        # Unique per process and thread: two workers may copy the same name at once.
+        temporary = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+        shutil.copy2(source, temporary, follow_symlinks=False)
+        if self.durable and not temporary.is_symlink():
+            with temporary.open("rb") as handle:
+                os.fsync(handle.fileno())
+        return temporary
 
     # Commands: retry, status, heartbeat.
 
@@ -513,6 +516,14 @@ def _find_link(folder: Path, name: str, info: os.stat_result) -> Path | None:
         if (found.st_dev, found.st_ino) == (info.st_dev, info.st_ino):
             return Path(entry.path)
     return None
+
+
+def _link_if_free(source: Path, target: Path) -> bool:
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except FileExistsError:
+        return False
+    return True
 
 
 def _is_safe_relative(path: str) -> bool:

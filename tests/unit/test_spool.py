@@ -206,7 +206,7 @@ class TestFinish:
             claim = spool.claim(drop(spool, "a.npy", content))
             assert claim is not None
             assert isinstance(spool.handle(claim, converted), Converted)
-        assert refused["count"] == 2
+        assert refused["count"] == 2  # one refusal per input: the copy is linked after it
         assert files_under(spool.archive_folder) == ["a-1.npy", "a.npy"]
         assert (spool.archive_folder / "a-1.npy").read_bytes() == b"two"
         assert spool.claims() == []
