@@ -7,6 +7,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -323,6 +324,26 @@ class TestService:
         running.thread.join(timeout=30)
         assert running.result == [0]
         assert (settings.archive_dir / "a.npy").exists()
+
+    def test_metrics_are_served_and_counted(
+        self, make_service: Callable[..., Running], settings: Settings
+    ) -> None:
+        """With metrics_address, /metrics counts conversions and failures; /healthz is 200."""
+        running = make_service(metrics_address="127.0.0.1:0")
+        drop(settings, "a.npy")
+        drop(settings, "orphan.npy")
+        wait_for(lambda: len(running.events("input_converted")) == 1)
+        wait_for(lambda: len(running.events("input_failed")) == 1)
+        port = running.service.metrics.port
+        assert port is not None
+        base = f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        assert "niftidrop_inputs_converted_total 1.0" in text
+        assert 'niftidrop_inputs_failed_total{code="no_reference"} 1.0' in text
+        assert "niftidrop_library_references 1.0" in text
+        with urllib.request.urlopen(base + "/healthz", timeout=10) as response:
+            assert response.status == 200
 
     def test_second_service_on_the_same_spool_is_refused(
         self, make_service: Callable[..., Running], settings: Settings
