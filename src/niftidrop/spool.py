@@ -40,6 +40,7 @@ from niftidrop import __version__
 from niftidrop.errors import ConfigError, ConversionError, ErrorCode
 from niftidrop.settings import Settings
 from niftidrop.watcher import is_candidate, scan_inbox
+from niftidrop.writer import fsync_folder, is_temp_name
 
 CLAIMS: Final = "claimed"
 CONVERTED_MARKER: Final = ".converted.json"
@@ -73,15 +74,6 @@ def unique_names(name: str) -> Iterator[str]:
     while True:
         yield f"{stem}-{number}{extension}"
         number += 1
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make the names in `folder` durable (a rename or link is only durable after this)."""
-    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any], *, durable: bool) -> None:
@@ -312,7 +304,7 @@ class Spool:
         for top in (self.outbox, self.archive_folder, self.failed_folder, self.state):
             for root, _, files in os.walk(top):
                 for name in files:
-                    if name.startswith(".") and name.endswith(".tmp"):
+                    if is_temp_name(name):
                         with contextlib.suppress(FileNotFoundError):
                             (Path(root) / name).unlink()
                             removed += 1
