@@ -344,8 +344,9 @@ class Service:
                 deadlines.append(next_rescan)
             if len(self._tracker):
                 deadlines.append(next_check)
-            if self._retries:
-                deadlines.append(self._retries[0][0])
+            with self._lock:
+                if self._retries:
+                    deadlines.append(self._retries[0][0])
             finished = self._take_sightings(timeout=max(0.0, min(deadlines) - now))
             now = time.monotonic()
             if finished:
@@ -461,8 +462,11 @@ class Service:
         self._decide()
 
     def _resubmit_due_retries(self, now: float) -> None:
-        while self._retries and self._retries[0][0] <= now:
-            _, _, claim = heapq.heappop(self._retries)
+        due = []
+        with self._lock:  # workers push onto the heap
+            while self._retries and self._retries[0][0] <= now:
+                due.append(heapq.heappop(self._retries)[2])
+        for claim in due:
             self._submit(claim, 0)
 
     def _write_heartbeat(self) -> None:
