@@ -23,6 +23,12 @@ def _settings(**values: object) -> Settings:
     return Settings.model_validate(values)
 
 
+def _saved(path: Path, array: np.ndarray) -> Path:
+    """`array` saved as the .npy at `path`."""
+    np.save(path, array)
+    return path
+
+
 def _voxels(path: Path) -> np.ndarray:
     return np.asanyarray(nib.load(path).dataobj)
 
@@ -33,8 +39,7 @@ class TestConvertFile:
     ) -> None:
         """The result names input, outputs, shapes, dtypes and byte counts."""
         reference = make_reference(shape=(4, 5, 6))
-        source = tmp_path / "case.npy"
-        np.save(source, np.ones((4, 5, 6), np.int64))
+        source = _saved(tmp_path / "case.npy", np.ones((4, 5, 6), np.int64))
         result = convert_file(source, tmp_path / "out", settings=_settings(), reference=reference)
         assert result.input == source
         assert result.outputs == (tmp_path / "out" / "case.nii.gz",)
@@ -49,8 +54,7 @@ class TestConvertFile:
     ) -> None:
         """`stem` names the output; compress=false writes a plain .nii."""
         reference = make_reference(shape=(4, 5, 6))
-        source = tmp_path / ".claimed-123.npy"
-        np.save(source, np.zeros((4, 5, 6), np.float32))
+        source = _saved(tmp_path / ".claimed-123.npy", np.zeros((4, 5, 6), np.float32))
         result = convert_file(
             source,
             tmp_path,
@@ -67,8 +71,7 @@ class TestConvertFile:
         """channels=split gives <stem>_c<N> per channel, in channel order."""
         reference = make_reference(shape=(4, 5, 6))
         probabilities = np.random.default_rng(1).random((3, 4, 5, 6)).astype(np.float32)
-        source = tmp_path / "p.npy"
-        np.save(source, probabilities)
+        source = _saved(tmp_path / "p.npy", probabilities)
         result = convert_file(
             source, tmp_path / "o", settings=_settings(channels="split"), reference=reference
         )
@@ -86,8 +89,7 @@ class TestConvertFile:
     ) -> None:
         """rename adds a unique suffix; fail raises OUTPUT_CONFLICT and keeps the old file."""
         reference = make_reference(shape=(4, 5, 6))
-        source = tmp_path / "a.npy"
-        np.save(source, np.zeros((4, 5, 6), np.uint8))
+        source = _saved(tmp_path / "a.npy", np.zeros((4, 5, 6), np.uint8))
         out = tmp_path / "out"
         first = convert_file(source, out, settings=_settings(), reference=reference)
         renamed = convert_file(
@@ -105,8 +107,7 @@ class TestConvertFile:
     ) -> None:
         """Same input, same output bytes (idempotent reprocessing after a crash)."""
         reference = make_reference(shape=(16, 16, 16))
-        source = tmp_path / "a.npy"
-        np.save(source, np.random.default_rng(2).random((16, 16, 16)))
+        source = _saved(tmp_path / "a.npy", np.random.default_rng(2).random((16, 16, 16)))
         one = convert_file(source, tmp_path / "1", settings=_settings(), reference=reference)
         two = convert_file(
             source, tmp_path / "2", settings=_settings(compression_threads=1), reference=reference
@@ -118,8 +119,7 @@ class TestConvertFile:
     ) -> None:
         """A rejected input leaves nothing in the output folder, not even a temp file."""
         reference = make_reference(shape=(4, 5, 6))
-        source = tmp_path / "a.npy"
-        np.save(source, np.full((4, 5, 6), 300.5))
+        source = _saved(tmp_path / "a.npy", np.full((4, 5, 6), 300.5))
         out = tmp_path / "out"
         with pytest.raises(ConversionError) as caught:
             convert_file(source, out, settings=_settings(dtype="uint8"), reference=reference)
@@ -130,8 +130,7 @@ class TestConvertFile:
         """A reference nibabel cannot read is BAD_REFERENCE and names the reference."""
         reference = tmp_path / "scan.nii.gz"
         reference.write_bytes(b"not a nifti file")
-        source = tmp_path / "a.npy"
-        np.save(source, np.zeros((2, 2, 2)))
+        source = _saved(tmp_path / "a.npy", np.zeros((2, 2, 2)))
         with pytest.raises(ConversionError) as caught:
             convert_file(source, tmp_path, settings=_settings(), reference=reference)
         assert caught.value.code is ErrorCode.BAD_REFERENCE
@@ -139,8 +138,7 @@ class TestConvertFile:
 
     def test_no_reference_uses_affine(self, tmp_path: Path) -> None:
         """reference=None writes the given affine."""
-        source = tmp_path / "a.npy"
-        np.save(source, np.zeros((2, 3, 4), np.float32))
+        source = _saved(tmp_path / "a.npy", np.zeros((2, 3, 4), np.float32))
         affine = np.diag([1.0, 1.0, 2.0, 1.0])
         result = convert_file(source, tmp_path, settings=_settings(), reference=None, affine=affine)
         np.testing.assert_array_equal(nib.load(result.outputs[0]).affine, affine)
@@ -150,8 +148,7 @@ class TestConvertFile:
     ) -> None:
         """sidecar=true writes <stem>.json with hashes, rule and dtypes."""
         reference = make_reference(shape=(4, 5, 6))
-        source = tmp_path / "a.npy"
-        np.save(source, np.zeros((4, 5, 6), bool))
+        source = _saved(tmp_path / "a.npy", np.zeros((4, 5, 6), bool))
         convert_file(
             source,
             tmp_path / "out",
