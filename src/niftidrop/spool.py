@@ -473,7 +473,8 @@ class Spool:
         """How many files each folder holds (inputs, outputs, claims)."""
         return {
             "inbox": sum(1 for _ in scan_inbox(self.inbox, recursive=self.recursive)),
-            CLAIMS: len(self.claims()) if self.claims_folder.is_dir() else 0,
+            # Counted, not listed: `claims()` tidies up, which is the service's business.
+            CLAIMS: _count_folders(self.claims_folder),
             "outbox": _count_files(self.outbox, lambda name: not name.endswith(".json")),
             "archive": _count_files(self.archive_folder, is_candidate),
             "failed": len(self.failed_inputs()),
@@ -521,6 +522,13 @@ def _link_if_free(source: Path, target: Path) -> bool:
 def _is_safe_relative(path: str) -> bool:
     parts = PurePosixPath(path).parts
     return bool(parts) and not PurePosixPath(path).is_absolute() and ".." not in parts
+
+
+def _count_folders(folder: Path) -> int:
+    try:
+        return sum(1 for entry in os.scandir(folder) if entry.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        return 0
 
 
 def _count_files(folder: Path, accept: Callable[[str], bool]) -> int:
