@@ -311,8 +311,10 @@ class ReadinessTracker:
     Ready: structurally complete (`is_complete`) and either its last event was a
     close-after-write or a rename into the inbox, or its size and mtime have not
     changed for `settle_seconds`. Truncated: still incomplete and unchanged after
-    `incomplete_timeout`. Anything that is not a regular file (a symlink) is
-    "ready" at once so that it is refused as unsafe without being opened.
+    `incomplete_timeout`. A quiet file whose first bytes are not a .npy / .npz
+    signature can never become complete: it is handed on at once (to fail as
+    corrupt) rather than after `incomplete_timeout`. Anything that is not a
+    regular file (a symlink) is "ready" at once, to be refused as unsafe unopened.
     """
 
     def __init__(
@@ -400,10 +402,24 @@ class ReadinessTracker:
         # mtime is when the last write happened, so an old mtime is already quiet
         # time (a backlog is ready at once); `changed_at` covers skewed clocks.
         quiet = max(now - pending.changed_at, wall - info.st_mtime_ns / 1e9)
+        settled = quiet >= self.settle_seconds
         if self._is_complete(path):
-            if pending.finished or quiet >= self.settle_seconds:
-                return "ready"
-            return "waiting"
-        if quiet >= self.incomplete_timeout:
-            return "truncated"
-        return "waiting"
+            return "ready" if pending.finished or settled else "waiting"
+        if settled and not _may_become_an_array(path):
+            return "ready"  # quiet, and no writer makes it whole: refused as corrupt now
+        return "truncated" if quiet >= self.incomplete_timeout else "waiting"
+
+
+_SIGNATURES: Final = {".npy": b"\x93NUMPY", ".npz": b"PK\x03\x04"}
+
+
+def _may_become_an_array(path: Path) -> bool:
+    """False when the file's first bytes already rule out a .npy / .npz (so waiting for
+    more bytes cannot help); True while they match, or there are none yet."""
+    signature = _SIGNATURES.get(path.suffix.lower(), b"")
+    try:
+        with path.open("rb") as handle:
+            start = handle.read(len(signature))
+    except OSError:
+        return True
+    return signature.startswith(start)

@@ -57,6 +57,7 @@ def build_battery(staging: Path) -> dict[str, Path]:
     whole = npy_bytes(prediction(0, shape=(40, 40, 40)))
     files["truncated"] = staged("case_truncated.npy", whole[: len(whole) // 2])
     files["corrupt"] = npz_with_members(staging / "case_corrupt.npz", {"pred.npy": b"not a npy"})
+    files["corrupt/text"] = staged("case_text.npy", b"a text file that no writer makes an array")
     objects = np.array([{"a": 1}, None], dtype=object)
     files["unsupported_dtype"] = npz_with_members(
         staging / "case_pickled.npz", {"pred.npy": npy_bytes(objects, allow_pickle=True)}

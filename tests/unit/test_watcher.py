@@ -188,6 +188,37 @@ class TestReadiness:
         wall.now += 11
         assert tracker.poll().truncated == [path]
 
+    def test_a_file_that_is_no_array_is_handed_on_once_quiet(
+        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    ) -> None:
+        """Bytes that no .npy starts with are not waited for: handed on after settling."""
+        monotonic, wall = clocks
+        path = tmp_path / "a.npy"
+        path.write_bytes(b"this is a text file, not an array")
+        self.fresh(path, wall)
+        tracker = self.tracker(clocks, timeout=600.0)
+        tracker.note(path, finished=True)
+        assert tracker.poll().waiting == [path]
+        monotonic.now += 1.1
+        wall.now += 1.1
+        assert [ready for ready, _ in tracker.poll().ready] == [path]
+
+    def test_a_partial_signature_keeps_waiting(
+        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    ) -> None:
+        """A file holding only the start of a signature (or nothing) may still grow."""
+        monotonic, wall = clocks
+        for name, data in (("a.npy", b"\x93NUM"), ("b.npz", b""), ("c.npz", b"PK\x03")):
+            path = tmp_path / name
+            path.write_bytes(data)
+            self.fresh(path, wall)
+        tracker = self.tracker(clocks, timeout=600.0)
+        for name in ("a.npy", "b.npz", "c.npz"):
+            tracker.note(tmp_path / name, finished=False)
+        monotonic.now += 5
+        wall.now += 5
+        assert len(tracker.poll().waiting) == 3
+
     def test_growth_restarts_the_quiet_time(
         self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
     ) -> None:
