@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
+import numpy as np
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from niftidrop import inotify
@@ -410,16 +411,32 @@ class ReadinessTracker:
         return "truncated" if quiet >= self.incomplete_timeout else "waiting"
 
 
+_MAX_NPY_HEADER: Final = 10_000
 _SIGNATURES: Final = {".npy": b"\x93NUMPY", ".npz": b"PK\x03\x04"}
 
 
 def _may_become_an_array(path: Path) -> bool:
-    """False when the file's first bytes already rule out a .npy / .npz (so waiting for
-    more bytes cannot help); True while they match, or there are none yet."""
-    signature = _SIGNATURES.get(path.suffix.lower(), b"")
+    """False when the file's first bytes already rule out an input niftidrop accepts, so
+    waiting for more bytes cannot help: not a .npy / .npz signature, or a .npy header
+    declaring pickled objects (whose size never adds up). True while it may still grow."""
+    suffix = path.suffix.lower()
+    signature = _SIGNATURES.get(suffix, b"")
     try:
         with path.open("rb") as handle:
             start = handle.read(len(signature))
-    except OSError:
-        return True
-    return signature.startswith(start)
+            if not signature.startswith(start):
+                return False
+            if suffix != ".npy" or start != signature:
+                return True
+            handle.seek(0)
+            return not _npy_header_dtype(handle).hasobject
+    except (OSError, ValueError, EOFError, SyntaxError, TypeError):
+        return True  # unreadable or a header still being written
+
+
+def _npy_header_dtype(handle: BinaryIO) -> np.dtype[Any]:
+    fmt = np.lib.format
+    version = fmt.read_magic(handle)
+    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    _, _, dtype = read(handle, max_header_size=_MAX_NPY_HEADER)
+    return np.dtype(dtype)

@@ -62,6 +62,8 @@ def build_battery(staging: Path) -> dict[str, Path]:
     files["unsupported_dtype"] = npz_with_members(
         staging / "case_pickled.npz", {"pred.npy": npy_bytes(objects, allow_pickle=True)}
     )
+    pickled = npy_bytes(objects, allow_pickle=True)
+    files["unsupported_dtype/pickled_npy"] = staged("case_pickled.npy", pickled)
     structured = np.zeros(SHAPE, dtype=[("x", "<i4"), ("y", "<f4")])
     files["unsupported_dtype/structured"] = staged("case_structured.npy", npy_bytes(structured))
     files["bad_shape"] = staged("case_scalar.npy", npy_bytes(np.array(3.0)))

@@ -203,6 +203,20 @@ class TestReadiness:
         wall.now += 1.1
         assert [ready for ready, _ in tracker.poll().ready] == [path]
 
+    def test_a_pickled_object_npy_is_handed_on_once_quiet(
+        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
+    ) -> None:
+        """A .npy of pickled objects never adds up to its declared size: not waited for."""
+        monotonic, wall = clocks
+        path = tmp_path / "a.npy"
+        np.save(path, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+        self.fresh(path, wall)
+        tracker = self.tracker(clocks, timeout=600.0)
+        tracker.note(path, finished=True)
+        monotonic.now += 1.1
+        wall.now += 1.1
+        assert [ready for ready, _ in tracker.poll().ready] == [path]
+
     def test_a_partial_signature_keeps_waiting(
         self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
     ) -> None:
