@@ -108,6 +108,8 @@ class Inotify:
         if not ready:
             return []
         if any(fd == self._wake_read for fd, _ in ready):
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_read, 64)  # drained, so the next read blocks again
             return []
         try:
             return parse_events(os.read(self._fd, _READ_BYTES))

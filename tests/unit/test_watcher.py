@@ -374,6 +374,19 @@ class TestInboxWatcher:
         finally:
             watch.close()
 
+    def test_wake_interrupts_a_blocked_read_once(self, tmp_path: Path) -> None:
+        """wake() ends a blocked read; the next read blocks again (no busy loop)."""
+        watch = inotify.Inotify()
+        try:
+            watch.add_watch(os.fsencode(tmp_path), inotify.IN_CREATE)
+            watch.wake()
+            assert watch.read(timeout=5.0) == []
+            started = time.monotonic()
+            assert watch.read(timeout=0.2) == []
+            assert time.monotonic() - started >= 0.15
+        finally:
+            watch.close()
+
     def test_polling_observer_reports_files(self, tmp_path: Path) -> None:
         """The polling observer (network file systems) reports new files as written."""
         sightings: queue.SimpleQueue[Sighting] = queue.SimpleQueue()
