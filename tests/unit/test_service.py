@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.request
@@ -20,8 +19,9 @@ from niftidrop.api import ConversionResult
 from niftidrop.errors import ConversionError, ErrorCode
 from niftidrop.library import Match
 from niftidrop.metrics import Metrics
-from niftidrop.service import Service, SystemdNotifier, handle_signals
+from niftidrop.service import Service, handle_signals
 from niftidrop.settings import Settings, load_settings
+from niftidrop.systemd import SystemdNotifier
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -166,39 +166,6 @@ def drop(settings: Settings, relative: str, values: int = 3) -> Path:
         np.save(handle, np.arange(values, dtype=np.float64))
     temporary.rename(path)
     return path
-
-
-class TestNotifier:
-    def test_sends_datagrams_to_a_path_socket(self, tmp_path: Path) -> None:
-        """With NOTIFY_SOCKET a path, notify() sends the message as one datagram."""
-        address = str(tmp_path / "notify.sock")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
-            receiver.bind(address)
-            notifier = SystemdNotifier({"NOTIFY_SOCKET": address})
-            assert notifier.notify("READY=1")
-            assert receiver.recv(100) == b"READY=1"
-            notifier.close()
-
-    def test_abstract_socket_names(self) -> None:
-        """An @name address is Linux's abstract namespace."""
-        name = f"niftidrop-test-{os.getpid()}"
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
-            receiver.bind("\0" + name)
-            notifier = SystemdNotifier({"NOTIFY_SOCKET": "@" + name})
-            assert notifier.notify("STOPPING=1")
-            assert receiver.recv(100) == b"STOPPING=1"
-            notifier.close()
-
-    def test_without_systemd_nothing_is_sent(self) -> None:
-        """Without NOTIFY_SOCKET notify() is a no-op."""
-        assert not SystemdNotifier({}).notify("READY=1")
-
-    def test_watchdog_interval_is_half_the_period(self) -> None:
-        """WATCHDOG_USEC gives a ping every half period, only for our own pid."""
-        mine = SystemdNotifier({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())})
-        assert mine.watchdog_interval == 1.0
-        other = SystemdNotifier({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"})
-        assert other.watchdog_interval is None
 
 
 class TestSignals:
