@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from niftidrop import inotify
 from niftidrop.arrays import is_complete
 from niftidrop.watcher import (
     CandidateFilter,
@@ -357,35 +356,6 @@ class TestInboxWatcher:
         np.save(inbox / "last.npy", np.zeros(3))
         seen = self.collect(sightings, lambda s: (inbox / "last.npy", Seen.FINISHED) in s)
         assert {path.name for path, _ in seen} == {"last.npy"}
-
-    def test_inotify_reports_a_move_out_at_once(self, tmp_path: Path) -> None:
-        """The raw reader hands over IN_MOVED_FROM without holding it for pairing."""
-        watch = inotify.Inotify()
-        try:
-            watch.add_watch(os.fsencode(tmp_path), inotify.IN_MOVED_FROM | inotify.IN_MOVED_TO)
-            (tmp_path / "a").write_bytes(b"")
-            other = tmp_path.parent / f"{tmp_path.name}-out"
-            (tmp_path / "a").rename(other)
-            events = watch.read(timeout=5.0)
-            assert [event.mask & inotify.IN_MOVED_FROM for event in events] == [
-                inotify.IN_MOVED_FROM
-            ]
-            other.unlink()
-        finally:
-            watch.close()
-
-    def test_wake_interrupts_a_blocked_read_once(self, tmp_path: Path) -> None:
-        """wake() ends a blocked read; the next read blocks again (no busy loop)."""
-        watch = inotify.Inotify()
-        try:
-            watch.add_watch(os.fsencode(tmp_path), inotify.IN_CREATE)
-            watch.wake()
-            assert watch.read(timeout=5.0) == []
-            started = time.monotonic()
-            assert watch.read(timeout=0.2) == []
-            assert time.monotonic() - started >= 0.15
-        finally:
-            watch.close()
 
     def test_polling_observer_reports_files(self, tmp_path: Path) -> None:
         """The polling observer (network file systems) reports new files as written."""
