@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from niftidrop import inotify
 from niftidrop.arrays import is_complete
 from niftidrop.watcher import (
     CandidateFilter,
@@ -356,6 +357,13 @@ class TestInboxWatcher:
         np.save(inbox / "last.npy", np.zeros(3))
         seen = self.collect(sightings, lambda s: (inbox / "last.npy", Seen.FINISHED) in s)
         assert {path.name for path, _ in seen} == {"last.npy"}
+
+    def test_queue_overflow_asks_for_a_full_rescan(self, tmp_path: Path) -> None:
+        """When the kernel drops events, the whole inbox is reported for a scan."""
+        sightings: queue.SimpleQueue[Sighting] = queue.SimpleQueue()
+        watcher = InboxWatcher(tmp_path, sightings, observer="inotify")
+        watcher._handle(inotify.RawEvent(-1, inotify.IN_Q_OVERFLOW, 0, b""))
+        assert sightings.get_nowait() == (tmp_path, Seen.FOLDER)
 
     def test_polling_observer_reports_files(self, tmp_path: Path) -> None:
         """The polling observer (network file systems) reports new files as written."""
