@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import queue
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -99,178 +101,142 @@ class TestScan:
         assert choose_observer("auto", tmp_path) in ("inotify", "polling")
 
 
-class TestReadiness:
-    @pytest.fixture
-    def clocks(self) -> tuple[FakeClock, FakeClock]:
-        return FakeClock(), FakeClock(time.time())
+class Scene:
+    """A readiness tracker on fake clocks, and files whose mtime is "now"."""
 
-    def tracker(self, clocks: tuple[FakeClock, FakeClock], **kwargs: float) -> ReadinessTracker:
-        monotonic, wall = clocks
-        return ReadinessTracker(
-            settle_seconds=kwargs.get("settle", 1.0),
-            incomplete_timeout=kwargs.get("timeout", 10.0),
+    def __init__(self, folder: Path, *, settle: float = 1.0, timeout: float = 10.0) -> None:
+        self.folder = folder
+        self.monotonic = FakeClock()
+        self.wall = FakeClock(time.time())
+        self.tracker = ReadinessTracker(
+            settle_seconds=settle,
+            incomplete_timeout=timeout,
             is_complete=is_complete,
-            clock=monotonic,
-            wall_clock=wall,
+            clock=self.monotonic,
+            wall_clock=self.wall,
         )
 
-    def fresh(self, path: Path, wall: FakeClock) -> None:
-        os.utime(path, (wall.now, wall.now))
+    def file(self, name: str, content: bytes | np.ndarray[Any, Any]) -> Path:
+        path = self.folder / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            with path.open("wb") as handle:
+                np.save(handle, content, allow_pickle=content.dtype.hasobject)
+        self.touch(path)
+        return path
 
-    def test_finished_and_complete_is_ready_at_once(
-        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
-    ) -> None:
+    def touch(self, path: Path) -> None:
+        os.utime(path, (self.wall.now, self.wall.now))
+
+    def later(self, seconds: float) -> None:
+        self.monotonic.now += seconds
+        self.wall.now += seconds
+
+    def ready(self) -> list[Path]:
+        return [path for path, _ in self.tracker.poll().ready]
+
+
+def npy_bytes(array: np.ndarray[Any, Any]) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+class TestReadiness:
+    def test_finished_and_complete_is_ready_at_once(self, tmp_path: Path) -> None:
         """A complete file whose last event was close/moved-in needs no quiet time."""
-        path = tmp_path / "a.npy"
-        np.save(path, np.zeros(3))
-        self.fresh(path, clocks[1])
-        tracker = self.tracker(clocks)
-        tracker.note(path, finished=True)
-        assert [ready for ready, _ in tracker.poll().ready] == [path]
-        assert len(tracker) == 0
+        scene = Scene(tmp_path)
+        path = scene.file("a.npy", np.zeros(3))
+        scene.tracker.note(path, finished=True)
+        assert scene.ready() == [path]
+        assert len(scene.tracker) == 0
 
-    def test_complete_but_not_finished_waits_for_quiet(
-        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
-    ) -> None:
+    def test_complete_but_not_finished_waits_for_quiet(self, tmp_path: Path) -> None:
         """Without a finishing event, a complete file waits settle_seconds unchanged."""
-        monotonic, wall = clocks
-        path = tmp_path / "a.npy"
-        np.save(path, np.zeros(3))
-        self.fresh(path, wall)
-        tracker = self.tracker(clocks)
-        tracker.note(path, finished=False)
-        assert tracker.poll().waiting == [path]
-        monotonic.now += 0.5
-        wall.now += 0.5
-        assert tracker.poll().waiting == [path]
-        monotonic.now += 0.6
-        wall.now += 0.6
-        assert [ready for ready, _ in tracker.poll().ready] == [path]
+        scene = Scene(tmp_path)
+        path = scene.file("a.npy", np.zeros(3))
+        scene.tracker.note(path, finished=False)
+        assert scene.tracker.poll().waiting == [path]
+        scene.later(0.5)
+        assert scene.tracker.poll().waiting == [path]
+        scene.later(0.6)
+        assert scene.ready() == [path]
 
-    def test_old_file_is_ready_at_once(
-        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
-    ) -> None:
+    def test_old_file_is_ready_at_once(self, tmp_path: Path) -> None:
         """A backlog file untouched for longer than settle_seconds is ready immediately."""
-        path = tmp_path / "a.npy"
-        np.save(path, np.zeros(3))
-        os.utime(path, (clocks[1].now - 60, clocks[1].now - 60))
-        tracker = self.tracker(clocks)
-        tracker.note(path, finished=False)
-        assert len(tracker.poll().ready) == 1
+        scene = Scene(tmp_path)
+        path = scene.file("a.npy", np.zeros(3))
+        os.utime(path, (scene.wall.now - 60, scene.wall.now - 60))
+        scene.tracker.note(path, finished=False)
+        assert scene.ready() == [path]
 
-    def test_incomplete_is_never_ready_even_when_finished(
-        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
-    ) -> None:
+    def test_incomplete_is_never_ready_even_when_finished(self, tmp_path: Path) -> None:
         """A closed but structurally incomplete file is not read."""
-        monotonic, wall = clocks
-        path = tmp_path / "a.npy"
-        np.save(path, np.zeros(1000))
-        path.write_bytes(path.read_bytes()[:-100])
-        self.fresh(path, wall)
-        tracker = self.tracker(clocks)
-        tracker.note(path, finished=True)
-        monotonic.now += 5
-        wall.now += 5
-        assert tracker.poll().waiting == [path]
+        scene = Scene(tmp_path)
+        path = scene.file("a.npy", npy_bytes(np.zeros(1000))[:-100])
+        scene.tracker.note(path, finished=True)
+        scene.later(5)
+        assert scene.tracker.poll().waiting == [path]
 
-    def test_incomplete_and_unchanged_becomes_truncated(
-        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
-    ) -> None:
+    def test_incomplete_and_unchanged_becomes_truncated(self, tmp_path: Path) -> None:
         """Incomplete and unchanged for incomplete_timeout: truncated."""
-        monotonic, wall = clocks
-        path = tmp_path / "a.npy"
-        path.write_bytes(b"\x93NUMPY")
-        self.fresh(path, wall)
-        tracker = self.tracker(clocks, timeout=10.0)
-        tracker.note(path, finished=False)
-        assert tracker.poll().waiting == [path]
-        monotonic.now += 11
-        wall.now += 11
-        assert tracker.poll().truncated == [path]
+        scene = Scene(tmp_path, timeout=10.0)
+        path = scene.file("a.npy", b"\x93NUMPY")
+        scene.tracker.note(path, finished=False)
+        assert scene.tracker.poll().waiting == [path]
+        scene.later(11)
+        assert scene.tracker.poll().truncated == [path]
 
-    def test_a_file_that_is_no_array_is_handed_on_once_quiet(
-        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
-    ) -> None:
+    def test_a_file_that_is_no_array_is_handed_on_once_quiet(self, tmp_path: Path) -> None:
         """Bytes that no .npy starts with are not waited for: handed on after settling."""
-        monotonic, wall = clocks
-        path = tmp_path / "a.npy"
-        path.write_bytes(b"this is a text file, not an array")
-        self.fresh(path, wall)
-        tracker = self.tracker(clocks, timeout=600.0)
-        tracker.note(path, finished=True)
-        assert tracker.poll().waiting == [path]
-        monotonic.now += 1.1
-        wall.now += 1.1
-        assert [ready for ready, _ in tracker.poll().ready] == [path]
+        scene = Scene(tmp_path, timeout=600.0)
+        path = scene.file("a.npy", b"this is a text file, not an array")
+        scene.tracker.note(path, finished=True)
+        assert scene.tracker.poll().waiting == [path]
+        scene.later(1.1)
+        assert scene.ready() == [path]
 
-    def test_a_pickled_object_npy_is_handed_on_once_quiet(
-        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
-    ) -> None:
+    def test_a_pickled_object_npy_is_handed_on_once_quiet(self, tmp_path: Path) -> None:
         """A .npy of pickled objects never adds up to its declared size: not waited for."""
-        monotonic, wall = clocks
-        path = tmp_path / "a.npy"
-        np.save(path, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
-        self.fresh(path, wall)
-        tracker = self.tracker(clocks, timeout=600.0)
-        tracker.note(path, finished=True)
-        monotonic.now += 1.1
-        wall.now += 1.1
-        assert [ready for ready, _ in tracker.poll().ready] == [path]
+        scene = Scene(tmp_path, timeout=600.0)
+        path = scene.file("a.npy", np.array([{"a": 1}, None], dtype=object))
+        scene.tracker.note(path, finished=True)
+        scene.later(1.1)
+        assert scene.ready() == [path]
 
-    def test_a_partial_signature_keeps_waiting(
-        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
-    ) -> None:
+    def test_a_partial_signature_keeps_waiting(self, tmp_path: Path) -> None:
         """A file holding only the start of a signature (or nothing) may still grow."""
-        monotonic, wall = clocks
+        scene = Scene(tmp_path, timeout=600.0)
         for name, data in (("a.npy", b"\x93NUM"), ("b.npz", b""), ("c.npz", b"PK\x03")):
-            path = tmp_path / name
-            path.write_bytes(data)
-            self.fresh(path, wall)
-        tracker = self.tracker(clocks, timeout=600.0)
-        for name in ("a.npy", "b.npz", "c.npz"):
-            tracker.note(tmp_path / name, finished=False)
-        monotonic.now += 5
-        wall.now += 5
-        assert len(tracker.poll().waiting) == 3
+            scene.tracker.note(scene.file(name, data), finished=False)
+        scene.later(5)
+        assert len(scene.tracker.poll().waiting) == 3
 
-    def test_growth_restarts_the_quiet_time(
-        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
-    ) -> None:
+    def test_growth_restarts_the_quiet_time(self, tmp_path: Path) -> None:
         """A file that keeps changing is not truncated nor read."""
-        monotonic, wall = clocks
-        path = tmp_path / "a.npy"
-        path.write_bytes(b"\x93NUMPY")
-        self.fresh(path, wall)
-        tracker = self.tracker(clocks, timeout=10.0)
-        tracker.note(path, finished=False)
-        tracker.poll()
+        scene = Scene(tmp_path, timeout=10.0)
+        path = scene.file("a.npy", b"\x93NUMPY")
+        scene.tracker.note(path, finished=False)
+        scene.tracker.poll()
         for _ in range(3):
-            monotonic.now += 6
-            wall.now += 6
+            scene.later(6)
             with path.open("ab") as handle:
                 handle.write(b"x")
-            self.fresh(path, wall)
-            assert tracker.poll().waiting == [path]
+            scene.touch(path)
+            assert scene.tracker.poll().waiting == [path]
 
-    def test_change_after_close_needs_quiet_again(
-        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
-    ) -> None:
+    def test_change_after_close_needs_quiet_again(self, tmp_path: Path) -> None:
         """A file rewritten after its close event is not trusted until quiet."""
-        _monotonic, wall = clocks
-        path = tmp_path / "a.npy"
-        path.write_bytes(b"\x93NUMPY")
-        self.fresh(path, wall)
-        tracker = self.tracker(clocks)
-        tracker.note(path, finished=True)
-        assert tracker.poll().waiting == [path]
-        np.save(path, np.zeros(3))
-        wall.now += 0.1
-        self.fresh(path, wall)
-        assert tracker.poll().waiting == [path]
+        scene = Scene(tmp_path)
+        path = scene.file("a.npy", b"\x93NUMPY")
+        scene.tracker.note(path, finished=True)
+        assert scene.tracker.poll().waiting == [path]
+        scene.later(0.1)
+        scene.file("a.npy", np.zeros(3))
+        assert scene.tracker.poll().waiting == [path]
 
-    def test_symlink_is_ready_without_being_opened(
-        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
-    ) -> None:
+    def test_symlink_is_ready_without_being_opened(self, tmp_path: Path) -> None:
         """A symlink is handed on at once (to be refused), never opened."""
         opened: list[Path] = []
         link = tmp_path / "a.npy"
@@ -284,15 +250,13 @@ class TestReadiness:
         assert [ready for ready, _ in tracker.poll().ready] == [link]
         assert opened == []
 
-    def test_vanished_file_is_forgotten(
-        self, tmp_path: Path, clocks: tuple[FakeClock, FakeClock]
-    ) -> None:
+    def test_vanished_file_is_forgotten(self, tmp_path: Path) -> None:
         """A file that disappears is dropped silently."""
-        tracker = self.tracker(clocks)
-        tracker.note(tmp_path / "gone.npy", finished=True)
-        verdicts = tracker.poll()
+        scene = Scene(tmp_path)
+        scene.tracker.note(tmp_path / "gone.npy", finished=True)
+        verdicts = scene.tracker.poll()
         assert (verdicts.ready, verdicts.truncated, verdicts.waiting) == ([], [], [])
-        assert len(tracker) == 0
+        assert len(scene.tracker) == 0
 
 
 class TestInboxWatcher:
