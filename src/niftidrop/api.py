@@ -125,6 +125,7 @@ def convert_file(
                     level=settings.compression_level,
                     threads=settings.threads,
                     fsync=settings.fsync,
+                    size=volume.data_bytes,
                 )
             )
         outputs = tuple(

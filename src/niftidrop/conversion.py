@@ -13,6 +13,7 @@ import functools
 import hashlib
 import io
 import itertools
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,6 +261,11 @@ class Volume:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(int(n) for n in (self.source.shape[:-1] if self.argmax else self.source.shape))
+
+    @property
+    def data_bytes(self) -> int:
+        """The size of its voxel data in the file."""
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass(frozen=True)

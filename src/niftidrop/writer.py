@@ -3,8 +3,10 @@
 A file is written under a hidden temporary name in its target folder
 (`.<name>.<random>.tmp`), flushed and fsync'ed, then renamed to its final name and
 the folder fsync'ed, so a reader of the folder sees the whole file or nothing.
-Compression uses ISA-L's threaded igzip: a standard gzip stream, with a fixed
-header (no name, mtime 0) so the same input always gives the same bytes.
+Compression uses ISA-L's igzip, threaded for large outputs: a standard gzip
+stream, with a fixed header (no name, mtime 0) so the same input always gives the
+same bytes. Small outputs are compressed on the calling thread: starting a pool
+of compression threads costs more than it saves on them.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import os
 import secrets
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
+import isal.igzip
 import isal.igzip_threaded
 
 from niftidrop.errors import ConversionError, ErrorCode
 
 # isal's functions carry no annotations.
+igzip: Any = isal.igzip
 igzip_threaded: Any = isal.igzip_threaded
 Chunk = bytes | memoryview
 TEMP_PREFIX = "."
@@ -29,6 +33,8 @@ TEMP_SUFFIX = ".tmp"
 # igzip compresses blocks of this size on each thread (each primed with the 32 KiB
 # before it); small blocks keep the queues, and so the memory, small.
 GZIP_BLOCK_BYTES = 256 * 1024
+# Below this many uncompressed bytes one thread compresses faster than a pool.
+THREADED_GZIP_MIN_BYTES = 4 * 1024 * 1024
 OnConflict = Literal["overwrite", "rename", "fail"]
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
 
@@ -60,19 +66,21 @@ def write_temp(
     level: int = 1,
     threads: int = 1,
     fsync: bool = True,
+    size: int | None = None,
 ) -> Path:
     """Write `chunks` (gzip-compressed if `compress`) to a temporary file next to `final`.
 
-    Returns the temporary path; on any exception the temporary file is removed.
+    `size` is the total of `chunks` when known: below THREADED_GZIP_MIN_BYTES
+    it is compressed on this thread whatever `threads` says (the bytes depend
+    only on the data). Returns the temporary path; on any exception the temporary
+    file is removed.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     temp = temp_path_for(final)
     try:
         with temp.open("xb") as raw:
             if compress:
-                with igzip_threaded.open(
-                    raw, "wb", compresslevel=level, threads=threads, block_size=GZIP_BLOCK_BYTES
-                ) as gz:
+                with _gzip_writer(raw, level, threads, size) as gz:
                     for chunk in chunks:
                         gz.write(chunk)
             else:
@@ -85,6 +93,15 @@ def write_temp(
         discard(temp)
         raise
     return temp
+
+
+def _gzip_writer(raw: IO[bytes], level: int, threads: int, size: int | None) -> Any:
+    if size is not None and size < THREADED_GZIP_MIN_BYTES:
+        # An empty name and mtime 0: the header does not depend on the file or the time.
+        return igzip.IGzipFile(filename="", mode="wb", compresslevel=level, fileobj=raw, mtime=0)
+    return igzip_threaded.open(
+        raw, "wb", compresslevel=level, threads=threads, block_size=GZIP_BLOCK_BYTES
+    )
 
 
 def discard(temp: Path) -> None:
@@ -163,7 +180,10 @@ def write_file(
     level: int = 1,
     threads: int = 1,
     fsync: bool = True,
+    size: int | None = None,
 ) -> Path:
     """Write `chunks` to `final` atomically; returns the final name used."""
-    temp = write_temp(final, chunks, compress=compress, level=level, threads=threads, fsync=fsync)
+    temp = write_temp(
+        final, chunks, compress=compress, level=level, threads=threads, fsync=fsync, size=size
+    )
     return commit(temp, final, on_conflict=on_conflict, fsync=fsync)
