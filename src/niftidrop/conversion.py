@@ -17,8 +17,9 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
+import isal.igzip
 import nibabel
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +29,9 @@ from niftidrop.errors import ConversionError, ErrorCode
 
 # nibabel's functions carry no annotations; its objects are handled as Any here.
 nib: Any = nibabel
+igzip: Any = isal.igzip  # isal's functions carry no annotations either
+isal_zlib: Any = isal.isal_zlib
+GZIP_MAGIC = b"\x1f\x8b"
 NiftiHeader = Any  # a nibabel Nifti1Header or Nifti2Header
 Array = npt.NDArray[Any]
 
@@ -79,13 +83,16 @@ def read_reference(path: Path) -> Reference:
 def _read_reference_cached(path: Path, mtime_ns: int, size: int, inode: int) -> Reference:
     del mtime_ns, size, inode  # only part of the cache key
     try:
-        image = nib.load(path)
-        header = image.header
-        if not isinstance(header, nib.Nifti1Header | nib.Nifti2Header):
-            raise TypeError(f"a {type(image).__name__}")
+        header = _read_header(path)
         shape = tuple(int(n) for n in header.get_data_shape())
         header = header.as_byteswapped("<") if header.endianness == ">" else header.copy()
-    except (nib.filebasedimages.ImageFileError, ValueError, TypeError, EOFError) as exc:
+    except (
+        nib.filebasedimages.ImageFileError,
+        ValueError,
+        TypeError,
+        EOFError,
+        isal_zlib.error,
+    ) as exc:
         raise ConversionError(
             ErrorCode.BAD_REFERENCE,
             f"{path}: expected a readable NIfTI-1 or NIfTI-2 file, found {exc}",
@@ -98,6 +105,27 @@ def _read_reference_cached(path: Path, mtime_ns: int, size: int, inode: int) -> 
             ErrorCode.BAD_REFERENCE, f"{path}: unreadable reference ({exc})", reference=path
         ) from None
     return Reference(path=path, header=header, shape=shape)
+
+
+def _read_header(path: Path) -> NiftiHeader:
+    """The header (and extensions) of a single-file NIfTI-1 or NIfTI-2, gzipped or not.
+
+    The file is opened once and only its header is read (`nib.load` opens it
+    twice and builds an image around it): with one reference per input, this
+    runs for almost every conversion. Scaling and `vox_offset` stay as stored;
+    `output_header` resets them.
+    """
+    with path.open("rb") as raw:
+        gzipped = raw.read(2) == GZIP_MAGIC
+        raw.seek(0)
+        stream: IO[bytes] = igzip.IGzipFile(filename="", mode="rb", fileobj=raw) if gzipped else raw
+        with stream:
+            block = stream.read(nib.Nifti2Header.template_dtype.itemsize)
+            for kind in (nib.Nifti1Header, nib.Nifti2Header):
+                if kind.may_contain_header(block):
+                    stream.seek(0)
+                    return kind.from_fileobj(stream, check=True)
+    raise TypeError("neither a NIfTI-1 nor a NIfTI-2 header")
 
 
 @functools.lru_cache(maxsize=256)
