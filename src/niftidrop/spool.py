@@ -22,6 +22,7 @@ until both exist, so a crash in between is finished at the next start.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -31,7 +32,7 @@ import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Final
@@ -104,10 +105,15 @@ def read_json(path: Path) -> dict[str, Any] | None:
 @dataclass(frozen=True)
 class Claim:
     """An input taken from the inbox: `folder` is its token folder, `relative` its
-    path inside the inbox (kept so outputs and archive mirror the inbox)."""
+    path inside the inbox (kept so outputs and archive mirror the inbox).
+
+    `links` is the input's hard-link count when this process claimed it (0 for a
+    claim found at start): a higher count means it may be in archive or failed.
+    """
 
     folder: Path
     relative: PurePosixPath
+    links: int = field(default=0, compare=False)
 
     @property
     def path(self) -> Path:
@@ -236,13 +242,14 @@ class Spool:
         try:
             claim.path.parent.mkdir(parents=True, exist_ok=True)
             path.rename(claim.path)
+            links = claim.path.lstat().st_nlink
         except FileNotFoundError:
             self.release(claim)
             return None
         except BaseException:
             self.release(claim)
             raise
-        return claim
+        return dataclasses.replace(claim, links=links)
 
     def _inside_inbox(self, folder: Path) -> bool:
         """Whether `folder` (a subfolder of the inbox) is really inside it, symlinks resolved."""
@@ -323,7 +330,9 @@ class Spool:
         except FileNotFoundError:
             self.release(claim)
             return None
-        if info.st_nlink > 1:
+        # Other links alone (a producer's hard link) do not need the search of
+        # archive and failed, which reads the whole folder.
+        if info.st_nlink > max(1, claim.links):
             resumed = self._resume_linked(claim, info)
             if resumed is not None:
                 return resumed
