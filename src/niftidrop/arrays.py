@@ -122,13 +122,11 @@ def _check_size(declared: int, limit: int, name: str) -> None:
         )
 
 
-def read_npy_layout(path: Path) -> NpyLayout:
-    """The validated header of a `.npy` file (does not check the file's length)."""
-    with path.open("rb") as stream:
-        shape, fortran_order, dtype = _read_npy_header(stream, path.name)
-        offset = stream.tell()
-    check_dtype(dtype, path.name)
-    return NpyLayout(shape=shape, dtype=dtype, fortran_order=fortran_order, offset=offset)
+def read_npy_layout(stream: IO[bytes], name: str) -> NpyLayout:
+    """The validated header of a `.npy` file open at its start (its length unchecked)."""
+    shape, fortran_order, dtype = _read_npy_header(stream, name)
+    check_dtype(dtype, name)
+    return NpyLayout(shape=shape, dtype=dtype, fortran_order=fortran_order, offset=stream.tell())
 
 
 # Completeness (called by the service on every candidate: cheap, never raises).
@@ -201,11 +199,11 @@ def open_input(path: Path, *, npz_key: str | None, max_input_bytes: int) -> Inpu
 
 
 def _open_npy(path: Path, max_input_bytes: int) -> InputArray:
-    layout = read_npy_layout(path)
-    check_shape(layout.shape, path.name)
-    _check_size(layout.data_bytes, max_input_bytes, path.name)
-    expected = layout.offset + layout.data_bytes
     with path.open("rb") as stream:
+        layout = read_npy_layout(stream, path.name)
+        check_shape(layout.shape, path.name)
+        _check_size(layout.data_bytes, max_input_bytes, path.name)
+        expected = layout.offset + layout.data_bytes
         size = os.fstat(stream.fileno()).st_size
         if size < expected:
             raise ConversionError(
