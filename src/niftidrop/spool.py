@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -115,8 +116,9 @@ class Claim:
     relative: PurePosixPath
     links: int = field(default=0, compare=False)
 
-    @property
+    @functools.cached_property
     def path(self) -> Path:
+        # Asked for at every step of a claim: joined once.
         return self.folder / self.relative
 
     @property
