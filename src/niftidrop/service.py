@@ -232,6 +232,7 @@ class Service:
     def startup(self) -> None:
         settings = self.settings
         self.spool.create_folders()
+        self._create_library_folders()
         self.spool.lock()
         observer = None if self._once else choose_observer(settings.observer, self.spool.inbox)
         log.info(
@@ -281,6 +282,16 @@ class Service:
             self._progress = tqdm(
                 total=self._outstanding + len(self._tracker), unit="file", file=sys.stderr
             )
+
+    def _create_library_folders(self) -> None:
+        """Create missing library folders, so a fresh set-up has a place for references
+        and the library watch starts on a real folder. A read-only library that is
+        missing is reported, not fatal: references may be mounted there later."""
+        for folder in self.settings.library_dirs:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                log.warning("library_unavailable", folder=str(folder), error=str(error))
 
     def _library_indexed(self) -> None:
         size = len(self.library)

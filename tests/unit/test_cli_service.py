@@ -69,10 +69,20 @@ class TestRunOnce:
     ) -> None:
         """run creates missing folders and warns when the library is empty."""
         assert main(["run", "--once", *flags(tmp_path)]) == ExitCode.OK
-        for name in ("inbox", "outbox", "archive", "failed"):
+        for name in ("inbox", "outbox", "archive", "failed", "library"):
             assert (tmp_path / name).is_dir()
         events = json_lines(capsys.readouterr().out)
         assert any(line["event"] == "library_empty" for line in events)
+
+    def test_unusable_library_is_reported_not_fatal(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A library path that cannot be made a folder is logged; the run goes on."""
+        (tmp_path / "library").write_text("not a folder")
+        assert main(["run", "--once", *flags(tmp_path)]) == ExitCode.OK
+        events = [line["event"] for line in json_lines(capsys.readouterr().out)]
+        assert "library_unavailable" in events
+        assert events[-1] == "service_stopped"
 
     def test_bad_config_exits_2(self, root: Path) -> None:
         """An invalid setting stops the start with exit code 2."""
