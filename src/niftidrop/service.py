@@ -396,6 +396,7 @@ class Service:
             self._watcher = None
         self.library.stop()
         self.metrics.close()
+        self.spool.remove_spare_folders()
         self.spool.unlock()
         self.notifier.close()
 

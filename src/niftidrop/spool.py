@@ -2,13 +2,23 @@
 
 Layout of the state folder:
 
-    <state>/claimed/<token>/<rel>/<name>    a claimed input (token: a fresh folder)
+    <state>/claimed/<token>/<rel>/<name>    a claimed input
     <state>/claimed/<token>/.converted.json  its output is durable (summary)
     <state>/claimed/<token>/.failure.json    it was rejected (the error record)
     <state>/heartbeat.json, <state>/lock
 
-Each claim gets its own token folder, made atomically by `mkdtemp`, so two
+Each claim has a token folder to itself, made atomically by `mkdtemp`, so two
 inputs with the same name never meet, and the relative path survives a crash.
+A token folder outlives its claim: once the input has left, the folder is
+emptied and handed to the next claim. Making and removing a folder for every
+input costs more than converting a small one on file systems that are slow to
+reuse freed inodes (ext4 without a journal skips every inode freed in the last
+minute, one by one, on each file it creates). A folder found empty at start is
+removed.
+
+`.converted.json` spares a redo after a crash. It is written only when a redo
+would not be idempotent (`on_conflict` `rename` or `fail`); with `overwrite`
+the redo writes the same bytes under the same name.
 
 Inputs leave the claim folder by `link()` + `unlink()`, never by `rename()`:
 `link()` refuses to replace an existing name (archive and failed are never
@@ -51,6 +61,9 @@ ERROR_SUFFIX: Final = ".error.json"
 HEARTBEAT: Final = "heartbeat.json"
 LOCK: Final = "lock"
 INPUT_SUFFIXES: Final = (".npy", ".npz")
+# Empty token folders kept for the next claims; more than that (after a burst of
+# retried claims) are removed.
+SPARE_FOLDERS: Final = 64
 
 
 def now_iso() -> str:
@@ -187,7 +200,10 @@ class Spool:
         self.recursive = settings.recursive
         self.durable = settings.fsync
         self.delete_after_success = settings.after_success == "delete"
+        self.remember_conversions = settings.on_conflict != "overwrite"
         self._lock_file: IO[bytes] | None = None
+        self._spare_folders: list[Path] = []
+        self._spare_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Spool(inbox={str(self.inbox)!r}, state={str(self.state)!r})"
@@ -239,19 +255,33 @@ class Spool:
         relative = self.relative(path)
         if relative.parent != PurePosixPath() and not self._inside_inbox(path.parent):
             return None  # a subfolder replaced by a symlink must not lead a rename outside
-        folder = Path(tempfile.mkdtemp(prefix="", dir=self.claims_folder))
-        claim = Claim(folder, relative)
+        claim = Claim(self._empty_folder(), relative)
         try:
-            claim.path.parent.mkdir(parents=True, exist_ok=True)
+            if relative.parent != PurePosixPath():
+                claim.path.parent.mkdir(parents=True, exist_ok=True)
             path.rename(claim.path)
-            links = claim.path.lstat().st_nlink
         except FileNotFoundError:
             self.release(claim)
             return None
         except BaseException:
             self.release(claim)
             raise
-        return dataclasses.replace(claim, links=links)
+        return dataclasses.replace(claim, links=claim.path.lstat().st_nlink)
+
+    def _empty_folder(self) -> Path:
+        """A token folder for a new claim: a spare one, or a new one."""
+        with self._spare_lock:
+            if self._spare_folders:
+                return self._spare_folders.pop()
+        return Path(tempfile.mkdtemp(prefix="", dir=self.claims_folder))
+
+    def remove_spare_folders(self) -> None:
+        """Remove the empty token folders kept for next claims (when the service stops)."""
+        with self._spare_lock:
+            spare, self._spare_folders = self._spare_folders, []
+        for folder in spare:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
     def _inside_inbox(self, folder: Path) -> bool:
         """Whether `folder` (a subfolder of the inbox) is really inside it, symlinks resolved."""
@@ -262,8 +292,11 @@ class Spool:
         """Every claim left in the state folder, oldest input first (crash recovery).
 
         Claim folders without an input (a crash before the rename, or after the
-        input left) are removed.
+        input left) are removed, spare ones included: called at start, before
+        any claim is made.
         """
+        with self._spare_lock:
+            self._spare_folders.clear()
         found: list[tuple[int, Claim]] = []
         try:
             folders = sorted(entry for entry in self.claims_folder.iterdir() if entry.is_dir())
@@ -294,7 +327,9 @@ class Spool:
         return None
 
     def release(self, claim: Claim) -> None:
-        """Remove a claim's folder (its input has left)."""
+        """Empty a claim's folder once its input has left, and keep it for a next claim."""
+        if os.path.lexists(claim.path):
+            raise AssertionError(f"{claim.path} is still claimed")
         # The usual content is known (markers, then the relative folders): removing
         # it directly is much cheaper than rmtree's walk; rmtree handles the rest.
         try:
@@ -303,9 +338,14 @@ class Spool:
                     (claim.folder / marker).unlink()
             for folder in [claim.subfolder, *claim.subfolder.parents][:-1]:  # deepest first
                 (claim.folder / folder).rmdir()
-            claim.folder.rmdir()
         except OSError:
             shutil.rmtree(claim.folder, ignore_errors=True)
+            return
+        with self._spare_lock:
+            if len(self._spare_folders) < SPARE_FOLDERS:
+                self._spare_folders.append(claim.folder)
+                return
+        claim.folder.rmdir()
 
     def remove_stale_temporaries(self) -> int:
         """Delete hidden `.*.tmp` files niftidrop left behind in its own folders."""
@@ -354,9 +394,10 @@ class Spool:
                 summary = convert(claim)
             except ConversionError as error:
                 return self.fail(claim, error_record(claim, error))
-            # Written in place, not fsynced: it only spares a redo (idempotent) after a
-            # crash, and a torn marker does not parse, which means "redo".
-            (claim.folder / CONVERTED_MARKER).write_text(json.dumps(summary, default=str))
+            if self.remember_conversions:
+                # Written in place, not fsynced: a torn marker does not parse, which
+                # means "redo".
+                (claim.folder / CONVERTED_MARKER).write_text(json.dumps(summary, default=str))
         return self._finish_converted(claim, summary)
 
     def _finish_converted(self, claim: Claim, summary: dict[str, Any]) -> Converted:
@@ -485,7 +526,9 @@ class Spool:
         return {
             "inbox": sum(1 for _ in scan_inbox(self.inbox, recursive=self.recursive)),
             # Counted, not listed: `claims()` tidies up, which is the service's business.
-            CLAIMS: _count_folders(self.claims_folder),
+            CLAIMS: sum(
+                self._claimed_input(folder) is not None for folder in _folders(self.claims_folder)
+            ),
             "outbox": _count_files(self.outbox, lambda name: not name.endswith(".json")),
             "archive": _count_files(self.archive_folder, is_candidate),
             "failed": len(self.failed_inputs()),
@@ -535,11 +578,11 @@ def _is_safe_relative(path: str) -> bool:
     return bool(parts) and not PurePosixPath(path).is_absolute() and ".." not in parts
 
 
-def _count_folders(folder: Path) -> int:
+def _folders(folder: Path) -> list[Path]:
     try:
-        return sum(1 for entry in os.scandir(folder) if entry.is_dir(follow_symlinks=False))
+        return [Path(entry) for entry in os.scandir(folder) if entry.is_dir(follow_symlinks=False)]
     except FileNotFoundError:
-        return 0
+        return []
 
 
 def _count_files(folder: Path, accept: Callable[[str], bool]) -> int:

@@ -88,7 +88,7 @@ class TestCrash:
         final = start_process(root, *args).wait_ready()
         claims = root / "inbox" / ".niftidrop" / "claimed"
         wait_until(
-            lambda: not waiting(root / "inbox") and not any(claims.iterdir()),
+            lambda: not waiting(root / "inbox") and not files_in(claims),
             timeout=90,
             what="an empty inbox and no claims",
         )

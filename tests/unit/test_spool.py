@@ -15,6 +15,7 @@ from niftidrop.spool import (
     CLAIMS,
     CONVERTED_MARKER,
     FAILURE_MARKER,
+    SPARE_FOLDERS,
     Claim,
     Converted,
     Failed,
@@ -149,9 +150,11 @@ class TestClaim:
         assert spool.claim(spool.inbox / "site" / "secret.npy") is None
         assert (outside / "secret.npy").read_bytes() == b"secret"
 
-    def test_vanished_input_gives_none_and_no_claim_folder(self, spool: Spool) -> None:
+    def test_vanished_input_gives_none_and_no_claim(self, spool: Spool) -> None:
         """A file gone before the rename is not claimed and leaves nothing behind."""
         assert spool.claim(spool.inbox / "gone.npy") is None
+        assert files_under(spool.claims_folder) == []
+        spool.remove_spare_folders()
         assert list(spool.claims_folder.iterdir()) == []
 
     def test_claims_are_listed_oldest_first(self, spool: Spool) -> None:
@@ -169,6 +172,84 @@ class TestClaim:
         assert list(spool.claims_folder.iterdir()) == []
 
 
+class TestClaimFolders:
+    """Token folders outlive their claims: creating one per input is costly."""
+
+    def test_a_claim_folder_serves_the_next_claim(self, spool: Spool) -> None:
+        """Inputs handled one after another all use the same emptied folder."""
+        folders = set()
+        for name in ["a.npy", "site/b.npy", "c.npy"]:
+            claim = spool.claim(drop(spool, name))
+            assert claim is not None
+            folders.add(claim.folder)
+            spool.handle(claim, converted)
+        assert len(folders) == 1
+        assert files_under(spool.claims_folder) == []
+        assert files_under(spool.archive_folder) == ["a.npy", "c.npy", "site/b.npy"]
+
+    def test_claims_in_flight_never_share_a_folder(self, spool: Spool) -> None:
+        """Only a finished claim's folder is handed out again."""
+        first = spool.claim(drop(spool, "a.npy"))
+        second = spool.claim(drop(spool, "a.npy", b"other"))
+        assert first is not None
+        assert second is not None
+        assert first.folder != second.folder
+        spool.handle(first, converted)
+        third = spool.claim(drop(spool, "a.npy", b"third"))
+        assert third is not None
+        assert third.folder == first.folder
+        assert second.path.read_bytes() == b"other"
+
+    def test_spare_folders_are_capped(self, spool: Spool) -> None:
+        """After a burst of simultaneous claims only SPARE_FOLDERS folders are kept."""
+        claims = [spool.claim(drop(spool, f"{index}.npy")) for index in range(SPARE_FOLDERS + 6)]
+        for claim in claims:
+            assert claim is not None
+            spool.handle(claim, converted)
+        assert len(list(spool.claims_folder.iterdir())) == SPARE_FOLDERS
+        spool.remove_spare_folders()
+        assert list(spool.claims_folder.iterdir()) == []
+
+    def test_a_folder_still_holding_its_input_is_not_released(self, spool: Spool) -> None:
+        """Releasing a claim whose input is still there is a bug: refused, input kept."""
+        claim = spool.claim(drop(spool, "a.npy"))
+        assert claim is not None
+        with pytest.raises(AssertionError, match="still claimed"):
+            spool.release(claim)
+        assert claim.path.read_bytes() == b"data"
+        assert spool.claims() == [claim]
+
+    def test_recovery_forgets_spare_folders(self, spool: Spool) -> None:
+        """`claims()` removes empty folders, spare ones included, and claiming goes on."""
+        claim = spool.claim(drop(spool, "a.npy"))
+        assert claim is not None
+        spool.handle(claim, converted)
+        assert spool.claims() == []
+        assert list(spool.claims_folder.iterdir()) == []
+        again = spool.claim(drop(spool, "b.npy"))
+        assert again is not None
+        assert again.path.read_bytes() == b"data"
+
+    @pytest.mark.parametrize(("on_conflict", "marked"), [("overwrite", False), ("rename", True)])
+    def test_conversions_are_remembered_only_when_a_redo_differs(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_conflict: str, marked: bool
+    ) -> None:
+        """`.converted.json` is written for rename/fail; an overwrite redo is idempotent."""
+        spool = Spool(load_settings(root=tmp_path, on_conflict=on_conflict, fsync=False))
+        spool.create_folders()
+        claim = spool.claim(drop(spool, "a.npy"))
+        assert claim is not None
+
+        def archive_fails(source: Any, target: Any, **kwargs: Any) -> None:
+            raise OSError(5, "Input/output error")  # after the conversion, before the archive
+
+        monkeypatch.setattr(os, "link", archive_fails)
+        with pytest.raises(OSError, match="Input/output"):
+            spool.handle(claim, converted)
+        assert (claim.folder / CONVERTED_MARKER).exists() == marked
+        assert claim.path.exists()
+
+
 class TestFinish:
     def test_converted_input_is_archived(self, spool: Spool) -> None:
         """A converted input lands in archive under its relative path; the claim is gone."""
@@ -177,7 +258,8 @@ class TestFinish:
         outcome = spool.handle(claim, converted)
         assert isinstance(outcome, Converted)
         assert files_under(spool.archive_folder) == ["site/a.npy"]
-        assert list(spool.claims_folder.iterdir()) == []
+        assert files_under(spool.claims_folder) == []
+        assert [path.name for path in spool.claims_folder.iterdir()] == [claim.folder.name]
 
     def test_archive_never_overwrites(self, spool: Spool) -> None:
         """A taken name in archive gets a unique suffix before the extension."""
@@ -219,7 +301,7 @@ class TestFinish:
         assert claim is not None
         spool.handle(claim, converted)
         assert files_under(spool.archive_folder) == []
-        assert list(spool.claims_folder.iterdir()) == []
+        assert files_under(spool.claims_folder) == []
 
     def test_rejected_input_goes_to_failed_with_its_error_file(self, spool: Spool) -> None:
         """A ConversionError puts the input and <name>.error.json in failed (SPEC §4)."""
