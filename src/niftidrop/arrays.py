@@ -1,11 +1,12 @@
 """Loading and validating input arrays (`.npy`, `.npz`) without trusting them.
 
-`.npy` files are never read whole: their header is parsed with `numpy.lib.format`
-and the data is memory-mapped, so the conversion can stream it slab by slab and
-drop the pages it has used. `.npz` members are checked against `max_input_bytes`
-from the zip directory and their `.npy` header, then decompressed whole. Nothing
-here ever unpickles (`allow_pickle=False` semantics): object dtypes are rejected
-from the header, before any data is read.
+`.npy` files are never read whole: their header is parsed (directly when it is
+exactly as numpy writes it, else with `numpy.lib.format`) and the data is
+memory-mapped, so the conversion can stream it slab by slab and drop the pages it
+has used. `.npz` members are checked against `max_input_bytes` from the zip
+directory and their `.npy` header, then decompressed whole. Nothing here ever
+unpickles (`allow_pickle=False` semantics): object dtypes are rejected from the
+header, before any data is read.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import re
 import struct
 import zipfile
 import zlib
@@ -29,6 +31,20 @@ MAX_DIMS = 7  # NIfTI's dim[0] limit
 # A .npy header is at most a few KiB; numpy's own limit guards against absurd ones.
 MAX_HEADER_BYTES = 10_000
 READ_CHUNK_BYTES = 8 * 1024 * 1024
+# The header length field after each known magic string: 2 bytes in version 1.0, 4 after.
+_NPY_LENGTH_FIELDS = {
+    b"\x93NUMPY\x01\x00": struct.Struct("<H"),
+    b"\x93NUMPY\x02\x00": struct.Struct("<I"),
+    b"\x93NUMPY\x03\x00": struct.Struct("<I"),
+}
+_NPY_MAGIC_BYTES = 8
+# A header as numpy writes it for a plain numeric array: keys sorted, repr() values
+# (no leading zeros, a 1-d shape as "(5,)"), then spaces and one newline.
+_DIM = rb"(?:0|[1-9][0-9]{0,18})"
+_NUMPY_WRITTEN_HEADER = re.compile(
+    rb"\{'descr': '([<>|][biufc][0-9]{1,2})', 'fortran_order': (True|False), "
+    rb"'shape': (\(\)|\(" + _DIM + rb",\)|\(" + _DIM + rb"(?:, " + _DIM + rb")+\)), \} *\n"
+)
 _ZIP_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 _ZIP_LOCAL_MAGIC = b"PK\x03\x04"
 
@@ -78,20 +94,59 @@ class InputArray:
 
 
 def _read_npy_header(stream: IO[bytes], name: str) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
-    """Shape, Fortran order and dtype from a `.npy` header; CORRUPT if unreadable."""
+    """Shape, Fortran order and dtype from a `.npy` header; CORRUPT if unreadable.
+
+    The stream is left at the first data byte.
+    """
     fmt = np.lib.format
+    start = stream.tell()
     try:
-        version = fmt.read_magic(stream)
-        if version == (1, 0):
-            header = fmt.read_array_header_1_0(stream, max_header_size=MAX_HEADER_BYTES)
-        else:  # 2.0 and 3.0 share the layout (3.0 only allows UTF-8 field names)
-            header = fmt.read_array_header_2_0(stream, max_header_size=MAX_HEADER_BYTES)
+        header = _read_numpy_written_header(stream)
+        if header is None:
+            stream.seek(start)
+            version = fmt.read_magic(stream)
+            if version == (1, 0):
+                header = fmt.read_array_header_1_0(stream, max_header_size=MAX_HEADER_BYTES)
+            else:  # 2.0 and 3.0 share the layout (3.0 only allows UTF-8 field names)
+                header = fmt.read_array_header_2_0(stream, max_header_size=MAX_HEADER_BYTES)
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
         raise ConversionError(
             ErrorCode.CORRUPT, f"{name}: expected a .npy header, found unreadable bytes ({exc})"
         ) from None
     shape, fortran_order, dtype = header
     return tuple(int(n) for n in shape), bool(fortran_order), dtype
+
+
+def _read_numpy_written_header(
+    stream: IO[bytes],
+) -> tuple[tuple[int, ...], bool, np.dtype[Any]] | None:
+    """The header if it is exactly as numpy writes a plain numeric array, else None.
+
+    numpy's own reader evaluates the header with `ast.literal_eval`, which costs
+    more than the rest of opening a small file, and every input is opened twice
+    (when checked complete, then when converted). Any other header, valid or not,
+    gives None and is left to numpy, so both paths give the same results.
+    """
+    length_field = _NPY_LENGTH_FIELDS.get(stream.read(_NPY_MAGIC_BYTES))
+    if length_field is None:
+        return None
+    length_bytes = stream.read(length_field.size)
+    if len(length_bytes) != length_field.size:
+        return None
+    (length,) = length_field.unpack(length_bytes)
+    if length > MAX_HEADER_BYTES:
+        return None
+    text = stream.read(length)
+    match = _NUMPY_WRITTEN_HEADER.fullmatch(text) if len(text) == length else None
+    if match is None:
+        return None
+    descr, fortran_order, shape = match.groups()
+    try:
+        dtype = np.dtype(descr.decode("ascii"))
+    except TypeError:  # a size this platform lacks, such as "<f16"
+        return None
+    dims = tuple(int(dim) for dim in shape[1:-1].split(b",") if dim)
+    return dims, fortran_order == b"True", dtype
 
 
 def check_dtype(dtype: np.dtype[Any], name: str) -> None:
