@@ -16,6 +16,7 @@ import mmap
 import os
 import re
 import struct
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -109,7 +110,16 @@ def _read_npy_header(stream: IO[bytes], name: str) -> tuple[tuple[int, ...], boo
                 header = fmt.read_array_header_1_0(stream, max_header_size=MAX_HEADER_BYTES)
             else:  # 2.0 and 3.0 share the layout (3.0 only allows UTF-8 field names)
                 header = fmt.read_array_header_2_0(stream, max_header_size=MAX_HEADER_BYTES)
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+    # numpy lets TokenError (an unclosed bracket) and IndexError ("'descr': ()") through.
+    except (
+        ValueError,
+        OSError,
+        EOFError,
+        SyntaxError,
+        TypeError,
+        tokenize.TokenError,
+        IndexError,
+    ) as exc:
         raise ConversionError(
             ErrorCode.CORRUPT, f"{name}: expected a .npy header, found unreadable bytes ({exc})"
         ) from None

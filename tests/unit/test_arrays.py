@@ -228,6 +228,8 @@ class TestNpyHeader:
             "{'descr': '<u1', 'fortran_order': False, 'shape': (5,), 'x': 1}\n",
             "{'descr': '<i3', 'fortran_order': False, 'shape': (5,), }  \n",
             "['descr', '<u1']\n",
+            "{'descr': '<u1', 'fortran_order': False, 'shape': (5,), \n",  # unclosed
+            "{'descr': (), 'fortran_order': False, 'shape': (5,)}\n",
             "\xff\xfe garbage",
         ],
     )
@@ -236,6 +238,13 @@ class TestNpyHeader:
         with pytest.raises(ConversionError) as caught:
             _we_read(_hand_written(text) + b"\0" * 5)
         assert caught.value.code is ErrorCode.CORRUPT
+
+    def test_unclosed_header_is_incomplete_not_an_exception(self, tmp_path: Path) -> None:
+        """A header numpy's reader fails on with a TokenError is simply not complete."""
+        path = tmp_path / "a.npy"
+        path.write_bytes(_hand_written("{'descr': '<u1', 'shape': (5,\n") + b"\0" * 5)
+        assert not is_complete(path)
+        assert _rejection(path).code is ErrorCode.CORRUPT
 
     def test_header_over_the_limit_is_corrupt(self) -> None:
         """A header longer than MAX_HEADER_BYTES is CORRUPT, even in the direct form."""
