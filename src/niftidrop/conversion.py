@@ -51,7 +51,10 @@ SPATIAL = 3
 
 @dataclass(frozen=True)
 class Reference:
-    """A reference image's header (little-endian copy) and its spatial shape."""
+    """A reference image's header (little-endian) and its spatial shape.
+
+    The header is cached and shared: it is never changed (`output_header` copies it).
+    """
 
     path: Path
     header: NiftiHeader
@@ -85,7 +88,7 @@ def _read_reference_cached(path: Path, mtime_ns: int, size: int, inode: int) -> 
     try:
         header = _read_header(path)
         shape = tuple(int(n) for n in header.get_data_shape())
-        header = header.as_byteswapped("<") if header.endianness == ">" else header.copy()
+        header = header.as_byteswapped("<") if header.endianness == ">" else header
     except (
         nib.filebasedimages.ImageFileError,
         ValueError,

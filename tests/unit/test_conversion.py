@@ -464,3 +464,24 @@ class TestReference:
         )
         assert reference.header.binaryblock == before
         assert len(reference.header.extensions) == 2
+
+    @pytest.mark.parametrize("name", ["example4d.nii.gz", "example_nifti2.nii.gz"])
+    def test_converting_twice_gives_the_same_bytes(self, tmp_path: Path, name: str) -> None:
+        """Two conversions against one cached reference match and leave its header as read."""
+        path = NIBABEL_DATA / name
+        reference = read_reference(path)
+        as_stored = conversion._read_header(path)
+        spatial = reference.spatial_shape
+        source = _memory_input(np.arange(np.prod(spatial), dtype=np.int16).reshape(spatial))
+        outputs = []
+        for run in ("first", "second"):
+            assert read_reference(path) is reference
+            folder = tmp_path / run
+            folder.mkdir()
+            plan = plan_conversion(source, reference, version="1")
+            outputs.append([output.read_bytes() for output in _write(plan, source, folder)])
+        assert outputs[0] == outputs[1]
+        assert reference.header.binaryblock == as_stored.binaryblock
+        assert [ext.get_content() for ext in reference.header.extensions] == [
+            ext.get_content() for ext in as_stored.extensions
+        ]
