@@ -398,8 +398,7 @@ def output_header(
         matrix = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
         if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
             raise ValueError(f"expected a finite 4x4 affine, found shape {matrix.shape}")
-        # nibabel's own defaults for a new image: sform "aligned", zooms from the affine.
-        header = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), matrix).header
+        header = _new_image_header(matrix.tobytes()).copy()
     try:
         header.set_data_shape(shape)
         header.set_data_dtype(dtype)
@@ -416,6 +415,17 @@ def output_header(
     header["descrip"] = f"niftidrop {version}".strip().encode()[:80]
     header["vox_offset"] = 0  # recomputed when written: no extensions
     return header
+
+
+@functools.lru_cache(maxsize=64)
+def _new_image_header(matrix: bytes) -> NiftiHeader:
+    """nibabel's own header for a new image with this affine (a float64 4x4 matrix's bytes).
+
+    Its defaults: sform "aligned", zooms from the affine. Building an image takes
+    most of a millisecond, so the header is built once per affine and copied.
+    """
+    affine = np.frombuffer(matrix, dtype=np.float64).reshape(4, 4)
+    return nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), affine).header
 
 
 # Encoding.

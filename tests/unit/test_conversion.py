@@ -163,6 +163,27 @@ class TestGeometry:
         np.testing.assert_array_equal(given.affine, affine)
         assert given.header.get_zooms() == (0.5, 0.5, 3.0)
 
+    def test_headers_from_one_affine_are_independent(self) -> None:
+        """Changing one affine-based header leaves later ones as nibabel builds them."""
+        affine = np.diag([0.5, 0.75, 3.0, 1.0])
+        affine[:3, 3] = [1.0, -2.0, 3.5]
+
+        def build(matrix: np.ndarray) -> Any:
+            return conversion.output_header(
+                None, matrix, (2, 3, 4), np.dtype("u1"), version="1", name="x"
+            )
+
+        first = build(affine)
+        expected = first.binaryblock
+        first.set_sform(np.eye(4))
+        first["descrip"] = b"changed"
+        build(np.eye(4))
+        assert build(affine).binaryblock == expected
+        assert build(np.asfortranarray(affine)).binaryblock == expected
+        fresh = nib.Nifti1Image(np.zeros((2, 3, 4), np.uint8), affine).header
+        for name in (*GEOMETRY_FIELDS, "pixdim", "dim"):
+            np.testing.assert_array_equal(build(affine)[name], fresh[name], err_msg=name)
+
     def test_bad_affine_is_a_value_error(self, tmp_path: Path) -> None:
         """An affine that is not a finite 4x4 matrix is refused."""
         with pytest.raises(ValueError, match="4x4"):
