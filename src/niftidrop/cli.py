@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from niftidrop import __version__
-from niftidrop.errors import ConfigError
+from niftidrop.errors import ConfigError, ServiceError
 from niftidrop.settings import Settings, load_settings
 
 
@@ -124,6 +124,9 @@ def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"niftidrop: {exc}", file=sys.stderr)
         return ExitCode.BAD_CONFIG
+    except ServiceError as exc:
+        print(f"niftidrop: {exc}", file=sys.stderr)
+        return ExitCode.FAILED
 
 
 def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:

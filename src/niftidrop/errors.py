@@ -34,6 +34,10 @@ class ConfigError(NiftidropError, ValueError):
     """The configuration is invalid; the message names the setting."""
 
 
+class ServiceError(NiftidropError):
+    """The service cannot run (its conversion processes do not start)."""
+
+
 class ConversionError(NiftidropError, ValueError):
     """An input was rejected for good: retrying it unchanged gives the same error.
 

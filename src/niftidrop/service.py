@@ -4,12 +4,15 @@ The main thread owns every decision: it reads sightings from the inbox watcher,
 asks the readiness tracker which files may be read, rescans, retries, writes the
 heartbeat and talks to systemd. Worker threads only take jobs (an inbox path to
 claim, or a claim to finish) from one priority queue ordered by modification
-time, so a backlog goes oldest first. Signal handlers only set flags.
+time, so a backlog goes oldest first. Each worker converts in a child process of
+its own (`niftidrop.processes`): the interpreter lock would let threads run only
+one conversion's Python at a time. Signal handlers only set flags.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
 import os
@@ -25,9 +28,9 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from niftidrop import __version__
-from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.errors import ConversionError, ErrorCode, ServiceError
 from niftidrop.logs import get_logger
-from niftidrop.spool import Claim, Converted, Failed, Spool
+from niftidrop.spool import Claim, Converted, Converter, Failed, Spool
 from niftidrop.systemd import SystemdNotifier
 from niftidrop.watcher import (
     InboxWatcher,
@@ -43,6 +46,7 @@ if TYPE_CHECKING:
 
     from niftidrop.library import Match
     from niftidrop.metrics import Metrics
+    from niftidrop.processes import ConversionProcess
     from niftidrop.settings import Settings
 
 MAX_RETRY_SECONDS: Final = 60.0
@@ -141,10 +145,6 @@ class Service:
             from niftidrop.library import ReferenceLibrary
 
             library = ReferenceLibrary.from_settings(settings)
-        if convert_file is None:
-            from niftidrop.api import convert_file as default_convert_file
-
-            convert_file = default_convert_file
         if is_complete is None:
             from niftidrop.arrays import is_complete as default_is_complete
 
@@ -168,7 +168,10 @@ class Service:
         self.stop_requested = False  # set by signal handlers: plain flags only
         self._force_stop = False
         self._rescan_requested = False
+        # None: `niftidrop.api.convert_file` in a child process per worker; a
+        # converter given here (tests) runs in the worker threads themselves.
         self._convert_file = convert_file
+        self._processes: list[ConversionProcess] = []
         self._tracker = ReadinessTracker(
             settle_seconds=settings.settle_seconds,
             incomplete_timeout=settings.incomplete_timeout,
@@ -234,6 +237,7 @@ class Service:
         self.spool.create_folders()
         self._create_library_folders()
         self.spool.lock()
+        self._start_processes()  # they import while the library is indexed
         observer = None if self._once else choose_observer(settings.observer, self.spool.inbox)
         log.info(
             "service_started",
@@ -376,6 +380,7 @@ class Service:
             while worker.is_alive() and not self._force_stop and time.monotonic() < deadline:
                 worker.join(timeout=0.1)
         left = sum(worker.is_alive() for worker in self._workers)
+        self._stop_processes()
         if left:
             log.warning("inputs_left_claimed", inputs=left, reason="stopped before they finished")
         if self._progress is not None:
@@ -396,6 +401,8 @@ class Service:
             self._watcher = None
         self.library.stop()
         self.metrics.close()
+        for process in self._processes:
+            process.kill()  # already closed after a normal stop
         self.spool.remove_spare_folders()
         self.spool.unlock()
         self.notifier.close()
@@ -475,22 +482,53 @@ class Service:
             self._outstanding += 1
         self._jobs.put((mtime_ns, next(self._order), job))
 
+    def _start_processes(self) -> None:
+        if self._convert_file is not None:
+            return
+        from niftidrop.processes import ConversionProcess
+
+        self._processes = [ConversionProcess() for _ in range(self.settings.workers)]
+        for process in self._processes:
+            process.start()
+
     def _start_workers(self) -> None:
-        for number in range(self.settings.workers):
+        converters: list[ConvertFile] = []
+        if self._convert_file is not None:
+            converters = [self._convert_file] * self.settings.workers
+        for process in self._processes:
+            try:
+                process.wait_ready()
+            except ChildProcessError as error:
+                raise ServiceError(f"a conversion process did not start: {error}") from None
+            converters.append(process)
+        for number, convert_file in enumerate(converters):
             worker = threading.Thread(
-                target=self._work, name=f"niftidrop-worker-{number}", daemon=True
+                target=self._work,
+                args=(convert_file,),
+                name=f"niftidrop-worker-{number}",
+                daemon=True,
             )
             worker.start()
             self._workers.append(worker)
 
-    def _work(self) -> None:
+    def _stop_processes(self) -> None:
+        """Close the conversion processes of idle workers; kill those still converting."""
+        for number, process in enumerate(self._processes):
+            busy = number < len(self._workers) and self._workers[number].is_alive()
+            if busy or self._force_stop:
+                process.kill()
+            else:
+                process.close()
+
+    def _work(self, convert_file: ConvertFile) -> None:
+        convert = functools.partial(self._convert, convert_file)
         while True:
             _, _, job = self._jobs.get()
             if job is None:
                 return
             try:
                 if not self._stopping.is_set():
-                    self._run_job(job)
+                    self._run_job(job, convert)
             except Exception:  # a bug must not kill the worker; the input stays put
                 log.exception("job_crashed", job=str(job))
             finally:
@@ -501,9 +539,9 @@ class Service:
                 if self._progress is not None:
                     self._progress.update()
 
-    def _run_job(self, job: Path | Claim | _Truncated) -> None:
+    def _run_job(self, job: Path | Claim | _Truncated, convert: Converter) -> None:
         if isinstance(job, Claim):
-            self._finish(job, self._convert)
+            self._finish(job, convert)
             return
         path = job.path if isinstance(job, _Truncated) else job
         try:
@@ -517,9 +555,9 @@ class Service:
         if claim is None:
             return
         truncated = isinstance(job, _Truncated)
-        self._finish(claim, _reject_truncated(self.settings) if truncated else self._convert)
+        self._finish(claim, _reject_truncated(self.settings) if truncated else convert)
 
-    def _finish(self, claim: Claim, convert: Callable[[Claim], dict[str, Any]]) -> None:
+    def _finish(self, claim: Claim, convert: Converter) -> None:
         try:
             outcome = self.spool.handle(claim, convert)
         except OSError as error:
@@ -564,7 +602,7 @@ class Service:
             retry_in=delay,
         )
 
-    def _convert(self, claim: Claim) -> dict[str, Any]:
+    def _convert(self, convert_file: ConvertFile, claim: Claim) -> dict[str, Any]:
         """Resolve the reference and convert; the summary becomes `input_converted`."""
         settings = self.settings
         match = self.library.resolve(claim.name)
@@ -573,7 +611,7 @@ class Service:
             import numpy as np
 
             affine = np.asarray(settings.default_affine, dtype=np.float64)
-        result = self._convert_file(
+        result = convert_file(
             claim.path,
             self.spool.outbox / claim.subfolder,
             settings=settings,
@@ -597,7 +635,7 @@ class Service:
         }
 
 
-def _reject_truncated(settings: Settings) -> Callable[[Claim], dict[str, Any]]:
+def _reject_truncated(settings: Settings) -> Converter:
     def reject(claim: Claim) -> dict[str, Any]:
         raise ConversionError(
             ErrorCode.TRUNCATED,

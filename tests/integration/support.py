@@ -111,6 +111,21 @@ class ThreadedService:
         return [line for line in list(self.logs) if line.get("event") == name]
 
 
+def conversion_processes(parent: int) -> list[int]:
+    """Running `niftidrop.processes` children started by `parent` (found in /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        # The command line ends "-m niftidrop.processes <parent pid>" (and a NUL).
+        if command[-3:-1] == [b"niftidrop.processes", str(parent).encode()] and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
 class ServiceProcess:
     """`python -m niftidrop run` as a child process; its JSON log lines are parsed."""
 
@@ -156,6 +171,10 @@ class ServiceProcess:
 
     def send(self, signum: signal.Signals) -> None:
         self.process.send_signal(signum)
+
+    def children(self) -> list[int]:
+        """Process ids of its conversion processes still running."""
+        return conversion_processes(self.process.pid)
 
     def kill(self) -> None:
         self.process.kill()

@@ -80,8 +80,11 @@ class TestCrash:
                     time.sleep(chance.uniform(0.0, 0.05))
                 else:  # during start-up work: recovery and the backlog
                     time.sleep(chance.uniform(0.0, 0.3))
+                assert process.children()
                 process.send(signal.SIGKILL)
                 process.wait()
+                # The kernel ends the conversion processes with the service.
+                wait_until(lambda process=process: not process.children(), what="no orphans")
                 recovered += sum(line["claims"] for line in process.events("spool_recovered"))
         finally:
             producer.join()

@@ -59,11 +59,14 @@ class TestSignals:
         """READY/STATUS/WATCHDOG/STOPPING reach NOTIFY_SOCKET; SIGTERM gives exit 0."""
         env = {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "200000"}
         process = start_process(root, *FAST, env=env).wait_ready()
+        children = process.children()
+        assert len(children) == 2  # a conversion process per worker
         drop_by_rename(root / "inbox", "case_1.npy", prediction(1))
         wait_until(lambda: process.events("input_converted"), what="input_converted")
         wait_until(lambda: "WATCHDOG=1" in notify_socket.receive(), what="WATCHDOG=1")
         process.send(signal.SIGTERM)
         assert process.wait() == 0
+        assert process.children() == []
         messages = notify_socket.receive()
         assert messages[0] == "READY=1"
         assert any(message.startswith("STATUS=") for message in messages)

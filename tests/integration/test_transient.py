@@ -10,6 +10,8 @@ that file, one atomic step, is the fix.
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from support import (
     ThreadedService,
+    conversion_processes,
     drop_by_rename,
     files_in,
     output_of,
@@ -101,3 +104,23 @@ class TestTransientFaults:
             wait_until((root / "archive" / "case_4.npy").is_file)
         wait_until((root / "archive" / "site" / "case_3.npy").is_file, timeout=60)
         assert files_in(root / "failed") == []
+
+    def test_a_conversion_process_killed_mid_conversion_is_retried(
+        self, root: Path, start_service: Callable[..., ThreadedService]
+    ) -> None:
+        """A conversion process that dies (a crash, the OOM killer) costs a retry, not
+        the input: it stays claimed and a new process converts it."""
+        service = start_service(root, workers=1)
+        (child,) = conversion_processes(os.getpid())
+        os.kill(child, signal.SIGSTOP)  # the request waits for it: the kill lands mid-call
+        drop_by_rename(root / "inbox", "case_5.npy", prediction(5))
+        wait_until(lambda: claimed(root), what="the claim")
+        os.kill(child, signal.SIGKILL)
+        wait_until(lambda: service.events("input_converted"), timeout=60)
+        (retry,) = service.events("input_retrying")
+        assert retry["input"] == "case_5.npy"
+        assert "killed by SIGKILL" in retry["error"]
+        assert np.array_equal(output_of(root, "case_5.npy"), prediction(5))
+        assert files_in(root / "archive") == ["case_5.npy"]
+        assert files_in(root / "failed") == []
+        assert conversion_processes(os.getpid()) not in ([], [child])

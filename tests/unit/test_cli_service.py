@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,6 +88,14 @@ class TestRunOnce:
     def test_bad_config_exits_2(self, root: Path) -> None:
         """An invalid setting stops the start with exit code 2."""
         assert main(["run", "--once", *flags(root), "--workers", "0"]) == ExitCode.BAD_CONFIG
+
+    def test_conversion_processes_that_cannot_start_exit_1(
+        self, root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """No conversion process (here: a program that exits at once): exit 1, said why."""
+        monkeypatch.setattr(sys, "executable", "/bin/false")
+        assert main(["run", "--once", *flags(root)]) == ExitCode.FAILED
+        assert "conversion process did not start" in capsys.readouterr().err
 
     def test_state_on_another_file_system_exits_2(
         self, root: Path, capsys: pytest.CaptureFixture[str]
