@@ -169,8 +169,8 @@ def check_dtype(dtype: np.dtype[Any], name: str) -> None:
 
 
 def check_shape(shape: tuple[int, ...], name: str) -> None:
-    """1 to 7 dimensions and at least one voxel."""
-    if not 1 <= len(shape) <= MAX_DIMS or 0 in shape:
+    """1 to 7 dimensions, each at least 1 long (a header may declare a negative one)."""
+    if not 1 <= len(shape) <= MAX_DIMS or min(shape) < 1:
         raise ConversionError(
             ErrorCode.BAD_SHAPE,
             f"{name}: expected 1 to {MAX_DIMS} dimensions and at least one voxel, "

@@ -393,6 +393,20 @@ class TestOpenNpy:
         assert error.code is ErrorCode.BAD_SHAPE
         assert str(shape) in str(error)
 
+    @pytest.mark.parametrize("suffix", [".npy", ".npz"])
+    def test_negative_dimension(self, tmp_path: Path, suffix: str) -> None:
+        """A header declaring a negative length is BAD_SHAPE, in a .npy and in a .npz."""
+        header = _header_bytes({"descr": "<u1", "fortran_order": False, "shape": (-5,)}, (1, 0))
+        path = tmp_path / f"x{suffix}"
+        if suffix == ".npy":
+            path.write_bytes(header)
+        else:
+            with zipfile.ZipFile(path, "w") as archive:
+                archive.writestr("x.npy", header)
+        error = _rejection(path)
+        assert error.code is ErrorCode.BAD_SHAPE
+        assert "(-5,)" in str(error)
+
     def test_declared_size_over_limit(self, tmp_path: Path) -> None:
         """A .npy declaring more than max_input_bytes is TOO_LARGE (before mapping)."""
         path = tmp_path / "big.npy"
