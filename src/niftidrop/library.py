@@ -23,7 +23,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Literal, TypedDict
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 
 from niftidrop.errors import ConversionError, ErrorCode
 from niftidrop.observers import is_within, make_observer, needs_polling
@@ -45,6 +54,17 @@ if TYPE_CHECKING:
 __all__ = ["Match", "MatchReport", "ReferenceLibrary", "Rule", "needs_polling"]
 
 Rule = Literal["exact", "reference_prefix", "input_prefix", "key_pattern", "identity"]
+# The events that change names, all the index cares about. Asked of the kernel
+# alone: by default watchdog also watches opens and closes, so every reference
+# the service reads would cost an event handled on three threads.
+NAME_EVENTS: Final = [
+    FileCreatedEvent,
+    DirCreatedEvent,
+    FileDeletedEvent,
+    DirDeletedEvent,
+    FileMovedEvent,
+    DirMovedEvent,
+]
 
 
 @dataclass(frozen=True)
@@ -385,7 +405,7 @@ class ReferenceLibrary:
                     real = os.path.realpath(root)
                     seen_as = (real, root) if real != root else None
                     handler = _ChangeHandler(self._changes, self._key_of, seen_as=seen_as)
-                    watcher.schedule(handler, real, recursive=True)
+                    watcher.schedule(handler, real, recursive=True, event_filter=NAME_EVENTS)
             watcher.start()
             self._watcher = watcher
             self._linked_watches = {}
@@ -440,7 +460,9 @@ class ReferenceLibrary:
             if real not in self._linked_watches:
                 handler = _ChangeHandler(self._changes, self._key_of, seen_as=(real, link))
                 with contextlib.suppress(OSError):  # vanished meanwhile: the rescan retries
-                    self._linked_watches[real] = watcher.schedule(handler, real, recursive=True)
+                    self._linked_watches[real] = watcher.schedule(
+                        handler, real, recursive=True, event_filter=NAME_EVENTS
+                    )
 
     def __enter__(self) -> ReferenceLibrary:
         self.start()

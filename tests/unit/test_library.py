@@ -9,9 +9,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from watchdog.events import FileSystemEvent
 
 from niftidrop.errors import ConversionError, ErrorCode
-from niftidrop.library import Match, ReferenceLibrary
+from niftidrop.library import Match, ReferenceLibrary, _ChangeHandler
 from niftidrop.settings import load_settings
 
 DEADLINE = 20.0  # seconds a live update may take before a test gives up
@@ -405,6 +406,28 @@ class TestLiveUpdates:
         wait_until(lambda: len(library) == 2, "a moved-in folder")
         (tmp_path / "library" / "batch").rename(tmp_path / "batch")
         wait_until(lambda: len(library) == 0, "a moved-out folder")
+
+    def test_reading_references_wakes_no_watcher(
+        self, tmp_path: Path, started: list[ReferenceLibrary], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Only name changes reach the handler: reading a reference (as every conversion
+        does) is not an event to handle."""
+        seen: list[str] = []
+        handle = _ChangeHandler.on_any_event
+
+        def record(self: _ChangeHandler, event: FileSystemEvent) -> None:
+            seen.append(event.event_type)
+            handle(self, event)
+
+        monkeypatch.setattr(_ChangeHandler, "on_any_event", record)
+        library = library_of(tmp_path / "library", "old.nii.gz")
+        library.start()
+        started.append(library)
+        for _ in range(5):
+            (tmp_path / "library" / "old.nii.gz").read_bytes()
+        touch(tmp_path / "library", "new.nii.gz")
+        wait_until(lambda: len(library) == 2, "the new reference")
+        assert set(seen) == {"created"}
 
     def test_symlinked_folder_is_watched(
         self, tmp_path: Path, started: list[ReferenceLibrary]
