@@ -485,6 +485,9 @@ class Service:
     def _start_processes(self) -> None:
         if self._convert_file is not None:
             return
+        # Replies carry a ConversionResult: its module (numpy, nibabel) is imported
+        # now rather than when the first conversion is done.
+        import niftidrop.api  # noqa: F401
         from niftidrop.processes import ConversionProcess
 
         self._processes = [ConversionProcess() for _ in range(self.settings.workers)]
