@@ -345,7 +345,8 @@ class Spool:
             if len(self._spare_folders) < SPARE_FOLDERS:
                 self._spare_folders.append(claim.folder)
                 return
-        claim.folder.rmdir()
+        with contextlib.suppress(OSError):  # left empty: the next start removes it
+            claim.folder.rmdir()
 
     def remove_stale_temporaries(self) -> int:
         """Delete hidden `.*.tmp` files niftidrop left behind in its own folders."""
