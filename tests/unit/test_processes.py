@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -39,6 +40,18 @@ def gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return state in ("Z", "X")
+
+
+def wait_for_reader(fifo: Path, timeout: float = 20.0) -> int:
+    """Open `fifo` for writing as soon as someone opens it for reading; the descriptor."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as error:  # ENXIO: no reader yet
+            if error.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise
+        time.sleep(0.02)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -92,28 +105,29 @@ def test_a_child_killed_mid_call_is_reported_and_replaced(
 ) -> None:
     """Killed while converting: ChildProcessError (an OSError, so retried); the next
     call runs in a new child."""
-    blocking = tmp_path / "blocking.npy"
-    os.mkfifo(blocking)  # opening it for reading waits for a writer: the call hangs
+    source = tmp_path / "case.npy"
+    np.save(source, np.zeros((3, 3, 3), np.uint8))
+    blocking = tmp_path / "reference.nii"
+    os.mkfifo(blocking)  # read first by the conversion: it waits for bytes that never come
     first = process.pid
     assert first is not None
     raised: list[BaseException] = []
 
     def call() -> None:
         try:
-            process(blocking, tmp_path, settings=SETTINGS, reference=None)
+            process(source, tmp_path / "out", settings=SETTINGS, reference=blocking)
         except BaseException as error:
             raised.append(error)
 
     caller = threading.Thread(target=call)
     caller.start()
-    time.sleep(0.5)
+    writer = wait_for_reader(blocking)  # the child is in the call, reading the reference
     os.kill(first, signal.SIGKILL)
     caller.join(timeout=20)
+    os.close(writer)
     assert len(raised) == 1
     assert isinstance(raised[0], ChildProcessError)
     assert "SIGKILL" in str(raised[0])
-    source = tmp_path / "case.npy"
-    np.save(source, np.zeros((3, 3, 3), np.uint8))
     result = process(source, tmp_path / "out", settings=SETTINGS, reference=None)
     assert result.outputs[0].exists()
     assert process.pid not in (None, first)
@@ -135,6 +149,7 @@ def test_terminal_and_stop_signals_do_not_end_a_child(
 
 
 def test_close_ends_the_child(process: ConversionProcess) -> None:
+    """`close()` lets the child see the end of its input and exit."""
     pid = process.pid
     assert pid is not None
     process.close()
