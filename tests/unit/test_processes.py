@@ -61,130 +61,130 @@ def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
         time.sleep(0.02)
 
 
-def test_converts_exactly_like_convert_file(
-    process: ConversionProcess, tmp_path: Path, make_reference: MakeReference
-) -> None:
-    """The child's output has the same bytes as one written in this process."""
-    reference = make_reference(shape=(8, 9, 10))
-    source = tmp_path / "case.npy"
-    np.save(source, np.arange(720, dtype=np.int16).reshape(8, 9, 10))
-    here = convert_file(source, tmp_path / "here", settings=SETTINGS, reference=reference)
-    there = process(source, tmp_path / "there", settings=SETTINGS, reference=reference)
-    assert there.outputs == (tmp_path / "there" / "case.nii.gz",)
-    assert (there.shape_out, there.dtype_out) == (here.shape_out, here.dtype_out)
-    assert there.outputs[0].read_bytes() == here.outputs[0].read_bytes()
+class TestCalls:
+    """What a call returns or raises, as if converted in this process."""
+
+    def test_converts_exactly_like_convert_file(
+        self, process: ConversionProcess, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """The child's output has the same bytes as one written in this process."""
+        reference = make_reference(shape=(8, 9, 10))
+        source = tmp_path / "case.npy"
+        np.save(source, np.arange(720, dtype=np.int16).reshape(8, 9, 10))
+        here = convert_file(source, tmp_path / "here", settings=SETTINGS, reference=reference)
+        there = process(source, tmp_path / "there", settings=SETTINGS, reference=reference)
+        assert there.outputs == (tmp_path / "there" / "case.nii.gz",)
+        assert (there.shape_out, there.dtype_out) == (here.shape_out, here.dtype_out)
+        assert there.outputs[0].read_bytes() == here.outputs[0].read_bytes()
+
+    def test_a_rejection_crosses_with_its_code(
+        self, process: ConversionProcess, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """A ConversionError raised in the child is raised here, code and reference kept."""
+        reference = make_reference(shape=(8, 9, 10))
+        source = tmp_path / "case.npy"
+        np.save(source, np.zeros((3, 3, 3), np.float32))
+        with pytest.raises(ConversionError) as raised:
+            process(source, tmp_path, settings=SETTINGS, reference=reference)
+        assert raised.value.code is ErrorCode.SHAPE_MISMATCH
+        assert raised.value.reference == reference
+        assert "expected" in raised.value.message
+
+    def test_an_environmental_error_crosses_as_itself(
+        self, process: ConversionProcess, tmp_path: Path
+    ) -> None:
+        """An OSError in the child (an outbox that cannot be made) is raised here as is."""
+        source = tmp_path / "case.npy"
+        np.save(source, np.zeros((3, 3, 3), np.float32))
+        (tmp_path / "file").write_text("not a folder")
+        with pytest.raises(NotADirectoryError, match="file"):
+            process(source, tmp_path / "file" / "out", settings=SETTINGS, reference=None)
 
 
-def test_a_rejection_crosses_with_its_code(
-    process: ConversionProcess, tmp_path: Path, make_reference: MakeReference
-) -> None:
-    """A ConversionError raised in the child is raised here, code and reference kept."""
-    reference = make_reference(shape=(8, 9, 10))
-    source = tmp_path / "case.npy"
-    np.save(source, np.zeros((3, 3, 3), np.float32))
-    with pytest.raises(ConversionError) as raised:
-        process(source, tmp_path, settings=SETTINGS, reference=reference)
-    assert raised.value.code is ErrorCode.SHAPE_MISMATCH
-    assert raised.value.reference == reference
-    assert "expected" in raised.value.message
+class TestLifecycle:
+    """How a child starts, dies, is replaced and ends."""
 
+    def test_a_child_killed_mid_call_is_reported_and_replaced(
+        self, process: ConversionProcess, tmp_path: Path
+    ) -> None:
+        """Killed while converting: ChildProcessError (an OSError, so retried); the next
+        call runs in a new child."""
+        source = tmp_path / "case.npy"
+        np.save(source, np.zeros((3, 3, 3), np.uint8))
+        blocking = tmp_path / "reference.nii"
+        os.mkfifo(blocking)  # read first by the conversion: it waits for bytes that never come
+        first = process.pid
+        assert first is not None
+        raised: list[BaseException] = []
 
-def test_an_environmental_error_crosses_as_itself(
-    process: ConversionProcess, tmp_path: Path
-) -> None:
-    """An OSError in the child (an outbox that cannot be made) is raised here as is."""
-    source = tmp_path / "case.npy"
-    np.save(source, np.zeros((3, 3, 3), np.float32))
-    (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(NotADirectoryError, match="file"):
-        process(source, tmp_path / "file" / "out", settings=SETTINGS, reference=None)
+        def call() -> None:
+            try:
+                process(source, tmp_path / "out", settings=SETTINGS, reference=blocking)
+            except BaseException as error:
+                raised.append(error)
 
+        caller = threading.Thread(target=call)
+        caller.start()
+        writer = wait_for_reader(blocking)  # the child is in the call, reading the reference
+        os.kill(first, signal.SIGKILL)
+        caller.join(timeout=20)
+        os.close(writer)
+        assert len(raised) == 1
+        assert isinstance(raised[0], ChildProcessError)
+        assert "SIGKILL" in str(raised[0])
+        result = process(source, tmp_path / "out", settings=SETTINGS, reference=None)
+        assert result.outputs[0].exists()
+        assert process.pid not in (None, first)
 
-def test_a_child_killed_mid_call_is_reported_and_replaced(
-    process: ConversionProcess, tmp_path: Path
-) -> None:
-    """Killed while converting: ChildProcessError (an OSError, so retried); the next
-    call runs in a new child."""
-    source = tmp_path / "case.npy"
-    np.save(source, np.zeros((3, 3, 3), np.uint8))
-    blocking = tmp_path / "reference.nii"
-    os.mkfifo(blocking)  # read first by the conversion: it waits for bytes that never come
-    first = process.pid
-    assert first is not None
-    raised: list[BaseException] = []
+    def test_terminal_and_stop_signals_do_not_end_a_child(
+        self, process: ConversionProcess, tmp_path: Path
+    ) -> None:
+        """SIGINT and SIGTERM (a terminal's Ctrl-C, systemd's stop) are the service's to
+        handle: the child keeps serving until it is closed."""
+        pid = process.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
+        source = tmp_path / "case.npy"
+        np.save(source, np.zeros((3, 3, 3), np.uint8))
+        assert process(source, tmp_path, settings=SETTINGS, reference=None).outputs
+        assert process.pid == pid
 
-    def call() -> None:
-        try:
-            process(source, tmp_path / "out", settings=SETTINGS, reference=blocking)
-        except BaseException as error:
-            raised.append(error)
+    def test_close_ends_the_child(self, process: ConversionProcess) -> None:
+        """`close()` lets the child see the end of its input and exit."""
+        pid = process.pid
+        assert pid is not None
+        process.close()
+        assert process.pid is None
+        assert gone(pid)
 
-    caller = threading.Thread(target=call)
-    caller.start()
-    writer = wait_for_reader(blocking)  # the child is in the call, reading the reference
-    os.kill(first, signal.SIGKILL)
-    caller.join(timeout=20)
-    os.close(writer)
-    assert len(raised) == 1
-    assert isinstance(raised[0], ChildProcessError)
-    assert "SIGKILL" in str(raised[0])
-    result = process(source, tmp_path / "out", settings=SETTINGS, reference=None)
-    assert result.outputs[0].exists()
-    assert process.pid not in (None, first)
+    def test_a_child_dies_with_its_parent(self) -> None:
+        """kill -9 of the service leaves no conversion process behind."""
+        script = textwrap.dedent(
+            """
+            import time
+            from niftidrop.processes import ConversionProcess
+            process = ConversionProcess()
+            process.start()
+            process.wait_ready()
+            print(process.pid, flush=True)
+            time.sleep(120)
+            """
+        )
+        with subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+        ) as parent:
+            assert parent.stdout is not None
+            child = int(parent.stdout.readline())
+            assert not gone(child)
+            parent.kill()
+        wait_until(lambda: gone(child))
 
-
-def test_terminal_and_stop_signals_do_not_end_a_child(
-    process: ConversionProcess, tmp_path: Path
-) -> None:
-    """SIGINT and SIGTERM (a terminal's Ctrl-C, systemd's stop) are the service's to
-    handle: the child keeps serving until it is closed."""
-    pid = process.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGINT)
-    os.kill(pid, signal.SIGTERM)
-    source = tmp_path / "case.npy"
-    np.save(source, np.zeros((3, 3, 3), np.uint8))
-    assert process(source, tmp_path, settings=SETTINGS, reference=None).outputs
-    assert process.pid == pid
-
-
-def test_close_ends_the_child(process: ConversionProcess) -> None:
-    """`close()` lets the child see the end of its input and exit."""
-    pid = process.pid
-    assert pid is not None
-    process.close()
-    assert process.pid is None
-    assert gone(pid)
-
-
-def test_a_child_dies_with_its_parent(tmp_path: Path) -> None:
-    """kill -9 of the service leaves no conversion process behind."""
-    script = textwrap.dedent(
-        """
-        import time
-        from niftidrop.processes import ConversionProcess
+    def test_a_child_that_cannot_start_is_reported(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """No handshake (here: a program that exits at once) gives ChildProcessError."""
+        monkeypatch.setattr(sys, "executable", "/bin/false")
         process = ConversionProcess()
         process.start()
-        process.wait_ready()
-        print(process.pid, flush=True)
-        time.sleep(120)
-        """
-    )
-    with subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
-    ) as parent:
-        assert parent.stdout is not None
-        child = int(parent.stdout.readline())
-        assert not gone(child)
-        parent.kill()
-    wait_until(lambda: gone(child))
-
-
-def test_a_child_that_cannot_start_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No handshake (here: a program that exits at once) gives ChildProcessError."""
-    monkeypatch.setattr(sys, "executable", "/bin/false")
-    process = ConversionProcess()
-    process.start()
-    with pytest.raises(ChildProcessError, match="exit status 1"):
-        process.wait_ready()
-    assert process.pid is None
+        with pytest.raises(ChildProcessError, match="exit status 1"):
+            process.wait_ready()
+        assert process.pid is None
