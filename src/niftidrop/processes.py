@@ -87,10 +87,7 @@ class ConversionProcess:
         try:
             _send(_stream(child.stdin), request)
         except OSError:  # a broken pipe: the child is gone
-            status = self._end_child()
-            raise ChildProcessError(
-                f"conversion process {child.pid} ended ({_describe(status)})"
-            ) from None
+            raise self._ended(child) from None
         status, value = self._receive(child)
         if status == ERROR:
             raise value
@@ -113,10 +110,7 @@ class ConversionProcess:
 
     def kill(self) -> None:
         """End the child at once (a forced stop: its conversion is abandoned)."""
-        if self._child is not None:
-            with contextlib.suppress(OSError):
-                self._child.kill()
-        self.close()
+        self._end_child()
 
     def _running(self) -> subprocess.Popen[bytes]:
         if self._child is None:
@@ -128,20 +122,24 @@ class ConversionProcess:
         try:
             return pickle.load(_stream(child.stdout))
         except (EOFError, OSError, pickle.UnpicklingError):
-            status = self._end_child()
-        raise ChildProcessError(f"conversion process {child.pid} ended ({_describe(status)})")
+            raise self._ended(child) from None
 
-    def _end_child(self) -> int:
+    def _ended(self, child: subprocess.Popen[bytes]) -> ChildProcessError:
+        """End the child (if it is not yet reaped) and say how it ended."""
+        self._end_child()
+        status = child.wait()  # known even if another thread ended it
+        return ChildProcessError(f"conversion process {child.pid} ended ({_describe(status)})")
+
+    def _end_child(self) -> None:
         child, self._child = self._child, None
         if child is None:
-            return 0
+            return
         with contextlib.suppress(OSError):
             child.kill()
-        status = child.wait()
+        child.wait()
         for stream in (child.stdin, child.stdout):
             with contextlib.suppress(OSError):
                 _stream(stream).close()
-        return status
 
 
 def _send(stream: IO[bytes], message: bytes) -> None:
