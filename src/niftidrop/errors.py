@@ -24,6 +24,8 @@ class ErrorCode(StrEnum):
     AMBIGUOUS_REFERENCE = "ambiguous_reference"
     BAD_REFERENCE = "bad_reference"
     OUTPUT_CONFLICT = "output_conflict"
+    BAD_NAME = "bad_name"
+    CONVERSION_CRASHED = "conversion_crashed"
 
 
 class NiftidropError(Exception):

@@ -37,6 +37,12 @@ def _default_workers() -> int:
     return os.cpu_count() or 1
 
 
+def _default_max_memory() -> int:
+    from niftidrop.resources import available_memory
+
+    return available_memory() // 4
+
+
 class Settings(BaseSettings):
     """Every knob of niftidrop. The CLI, environment and TOML file only fill it."""
 
@@ -97,6 +103,17 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
     heartbeat_interval: float = Field(default=5.0, gt=0)
     metrics_address: str | None = Field(default=None, description="host:port for /metrics")
+    max_attempts: int = Field(
+        default=3, ge=1, description="tries of a conversion that crashes, then conversion_crashed"
+    )
+    max_memory: int = Field(
+        default_factory=_default_max_memory,
+        gt=0,
+        description="bytes each conversion process may allocate (default: 1/4 of the memory)",
+    )
+    conversion_timeout: float = Field(
+        default=600.0, gt=0, description="seconds one conversion may take (then: a crash)"
+    )
 
     @classmethod
     def settings_customise_sources(
