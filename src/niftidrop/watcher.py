@@ -254,7 +254,7 @@ class InboxWatcher:
 
         observer = PollingObserver(timeout=self._poll_interval)
         observer.schedule(
-            _PollingHandler(self._sightings, self._accept),
+            _PollingHandler(self.folder, self._sightings, self._accept),
             str(self.folder),
             recursive=self._recursive,
         )
@@ -263,9 +263,19 @@ class InboxWatcher:
 
 
 class _PollingHandler(FileSystemEventHandler):
-    """Runs on the polling observer's thread, so it only queues sightings."""
+    """Runs on the polling observer's thread, so it only queues sightings.
 
-    def __init__(self, sightings: queue.SimpleQueue[Sighting], accept: Callable[[str], bool]):
+    Hidden names are judged below `folder` only: the inbox itself may well lie
+    under a hidden folder (`~/.local/share/...`).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        sightings: queue.SimpleQueue[Sighting],
+        accept: Callable[[str], bool],
+    ) -> None:
+        self._folder = folder
         self._sightings = sightings
         self._accept = accept
 
@@ -274,7 +284,11 @@ class _PollingHandler(FileSystemEventHandler):
             return
         raw = event.dest_path if event.event_type == "moved" else event.src_path
         path = Path(os.fsdecode(raw))
-        if any(part.startswith(".") for part in path.parts):
+        try:
+            inside = path.relative_to(self._folder).parts
+        except ValueError:
+            return  # not below the watched folder: nothing of the inbox
+        if any(part.startswith(".") for part in inside):
             return
         if event.is_directory:
             if event.event_type != "modified":

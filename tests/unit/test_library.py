@@ -394,6 +394,22 @@ class TestLiveUpdates:
         assert matches(library, "added.npz", None)
         assert len(library) == 1
 
+    @pytest.mark.parametrize("observer", ["inotify", "polling"])
+    def test_library_below_a_hidden_folder(
+        self, tmp_path: Path, observer: str, started: list[ReferenceLibrary]
+    ) -> None:
+        """A hidden folder above the library (`~/.local/...`) hides none of its references
+        from the walk or the watch; hidden names inside it stay out."""
+        folder = tmp_path / ".local" / "library"
+        library = library_of(folder, "old.nii.gz", observer=observer, poll_interval=0.1)
+        library.start()
+        started.append(library)
+        touch(folder, ".cache/hidden.nii.gz")
+        (added,) = touch(folder, "sub/added.nii.gz")
+        wait_until(lambda: matches(library, "added.npz", added), "an added reference")
+        assert matches(library, "old.npz", folder / "old.nii.gz")
+        assert matches(library, "hidden.npz", None)
+
     def test_folders_moved_in_and_out(
         self, tmp_path: Path, started: list[ReferenceLibrary]
     ) -> None:

@@ -340,3 +340,20 @@ class TestInboxWatcher:
             assert all(kind is not Seen.FINISHED for _, kind in seen)
         finally:
             watcher.stop()
+
+    def test_polling_inbox_below_a_hidden_folder_reports_files(self, tmp_path: Path) -> None:
+        """A hidden folder above the inbox (`~/.local/...`) hides nothing from polling;
+        hidden names inside the inbox stay hidden."""
+        inbox = tmp_path / ".local" / "inbox"
+        (inbox / ".state").mkdir(parents=True)
+        sightings: queue.SimpleQueue[Sighting] = queue.SimpleQueue()
+        watcher = InboxWatcher(inbox, sightings, observer="polling", poll_interval=0.1)
+        watcher.start()
+        try:
+            np.save(inbox / ".state" / "claimed.npy", np.zeros(3))
+            np.save(inbox / ".hidden.npy", np.zeros(3))
+            np.save(inbox / "a.npy", np.zeros(3))
+            seen = self.collect(sightings, lambda s: (inbox / "a.npy", Seen.WRITTEN) in s)
+            assert {path.name for path, _ in seen} == {"a.npy"}
+        finally:
+            watcher.stop()
