@@ -249,19 +249,38 @@ def arrange(
     elif core.ndim == len(expected) + 1 and core.shape[1:] == expected:
         channels, channels_first = core.shape[0], True
     else:
-        order = " in z, y, x order" if axis_order == "zyx" else ""
-        raise ConversionError(
-            ErrorCode.SHAPE_MISMATCH,
-            f"{name}: expected shape {spatial}{order} (optionally with a channel axis first "
-            f"or last) to match reference {reference or 'geometry'}, found {data.shape}",
-            reference=reference,
-        )
+        raise _shape_mismatch(data.shape, spatial, axis_order, name, reference)
     if channels_first:
         core = np.moveaxis(core, 0, -1)
     if axis_order == "zyx":
         axes = list(range(len(kept)))[::-1] + ([len(kept)] if channels else [])
         core = core.transpose(axes)
     return core.reshape(spatial + ((channels,) if channels else ()))
+
+
+def _shape_mismatch(
+    shape: tuple[int, ...],
+    spatial: tuple[int, int, int],
+    axis_order: Literal["xyz", "zyx"],
+    name: str,
+    reference: Path | None,
+) -> ConversionError:
+    """SHAPE_MISMATCH showing the shape wanted in the order the array must have, with a
+    hint at `axis_order` when the array's spatial axes are the wanted ones reversed."""
+    wanted = spatial[::-1] if axis_order == "zyx" else spatial
+    order = "z, y, x" if axis_order == "zyx" else "x, y, z"
+    hint = ""
+    kept = tuple(n for n in wanted if n != 1)
+    core = tuple(n for n in shape if n != 1)
+    if kept != kept[::-1] and kept[::-1] in (core, core[:-1], core[1:]):
+        other = "xyz" if axis_order == "zyx" else "zyx"
+        hint = f'; its spatial axes look reversed: set axis_order = "{other}"'
+    return ConversionError(
+        ErrorCode.SHAPE_MISMATCH,
+        f"{name}: expected shape {wanted} in {order} order (optionally with a channel axis "
+        f"first or last) to match reference {reference or 'geometry'}, found {shape}{hint}",
+        reference=reference,
+    )
 
 
 def _spatial_without_reference(shape: tuple[int, ...], name: str) -> tuple[int, int, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -345,6 +345,34 @@ class TestShapes:
         assert "(4, 5, 6)" in message
         assert "ref.nii.gz" in message
         assert "pred.npy" in message
+
+    def test_zyx_mismatch_shows_the_zyx_shape_wanted(self) -> None:
+        """With axis_order=zyx the message shows the shape wanted in z, y, x order."""
+        with pytest.raises(ConversionError) as caught:
+            arrange(np.zeros((7, 5, 4)), self.S, "zyx", "pred.npy", Path("ref.nii.gz"))
+        message = str(caught.value)
+        assert "expected shape (6, 5, 4) in z, y, x order" in message
+        assert "found (7, 5, 4)" in message
+        assert "reversed" not in message
+
+    @pytest.mark.parametrize(
+        ("axis_order", "shape", "other"),
+        [
+            ("xyz", (6, 5, 4), "zyx"),
+            ("xyz", (6, 5, 4, 2), "zyx"),
+            ("xyz", (2, 1, 6, 5, 4), "zyx"),
+            ("zyx", (4, 5, 6), "xyz"),
+        ],
+    )
+    def test_reversed_spatial_axes_hint_at_axis_order(
+        self, axis_order: Literal["xyz", "zyx"], shape: tuple[int, ...], other: str
+    ) -> None:
+        """An array whose spatial shape is the wanted one reversed is told which
+        axis_order would fit."""
+        with pytest.raises(ConversionError) as caught:
+            arrange(np.zeros(shape), self.S, axis_order, "pred.npy", Path("ref.nii.gz"))
+        assert caught.value.code is ErrorCode.SHAPE_MISMATCH
+        assert f'set axis_order = "{other}"' in str(caught.value)
 
     def test_reference_with_singleton_spatial_axis(self) -> None:
         """A 2-D reference (z = 1) accepts a 2-D array."""
