@@ -94,7 +94,7 @@ def convert_file(
     source = Path(source)
     stem = stem or input_stem(source)
     extension = ".nii.gz" if settings.compress else ".nii"
-    ref = read_reference(reference) if reference is not None else None
+    ref = read_reference(reference, input_name=source.name) if reference is not None else None
     array = open_input(source, npz_key=settings.npz_key, max_input_bytes=settings.max_input_bytes)
     plan = plan_conversion(
         array,
@@ -109,10 +109,7 @@ def convert_file(
     if settings.on_conflict == "fail":
         for final in finals:
             if final.exists():
-                raise ConversionError(
-                    ErrorCode.OUTPUT_CONFLICT,
-                    f"{final}: expected no file under this name (on_conflict = fail), found one",
-                )
+                raise _output_conflict(source.name, final)
     temps: list[Path] = []
     try:
         # Every output is complete on disk before the first one gets its final name.
@@ -129,7 +126,7 @@ def convert_file(
                 )
             )
         outputs = tuple(
-            commit(temp, final, on_conflict=settings.on_conflict, fsync=settings.fsync)
+            _commit(temp, final, settings=settings, input_name=source.name)
             for temp, final in zip(temps, finals, strict=True)
         )
     finally:
@@ -157,6 +154,24 @@ def convert_file(
         bytes_out=sum(output.stat().st_size for output in outputs),
         seconds=time.perf_counter() - started,
     )
+
+
+def _output_conflict(input_name: str, final: Path) -> ConversionError:
+    return ConversionError(
+        ErrorCode.OUTPUT_CONFLICT,
+        f"{input_name}: expected no file at output {final} (on_conflict = fail), found one",
+    )
+
+
+def _commit(temp: Path, final: Path, *, settings: Settings, input_name: str) -> Path:
+    """`commit`, with an output conflict (a file that appeared since the check above)
+    naming the input too."""
+    try:
+        return commit(temp, final, on_conflict=settings.on_conflict, fsync=settings.fsync)
+    except ConversionError as error:
+        if error.code is not ErrorCode.OUTPUT_CONFLICT:
+            raise
+        raise _output_conflict(input_name, final) from None
 
 
 def _write_sidecar(

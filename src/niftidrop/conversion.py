@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Final, Literal
 
 import isal.igzip
 import nibabel
@@ -66,47 +66,56 @@ class Reference:
         return (padded[0], padded[1], padded[2])
 
 
-def read_reference(path: Path) -> Reference:
+def read_reference(path: Path, *, input_name: str | None = None) -> Reference:
     """The reference at `path`, cached while the file is unchanged.
 
-    Raises ConversionError BAD_REFERENCE when nibabel cannot read it as NIfTI.
+    Raises ConversionError BAD_REFERENCE when nibabel cannot read it as NIfTI; the
+    message names `input_name` too, the input the reference was wanted for.
     """
+    subject = f"{input_name}: reference {path}" if input_name else str(path)
     try:
         stat = path.stat()
     except FileNotFoundError:
         raise ConversionError(
             ErrorCode.BAD_REFERENCE,
-            f"{path}: expected a reference NIfTI file, found nothing",
+            f"{subject}: expected a reference NIfTI file, found nothing",
             reference=path,
         ) from None
-    return _read_reference_cached(path, stat.st_mtime_ns, stat.st_size, stat.st_ino)
-
-
-@functools.lru_cache(maxsize=256)
-def _read_reference_cached(path: Path, mtime_ns: int, size: int, inode: int) -> Reference:
-    del mtime_ns, size, inode  # only part of the cache key
     try:
-        header = _read_header(path)
-        shape = tuple(int(n) for n in header.get_data_shape())
-        header = header.as_byteswapped("<") if header.endianness == ">" else header
-    except (
-        nib.filebasedimages.ImageFileError,
-        ValueError,
-        TypeError,
-        EOFError,
-        isal_zlib.error,
-    ) as exc:
+        return _read_reference_cached(path, stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    except _UNREADABLE as exc:
         raise ConversionError(
             ErrorCode.BAD_REFERENCE,
-            f"{path}: expected a readable NIfTI-1 or NIfTI-2 file, found {exc}",
+            f"{subject}: expected a readable NIfTI-1 or NIfTI-2 file, found {exc}",
             reference=path,
         ) from None
     except OSError as exc:
         if isinstance(exc, PermissionError):
-            raise
+            raise  # transient: the service retries it
         raise ConversionError(
-            ErrorCode.BAD_REFERENCE, f"{path}: unreadable reference ({exc})", reference=path
+            ErrorCode.BAD_REFERENCE,
+            f"{subject}: expected a readable file, found an error reading it ({exc})",
+            reference=path,
         ) from None
+
+
+# What nibabel and the gzip reader raise for bytes that are no NIfTI file.
+_UNREADABLE: Final = (
+    nib.filebasedimages.ImageFileError,
+    ValueError,
+    TypeError,
+    EOFError,
+    isal_zlib.error,
+)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_reference_cached(path: Path, mtime_ns: int, size: int, inode: int) -> Reference:
+    """Failures are raised as they come (lru_cache keeps no exceptions)."""
+    del mtime_ns, size, inode  # only part of the cache key
+    header = _read_header(path)
+    shape = tuple(int(n) for n in header.get_data_shape())
+    header = header.as_byteswapped("<") if header.endianness == ">" else header
     return Reference(path=path, header=header, shape=shape)
 
 

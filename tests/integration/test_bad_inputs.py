@@ -132,8 +132,9 @@ class TestBadInputs:
         for name, code in expected.items():
             record = json.loads((root / "failed" / f"{name}.error.json").read_text())
             assert record["error"] == code
-            # Reference and output problems name that file; all others name the input.
+            # Every message names the input; reference and output problems that file too.
             named = {"bad_reference": "broken.nii.gz", "output_conflict": "conflict.nii.gz"}
+            assert name in record["message"], record
             assert named.get(code, name) in record["message"], record
             assert record["input"] == name
         twin = json.loads((root / "failed" / "twin.npy.error.json").read_text())

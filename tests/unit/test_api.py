@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+import niftidrop.api
 from niftidrop import ConversionError, ErrorCode, convert_file, nifti_to_numpy, numpy_to_nifti
 from niftidrop.settings import Settings
 
@@ -101,6 +103,45 @@ class TestConvertFile:
             convert_file(source, out, settings=_settings(on_conflict="fail"), reference=reference)
         assert caught.value.code is ErrorCode.OUTPUT_CONFLICT
         assert first.outputs[0].read_bytes() == before
+
+    def test_output_conflict_names_the_input_and_the_output(
+        self, tmp_path: Path, make_reference: MakeReference, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An output conflict names the input and the output, whether the output was
+        there before the conversion or appeared while it was written."""
+        reference = make_reference(shape=(4, 5, 6))
+        source = _saved(tmp_path / "case7.npy", np.zeros((4, 5, 6), np.uint8))
+        out = tmp_path / "out"
+        out.mkdir()
+        taken = out / "case7.nii.gz"
+        settings = _settings(on_conflict="fail")
+        real_write_temp = niftidrop.api.write_temp
+
+        def write_then_conflict(final: Path, *args: Any, **kwargs: Any) -> Path:
+            temp = real_write_temp(final, *args, **kwargs)
+            final.write_bytes(b"a late arrival")
+            return temp
+
+        monkeypatch.setattr(niftidrop.api, "write_temp", write_then_conflict)
+        for situation in ("appeared", "there before"):
+            with pytest.raises(ConversionError) as caught:
+                convert_file(source, out, settings=settings, reference=reference)
+            assert caught.value.code is ErrorCode.OUTPUT_CONFLICT, situation
+            assert "case7.npy" in caught.value.message, situation
+            assert str(taken) in caught.value.message, situation
+            monkeypatch.undo()
+        assert taken.read_bytes() == b"a late arrival"
+
+    def test_bad_reference_names_the_input_and_the_reference(self, tmp_path: Path) -> None:
+        """A reference that is no NIfTI file fails naming the input and the reference."""
+        reference = tmp_path / "broken.nii.gz"
+        reference.write_bytes(b"not a NIfTI file" * 40)
+        source = _saved(tmp_path / "case8.npy", np.zeros((4, 5, 6), np.uint8))
+        with pytest.raises(ConversionError) as caught:
+            convert_file(source, tmp_path / "out", settings=_settings(), reference=reference)
+        assert caught.value.code is ErrorCode.BAD_REFERENCE
+        assert "case8.npy" in caught.value.message
+        assert str(reference) in caught.value.message
 
     def test_reprocessing_gives_identical_bytes(
         self, tmp_path: Path, make_reference: MakeReference

@@ -496,6 +496,15 @@ class TestReference:
             assert caught.value.code is ErrorCode.BAD_REFERENCE
             assert caught.value.reference == path
 
+    def test_messages_name_the_input_when_given(self, tmp_path: Path) -> None:
+        """BAD_REFERENCE names the input the reference was wanted for, and the reference."""
+        garbage = tmp_path / "g.nii.gz"
+        garbage.write_bytes(gzip.compress(b"x" * 400))
+        for path in (garbage, tmp_path / "missing.nii"):
+            with pytest.raises(ConversionError) as caught:
+                read_reference(path, input_name="case3.npy")
+            assert caught.value.message.startswith(f"case3.npy: reference {path}: expected")
+
     def test_cache_follows_changes(self, tmp_path: Path, make_reference: MakeReference) -> None:
         """The cached header is re-read when the reference file changes."""
         path = make_reference("r.nii", shape=(2, 2, 2))
