@@ -80,6 +80,7 @@ def _cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     for folder in settings.library_dirs:
         if not folder.is_dir():
             problems.append(f"library: {folder} is not a folder")
+    problems.extend(settings.folder_overlaps())
     effective = settings.model_dump(mode="json")
     print(json.dumps(effective, indent=2, sort_keys=True))
     for problem in problems:

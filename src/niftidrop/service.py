@@ -234,6 +234,7 @@ class Service:
 
     def startup(self) -> None:
         settings = self.settings
+        settings.check_folders()  # before any folder is created inside another
         self.spool.create_folders()
         self._create_library_folders()
         self.spool.lock()

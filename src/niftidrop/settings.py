@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal, NamedTuple
 
 import numpy as np
 from pydantic import Field, ValidationError, field_validator
@@ -235,10 +235,89 @@ class Settings(BaseSettings):
             return self.inbox_dir / ".niftidrop"
         return self.resolve(self.state_dir)
 
+    def folder_overlaps(self) -> list[str]:
+        """Every pair of folders that lie one inside the other where niftidrop would
+        feed on its own files (an archive inside the inbox converts its inputs again
+        and again; a library holding the outbox takes outputs for references).
+
+        Folders are compared as real paths (symlinks resolved). A folder may lie in
+        a hidden folder (a name starting with ".") of another: niftidrop never
+        enters, indexes or writes hidden folders there, which is why the default
+        state folder, `<inbox>/.niftidrop`, is fine. Anything inside a non-recursive
+        inbox's subfolders is out of its sight too. The state folder holds nothing
+        but niftidrop's work files. Library folders may overlap each other.
+        """
+        folders = [
+            ("inbox", self.inbox_dir),
+            ("outbox", self.outbox_dir),
+            ("archive", self.archive_dir),
+            ("failed", self.failed_dir),
+            ("state_dir", self.state_path),
+            *(("library", folder) for folder in self.library_dirs),
+        ]
+        placed = [_Placed(name, path, Path(os.path.realpath(path))) for name, path in folders]
+        problems = []
+        for number, first in enumerate(placed):
+            for second in placed[number + 1 :]:
+                if first.name == second.name == "library":
+                    continue
+                problem = _overlap(first, second, self.recursive) or _overlap(
+                    second, first, self.recursive
+                )
+                if problem is not None:
+                    problems.append(problem)
+        return problems
+
+    def check_folders(self) -> None:
+        """Raise ConfigError naming every overlap of `folder_overlaps`."""
+        problems = self.folder_overlaps()
+        if problems:
+            raise ConfigError("overlapping folders: " + "; ".join(problems))
+
     @property
     def threads(self) -> int:
         """Compression threads, `compression_threads` or one per CPU."""
         return self.compression_threads or (os.cpu_count() or 1)
+
+
+class _Placed(NamedTuple):
+    """A folder setting: its name, its path as configured, and its real path."""
+
+    name: str
+    path: Path
+    real: Path
+
+    def __str__(self) -> str:
+        shown = f"{self.name} {str(self.path)!r}"
+        return shown if self.real == self.path else f"{shown} (really {str(self.real)!r})"
+
+
+# Why a folder may not lie inside each kind of folder.
+_WHY_NOT_INSIDE: Final = {
+    "inbox": "files niftidrop puts there would be taken for new inputs",
+    "outbox": "niftidrop writes outputs there under the inputs' relative paths",
+    "archive": "niftidrop moves converted inputs there under their relative paths",
+    "failed": "niftidrop moves rejected inputs there under their relative paths",
+    "library": "every NIfTI file below it is indexed as a reference",
+    "state_dir": "it holds niftidrop's own work files and nothing else",
+}
+
+
+def _overlap(inner: _Placed, outer: _Placed, recursive: bool) -> str | None:
+    """Why `inner` may not lie where it does relative to `outer`; None if it may."""
+    if inner.real == outer.real:
+        return f"{inner} and {outer} are the same folder: each needs a folder of its own"
+    if not inner.real.is_relative_to(outer.real):
+        return None
+    hidden = any(part.startswith(".") for part in inner.real.relative_to(outer.real).parts)
+    if outer.name == "state_dir":
+        return f"{inner} is inside {outer}: {_WHY_NOT_INSIDE[outer.name]}; move it out"
+    if hidden or (outer.name == "inbox" and not recursive):
+        return None
+    return (
+        f"{inner} is inside {outer}: {_WHY_NOT_INSIDE[outer.name]}; move it out, "
+        f"or into a hidden folder there (a name starting with '.')"
+    )
 
 
 def find_config_file(explicit: Path | None = None) -> Path | None:

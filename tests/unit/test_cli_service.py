@@ -115,6 +115,47 @@ class TestRunOnce:
         assert "file system" in capsys.readouterr().err
 
 
+class TestOverlappingFolders:
+    @pytest.mark.parametrize(
+        ("option", "value", "inside"),
+        [
+            ("--archive", "inbox/archive", "inbox"),
+            ("--failed", "inbox/failed", "inbox"),
+            ("--state-dir", "inbox/state", "inbox"),
+            ("--outbox", "library/out", "library"),
+        ],
+    )
+    def test_run_refuses_them_with_exit_2(
+        self,
+        root: Path,
+        capsys: pytest.CaptureFixture[str],
+        option: str,
+        value: str,
+        inside: str,
+    ) -> None:
+        """A folder inside the inbox or the library is refused before anything is
+        created or converted, naming both settings and both paths."""
+        drop(root, "case1.npy")
+        code = main(["run", "--once", *flags(root), option, value])
+        assert code == ExitCode.BAD_CONFIG
+        err = capsys.readouterr().err
+        setting = option.removeprefix("--").replace("-", "_")
+        assert f"{setting} {str(root / value)!r} is inside {inside} {str(root / inside)!r}" in err
+        assert not (root / value).exists()
+        assert (root / "inbox" / "case1.npy").is_file()
+
+    def test_check_reports_them(self, root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """`niftidrop check` reports the same overlap and exits 2."""
+        assert main(["check", *flags(root), "--archive", "inbox/archive"]) == ExitCode.BAD_CONFIG
+        assert "archive" in capsys.readouterr().err
+
+    def test_hidden_state_folder_in_the_inbox_is_fine(self, root: Path) -> None:
+        """The default state folder, hidden inside the inbox, is accepted."""
+        drop(root, "case1.npy")
+        assert main(["run", "--once", *flags(root)]) == ExitCode.OK
+        assert main(["check", *flags(root)]) == ExitCode.OK
+
+
 class TestStatusAndHealth:
     def test_status_counts_each_folder(
         self, root: Path, capsys: pytest.CaptureFixture[str]

@@ -92,3 +92,79 @@ class TestValidation:
     def test_dtype_is_normalised(self) -> None:
         """Dtype names are stored in NumPy's spelling."""
         assert load_settings(dtype="f4").dtype == "float32"
+
+
+class TestFolderOverlaps:
+    @pytest.mark.parametrize(
+        ("values", "named"),
+        [
+            ({"archive": "inbox/archive"}, ("archive", "inbox")),
+            ({"failed": "inbox/failed"}, ("failed", "inbox")),
+            ({"outbox": "inbox/sub/outbox"}, ("outbox", "inbox")),
+            ({"state_dir": "inbox/state"}, ("state_dir", "inbox")),
+            ({"library": ["shared"], "outbox": "shared/out"}, ("outbox", "library")),
+            ({"library": ["outbox/refs"]}, ("library", "outbox")),
+            ({"library": ["refs", "inbox/refs"]}, ("library", "inbox")),
+            ({"inbox": "archive/in"}, ("inbox", "archive")),
+            ({"outbox": "failed"}, ("outbox", "failed")),
+            ({"archive": "inbox/.niftidrop/archive"}, ("archive", "state_dir")),
+            ({"state_dir": "archive/state"}, ("state_dir", "archive")),
+            ({"outbox": "archive/.outputs"}, ()),
+        ],
+    )
+    def test_overlaps_are_named(
+        self, tmp_path: Path, values: dict[str, object], named: tuple[str, ...]
+    ) -> None:
+        """A folder inside another where niftidrop would feed on its own files is
+        refused, naming both settings and both paths; hidden folders are fine."""
+        settings = load_settings(root=tmp_path, **values)
+        problems = settings.folder_overlaps()
+        if not named:
+            assert problems == []
+            settings.check_folders()
+            return
+        assert len(problems) == 1, problems
+        paths = {
+            "inbox": settings.inbox_dir,
+            "outbox": settings.outbox_dir,
+            "archive": settings.archive_dir,
+            "failed": settings.failed_dir,
+            "state_dir": settings.state_path,
+            "library": settings.library_dirs[-1],
+        }
+        for setting in named:
+            assert f"{setting} {str(paths[setting])!r}" in problems[0]
+        with pytest.raises(ConfigError, match="overlapping folders"):
+            settings.check_folders()
+
+    @pytest.mark.parametrize(
+        "values",
+        [
+            {},
+            {"state_dir": "inbox/.state"},
+            {"archive": "inbox/.done", "failed": "inbox/.failed", "outbox": "inbox/.out"},
+            {"library": ["inbox/.refs", "refs", "refs/sub"]},
+            {"recursive": False, "archive": "inbox/archive", "state_dir": "inbox/state"},
+            {"inbox": "outbox/.inbox"},
+        ],
+    )
+    def test_safe_layouts_are_accepted(self, tmp_path: Path, values: dict[str, object]) -> None:
+        """The hidden default state folder, hidden folders inside the inbox, overlapping
+        library folders, and subfolders of a non-recursive inbox are all fine."""
+        assert load_settings(root=tmp_path, **values).folder_overlaps() == []
+
+    def test_symlinks_are_resolved(self, tmp_path: Path) -> None:
+        """An archive that is a symlink into the inbox is inside the inbox."""
+        (tmp_path / "inbox" / "done").mkdir(parents=True)
+        (tmp_path / "archive").symlink_to(tmp_path / "inbox" / "done")
+        (problem,) = load_settings(root=tmp_path).folder_overlaps()
+        assert problem.startswith(f"archive '{tmp_path / 'archive'}' (really ")
+        assert f"inside inbox '{tmp_path / 'inbox'}'" in problem
+
+    def test_same_folder(self, tmp_path: Path) -> None:
+        """Two settings naming one folder are refused."""
+        (problem,) = load_settings(root=tmp_path, archive="failed").folder_overlaps()
+        assert problem == (
+            f"archive {str(tmp_path / 'failed')!r} and failed {str(tmp_path / 'failed')!r} "
+            "are the same folder: each needs a folder of its own"
+        )
