@@ -10,7 +10,6 @@ half of a change; a full rebuild is swapped in at once.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import re
@@ -35,7 +34,7 @@ from watchdog.events import (
 )
 
 from niftidrop.errors import ConversionError, ErrorCode
-from niftidrop.observers import is_within, make_observer, needs_polling
+from niftidrop.observers import FolderWatches, is_within, make_observer, needs_polling
 from niftidrop.reference_index import (
     FolderSnapshot,
     ReferenceIndex,
@@ -46,7 +45,7 @@ from niftidrop.reference_index import (
 )
 
 if TYPE_CHECKING:
-    from watchdog.observers.api import BaseObserver, ObservedWatch
+    from watchdog.observers.api import BaseObserver
 
     from niftidrop.settings import Settings
 
@@ -144,7 +143,9 @@ class ReferenceLibrary:
         self._watcher: BaseObserver | None = None
         self._linked: list[str] = []  # symlinked folders found by the last walk
         self._snapshots: dict[str, FolderSnapshot] = {}  # folders of the last walk
-        self._linked_watches: dict[str, ObservedWatch] = {}  # by real path
+        self._watches: FolderWatches | None = None  # while started; changed under _writer
+        self._linked_watched: set[str] = set()  # the symlinked folders among them
+        self._renew_due = False  # a watched folder went: look for it every poll_interval
         self._updater: threading.Thread | None = None
 
     @classmethod
@@ -390,7 +391,10 @@ class ReferenceLibrary:
     def start(self, rescan_interval: float | None = None) -> None:
         """Keep the index current: watch the folders and rescan every `rescan_interval`.
 
-        Builds the index first if `build()` was never called. Idempotent.
+        The watch is live before the folders are walked (a full build if `build()`
+        was never called, else a rescan), so a reference added meanwhile is seen by
+        the walk or by its event; applying both is harmless, as every change is
+        checked against the disk. Idempotent.
         """
         with self._lifecycle:
             if self._watcher is not None:
@@ -398,20 +402,15 @@ class ReferenceLibrary:
             interval = rescan_interval if rescan_interval is not None else self.rescan_interval
             self._changes = queue.SimpleQueue()
             watcher = make_observer(self.observer, self.poll_interval, self._roots)
-            for root in self._roots:
-                if _has_mode(root, stat.S_ISDIR):
-                    # Watch the real folder: a watch on a symlink sees the link, not
-                    # its contents. Events are renamed back to the configured path.
-                    real = os.path.realpath(root)
-                    seen_as = (real, root) if real != root else None
-                    handler = _ChangeHandler(self._changes, self._key_of, seen_as=seen_as)
-                    watcher.schedule(handler, real, recursive=True, event_filter=NAME_EVENTS)
             watcher.start()
             self._watcher = watcher
-            self._linked_watches = {}
+            with self._writer:
+                self._watches = FolderWatches(watcher, self._handler_for, NAME_EVENTS)
+                self._linked_watched = set()
+                watched = [self._watches.watch(root) for root in self._roots]
+                self._renew_due = not all(watched)  # a missing folder is watched once made
             if self._built:
-                with self._writer:
-                    self._watch_linked_folders()
+                self.rescan()
             else:
                 self.build()
             self._updater = threading.Thread(
@@ -432,37 +431,57 @@ class ReferenceLibrary:
                 self._changes.put(None)
                 updater.join()
             self._watcher = self._updater = None
-            self._linked_watches = {}
+            with self._writer:
+                self._watches = None
+                self._linked_watched = set()
             if watcher is not None:
                 watcher.stop()
                 watcher.join()
+
+    def renew_watches(self) -> list[Path]:
+        """Watch again every library folder whose watch was lost, and index what it holds.
+
+        A watch ends when its folder is deleted, and follows the folder when it is
+        renamed away; a folder made again at the same path would never be watched.
+        Called at every periodic rescan (and, while a watched folder is missing,
+        every `poll_interval`); returns the folders watched again.
+        """
+        with self._writer:
+            if self._watches is None:
+                return []
+            renewed, still_lost = self._watches.renew_lost()
+            self._renew_due = still_lost
+        if renewed:
+            self.rescan()  # after the new watch is live: nothing falls in between
+        return [Path(path) for path in renewed]
+
+    def _handler_for(self, real: str, path: str) -> _ChangeHandler:
+        """The handler of a watch on folder `real`, reached (and indexed) as `path`."""
+        seen_as = (real, path) if real != path else None
+        return _ChangeHandler(self._changes, self._key_of, seen_as=seen_as)
 
     def _watch_linked_folders(self) -> None:
         """Watch symlinked folders that lead out of the library folders.
 
         The observer does not follow symlinks (it could loop), so each such folder
         gets a watch on its real path whose events are renamed back to the path
-        the index knows. Called by the writer after every build.
+        the index knows. Called by the writer after every walk.
         """
-        watcher = self._watcher
-        if watcher is None:
+        watches = self._watches
+        if watches is None:
             return
         real_roots = [os.path.realpath(root) for root in self._roots]
-        wanted: dict[str, str] = {}
+        wanted: dict[str, str] = {}  # one watch per real folder, however many links lead there
         for link in self._linked:
             real = os.path.realpath(link)
             if not any(is_within(real, root) for root in real_roots):
                 wanted.setdefault(real, link)
-        for real in set(self._linked_watches) - set(wanted):
-            with contextlib.suppress(KeyError, OSError):  # its emitter may be gone already
-                watcher.unschedule(self._linked_watches.pop(real))
-        for real, link in wanted.items():
-            if real not in self._linked_watches:
-                handler = _ChangeHandler(self._changes, self._key_of, seen_as=(real, link))
-                with contextlib.suppress(OSError):  # vanished meanwhile: the rescan retries
-                    self._linked_watches[real] = watcher.schedule(
-                        handler, real, recursive=True, event_filter=NAME_EVENTS
-                    )
+        links = set(wanted.values())
+        for link in self._linked_watched - links:
+            watches.forget(link)
+        for link in links - self._linked_watched:
+            watches.watch(link)
+        self._linked_watched = links
 
     def __enter__(self) -> ReferenceLibrary:
         self.start()
@@ -477,21 +496,33 @@ class ReferenceLibrary:
         self.stop()
 
     def _follow_changes(self, interval: float) -> None:
-        """The single writer thread: applies queued changes, rebuilds every `interval`."""
+        """The single writer thread: applies queued changes, rebuilds every `interval`,
+        and renews lost watches (before each rescan, so the rescan sees what a new
+        watch may have missed)."""
         next_rescan = time.monotonic() + interval
         while True:
+            wake = next_rescan
+            if self._renew_due:
+                wake = min(wake, time.monotonic() + self.poll_interval)
             try:
-                change = self._changes.get(timeout=max(0.0, next_rescan - time.monotonic()))
+                change = self._changes.get(timeout=max(0.0, wake - time.monotonic()))
             except queue.Empty:
-                self.rescan()
-                next_rescan = time.monotonic() + interval
+                renewed = self.renew_watches()
+                if time.monotonic() >= next_rescan:
+                    if not renewed:  # else `renew_watches` rescanned already
+                        self.rescan()
+                    next_rescan = time.monotonic() + interval
                 continue
             batch = [change]
             while not self._changes.empty():
                 batch.append(self._changes.get_nowait())
             if None in batch:
                 return
-            self._apply(item for item in batch if item is not None)
+            changes = [item for item in batch if item is not None]
+            self._apply(changes)
+            watches = self._watches
+            if watches is not None and any(folder and path in watches for path, folder in changes):
+                self._renew_due = True  # a watched folder itself changed: its watch may be gone
 
 
 class _ChangeHandler(FileSystemEventHandler):

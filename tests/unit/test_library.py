@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -556,6 +557,98 @@ class TestLiveUpdates:
             wait_until(lambda: len(library) == 1, "a reference added inside `with`")
         library.stop()
         library.stop()
+
+
+class TestStartOrder:
+    def test_start_after_build_sees_what_changed_in_between(
+        self, tmp_path: Path, started: list[ReferenceLibrary]
+    ) -> None:
+        """A reference added after `build()` but before `start()` is indexed by the
+        time `start()` returns, though no rescan is due for an hour."""
+        library = library_of(tmp_path, "early.nii.gz")
+        (late,) = touch(tmp_path, "late.nii.gz")
+        library.start(rescan_interval=3600.0)
+        started.append(library)
+        assert matches(library, "late.npz", late)
+
+    def test_changes_while_the_first_walk_runs_are_applied_once(
+        self, tmp_path: Path, started: list[ReferenceLibrary], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """References added and removed while `start()` walks the library (after the
+        watch is live) end up indexed as they are on disk, each once."""
+        touch(tmp_path, "gone.nii.gz", "kept.nii.gz")
+        library = ReferenceLibrary([tmp_path])
+        real_build = library.build
+
+        def build_while_things_change() -> None:
+            touch(tmp_path, "before_walk.nii.gz")  # seen by the walk and by its event
+            real_build()
+            touch(tmp_path, "after_walk.nii.gz")  # seen by its event only
+            (tmp_path / "gone.nii.gz").unlink()
+
+        monkeypatch.setattr(library, "build", build_while_things_change)
+        library.start(rescan_interval=3600.0)
+        started.append(library)
+        wait_until(
+            lambda: matches(library, "after_walk.npz", tmp_path / "after_walk.nii.gz"),
+            "a reference added after the walk",
+        )
+        wait_until(lambda: matches(library, "gone.npz", None), "a reference removed")
+        assert len(library) == 3
+        assert library.match("before_walk.npz").candidates == (tmp_path / "before_walk.nii.gz",)
+
+
+class TestLostWatches:
+    @pytest.mark.parametrize("observer", ["inotify", "polling"])
+    def test_folder_deleted_and_made_again_is_watched_again(
+        self, tmp_path: Path, observer: str, started: list[ReferenceLibrary]
+    ) -> None:
+        """The library folder removed and made again: its new references are seen
+        (without a rescan for an hour), first those made with it, then later ones."""
+        folder = tmp_path / "library"
+        library = library_of(folder, "old.nii.gz", observer=observer, poll_interval=0.1)
+        library.start(rescan_interval=3600.0)
+        started.append(library)
+        shutil.rmtree(folder)
+        wait_until(lambda: len(library) == 0, "the removed folder's references forgotten")
+        (first,) = touch(folder, "first.nii.gz")
+        wait_until(lambda: matches(library, "first.npz", first), "a reference in the new folder")
+        (later,) = touch(folder, "sub/later.nii.gz")
+        wait_until(lambda: matches(library, "later.npz", later), "a later reference")
+        assert len(library) == 2
+
+    def test_folder_renamed_away_and_replaced_is_watched_again(
+        self, tmp_path: Path, started: list[ReferenceLibrary]
+    ) -> None:
+        """A library folder renamed away and replaced is found at the next check: the
+        new folder is watched and indexed, the old one's files stay out."""
+        folder = tmp_path / "library"
+        library = library_of(folder, "old.nii.gz")
+        library.start(rescan_interval=3600.0)
+        started.append(library)
+        assert library.renew_watches() == []
+        folder.rename(tmp_path / "library.old")
+        (replaced,) = touch(folder, "replaced.nii.gz")
+        assert library.renew_watches() == [folder]
+        assert matches(library, "replaced.npz", replaced)
+        assert matches(library, "old.npz", None)
+        touch(tmp_path, "library.old/ghost.nii.gz")
+        (new,) = touch(folder, "new.nii.gz")
+        wait_until(lambda: matches(library, "new.npz", new), "a reference in the new folder")
+        assert matches(library, "ghost.npz", None)
+
+    def test_missing_folder_is_watched_once_made(
+        self, tmp_path: Path, started: list[ReferenceLibrary]
+    ) -> None:
+        """A library folder missing at start is watched once it is made."""
+        folder = tmp_path / "library"
+        library = ReferenceLibrary([folder], poll_interval=0.1)
+        library.start(rescan_interval=3600.0)
+        started.append(library)
+        (made,) = touch(folder, "made.nii.gz")
+        wait_until(lambda: matches(library, "made.npz", made), "a reference in the made folder")
+        (later,) = touch(folder, "later.nii.gz")
+        wait_until(lambda: matches(library, "later.npz", later), "a later reference")
 
 
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
