@@ -253,9 +253,10 @@ class Service:
             workers=settings.workers,
             observer=observer,
         )
-        self.library.build()
-        if not self._once:
-            self.library.start()
+        if self._once:
+            self.library.build()
+        else:
+            self.library.start()  # watch first, then walk: nothing added meanwhile is missed
         self._library_indexed()
         removed = self.spool.remove_stale_temporaries()
         claims = self.spool.claims()

@@ -201,6 +201,16 @@ class TestService:
             assert field in line
         assert line["input"] == "site/a.npy"
 
+    def test_library_is_watched_before_it_is_walked(
+        self, make_service: Callable[..., Running]
+    ) -> None:
+        """At start the library is started (its watch set up, then its one walk), not
+        walked first and watched later, when a reference added in between is missed."""
+        library = make_service().service.library
+        assert isinstance(library, FakeLibrary)
+        assert library.started
+        assert library.builds == 0
+
     def test_rejection_goes_to_failed_and_the_service_goes_on(
         self, make_service: Callable[..., Running], settings: Settings
     ) -> None:
@@ -338,6 +348,14 @@ class TestOnce:
         code, logs = self.once(settings)
         assert code == 0
         assert sum(line["event"] == "input_converted" for line in logs) == 2
+
+    def test_library_is_walked_once_and_not_watched(self, settings: Settings) -> None:
+        """--once indexes the library once and sets up no watch."""
+        library = FakeLibrary(settings.root)
+        service = Service(settings, library=library, convert_file=FakeConverter())
+        with capture_logs():
+            assert service.run(once=True) == 0
+        assert (library.builds, library.started) == (1, False)
 
     def test_a_failure_exits_1(self, settings: Settings) -> None:
         """--once returns 1 when some input was rejected."""
