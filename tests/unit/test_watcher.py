@@ -357,3 +357,67 @@ class TestInboxWatcher:
             assert {path.name for path, _ in seen} == {"a.npy"}
         finally:
             watcher.stop()
+
+
+class TestLostInboxWatch:
+    collect = TestInboxWatcher.collect
+
+    @pytest.fixture
+    def watchers(self) -> Iterator[list[InboxWatcher]]:
+        """Watchers appended here are stopped after the test, even when it fails."""
+        started: list[InboxWatcher] = []
+        yield started
+        for watcher in started:
+            watcher.stop()
+
+    def start(
+        self, inbox: Path, observer: str, watchers: list[InboxWatcher]
+    ) -> tuple[InboxWatcher, queue.SimpleQueue[Sighting]]:
+        sightings: queue.SimpleQueue[Sighting] = queue.SimpleQueue()
+        watcher = InboxWatcher(inbox, sightings, observer=observer, poll_interval=0.05)
+        watcher.start()
+        watchers.append(watcher)
+        return watcher, sightings
+
+    @pytest.mark.parametrize("observer", ["inotify", "polling"])
+    def test_deleted_and_made_again(
+        self, tmp_path: Path, observer: str, watchers: list[InboxWatcher]
+    ) -> None:
+        """An inbox folder deleted is no longer watched (`check()` is false); made again,
+        `rewatch()` watches it and asks for a full scan; new files are seen."""
+        inbox = tmp_path / "inbox"
+        inbox.mkdir()
+        watcher, sightings = self.start(inbox, observer, watchers)
+        assert watcher.check()
+        inbox.rmdir()
+        deadline = time.monotonic() + 10
+        while watcher.check():
+            assert time.monotonic() < deadline, "the lost watch was not noticed"
+            time.sleep(0.02)
+        with pytest.raises(FileNotFoundError):
+            watcher.rewatch()  # nothing to watch yet
+        inbox.mkdir()
+        watcher.rewatch()
+        assert watcher.check()
+        assert self.collect(sightings, bool) == [(inbox, Seen.FOLDER)]
+        np.save(inbox / "a.npy", np.zeros(3))
+        self.collect(sightings, lambda s: (inbox / "a.npy", Seen.WRITTEN) in s)
+
+    @pytest.mark.parametrize("observer", ["inotify", "polling"])
+    def test_renamed_away_and_replaced(
+        self, tmp_path: Path, observer: str, watchers: list[InboxWatcher]
+    ) -> None:
+        """An inbox renamed away and replaced by a new folder: `check()` is false, and
+        after `rewatch()` files in the new folder are seen, none from the old one."""
+        inbox = tmp_path / "inbox"
+        (inbox / "sub").mkdir(parents=True)
+        watcher, sightings = self.start(inbox, observer, watchers)
+        inbox.rename(tmp_path / "old")
+        inbox.mkdir()
+        assert not watcher.check()
+        watcher.rewatch()
+        assert watcher.check()
+        np.save(tmp_path / "old" / "sub" / "ghost.npy", np.zeros(3))
+        np.save(inbox / "new.npy", np.zeros(3))
+        seen = self.collect(sightings, lambda s: (inbox / "new.npy", Seen.WRITTEN) in s)
+        assert all("ghost" not in path.name for path, _ in seen)
