@@ -173,8 +173,12 @@ class ReferenceLibrary:
     # Indexing.
 
     def build(self) -> None:
-        """Index every library folder from disk, then swap the new index in at once."""
+        """Index every library folder from disk, then swap the new index in at once.
+
+        While started, lost watches are set again first (see `renew_watches`).
+        """
         with self._writer:
+            self._renew_lost_watches()
             scanner = ReferenceScanner(self._key_of)
             index = ReferenceIndex(entry for root in self._roots for entry in scanner.scan(root))
             with self._lock:
@@ -447,13 +451,18 @@ class ReferenceLibrary:
         every `poll_interval`); returns the folders watched again.
         """
         with self._writer:
-            if self._watches is None:
-                return []
-            renewed, still_lost = self._watches.renew_lost()
-            self._renew_due = still_lost
+            renewed = self._renew_lost_watches()
         if renewed:
             self.rescan()  # after the new watch is live: nothing falls in between
         return [Path(path) for path in renewed]
+
+    def _renew_lost_watches(self) -> list[str]:
+        """The writer's part of `renew_watches`: the paths watched again."""
+        if self._watches is None:
+            return []
+        renewed, still_lost = self._watches.renew_lost()
+        self._renew_due = still_lost
+        return renewed
 
     def _handler_for(self, real: str, path: str) -> _ChangeHandler:
         """The handler of a watch on folder `real`, reached (and indexed) as `path`."""

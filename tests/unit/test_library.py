@@ -637,6 +637,21 @@ class TestLostWatches:
         wait_until(lambda: matches(library, "new.npz", new), "a reference in the new folder")
         assert matches(library, "ghost.npz", None)
 
+    def test_build_sets_lost_watches_again(
+        self, tmp_path: Path, started: list[ReferenceLibrary]
+    ) -> None:
+        """A full build while started (SIGHUP) watches a replaced folder again first."""
+        folder = tmp_path / "library"
+        library = library_of(folder, "old.nii.gz")
+        library.start(rescan_interval=3600.0)
+        started.append(library)
+        folder.rename(tmp_path / "library.old")
+        folder.mkdir()
+        library.build()
+        assert library.renew_watches() == []
+        (new,) = touch(folder, "new.nii.gz")
+        wait_until(lambda: matches(library, "new.npz", new), "a reference in the new folder")
+
     def test_missing_folder_is_watched_once_made(
         self, tmp_path: Path, started: list[ReferenceLibrary]
     ) -> None:

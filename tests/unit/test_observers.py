@@ -1,13 +1,26 @@
-"""Tests of the observer choice: polling on network and FUSE file systems (SPEC §1.10)."""
+"""Tests of the observer choice (polling on network and FUSE file systems, SPEC §1.10)
+and of keeping folder watches alive."""
 
 from __future__ import annotations
 
+import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from niftidrop.observers import file_system_type, is_within, make_observer, needs_polling
+from niftidrop.observers import (
+    FolderWatches,
+    file_system_type,
+    folder_identity,
+    is_within,
+    make_observer,
+    needs_polling,
+)
 
 
 class TestIsWithin:
@@ -59,3 +72,54 @@ class TestObserverChoice:
         """`polling` forces a polling observer and `inotify` the native one."""
         assert isinstance(make_observer("polling", 0.5, [tmp_path]), PollingObserver)
         assert not isinstance(make_observer("inotify", 0.5, [tmp_path]), PollingObserver)
+
+
+class TestFolderWatches:
+    @pytest.fixture
+    def watches(self) -> Iterator[FolderWatches]:
+        observer = Observer()
+        observer.start()
+        yield FolderWatches(observer, lambda real, path: FileSystemEventHandler())
+        observer.stop()
+        observer.join()
+
+    def test_identity_is_of_folders_only(self, tmp_path: Path) -> None:
+        """A folder's identity is its device and inode; a file or nothing has none."""
+        (tmp_path / "file").touch()
+        assert folder_identity(tmp_path) == (tmp_path.stat().st_dev, tmp_path.stat().st_ino)
+        assert folder_identity(tmp_path / "file") is None
+        assert folder_identity(tmp_path / "missing") is None
+
+    def test_a_missing_folder_is_lost_until_made(
+        self, tmp_path: Path, watches: FolderWatches
+    ) -> None:
+        """Watching a folder that is not there yet lists it as lost; once it is made,
+        `renew_lost` watches it."""
+        folder = str(tmp_path / "later")
+        assert not watches.watch(folder)
+        assert folder in watches
+        assert watches.renew_lost() == ([], True)
+        (tmp_path / "later").mkdir()
+        assert watches.renew_lost() == ([folder], False)
+        assert watches.lost() == []
+
+    def test_deleted_and_replaced_folders_are_lost(
+        self, tmp_path: Path, watches: FolderWatches
+    ) -> None:
+        """A folder deleted, or renamed away and replaced, is reported lost."""
+        deleted, replaced = tmp_path / "deleted", tmp_path / "replaced"
+        for folder in (deleted, replaced):
+            folder.mkdir()
+            assert watches.watch(str(folder))
+        assert watches.lost() == []
+        shutil.rmtree(deleted)
+        replaced.rename(tmp_path / "away")
+        replaced.mkdir()
+        deadline = time.monotonic() + 10
+        while len(watches.lost()) < 2:  # the deletion is seen by the emitter's thread
+            assert time.monotonic() < deadline, watches.lost()
+            time.sleep(0.02)
+        assert sorted(watches.lost()) == [str(deleted), str(replaced)]
+        watches.forget(str(deleted))
+        assert watches.renew_lost() == ([str(replaced)], False)
+        assert repr(watches) == f"FolderWatches([{str(replaced)!r}])"
