@@ -501,12 +501,14 @@ class Service:
             log.warning("heartbeat_failed", error=str(error))
 
     def _spool_identities(self) -> dict[str, tuple[int, int]]:
-        """(device, inode) of the inbox and of the lock file, as taken at start."""
+        """(device, inode) of the inbox (symlinks followed, and whether it is one) and
+        of the lock file, as taken at start."""
         found = {}
-        for name, path in (("inbox", self.spool.inbox), ("lock", self.spool.state / LOCK)):
-            with contextlib.suppress(OSError):
-                info = path.stat()
-                found[name] = (info.st_dev, info.st_ino)
+        inbox, lock = self.spool.inbox, self.spool.state / LOCK
+        with contextlib.suppress(OSError):
+            found["inbox_is_link"] = (int(inbox.is_symlink()), 0)
+            found["inbox"] = _identity(inbox.stat())
+            found["lock"] = _identity(lock.stat())
         return found
 
     def _check_spool(self) -> None:
@@ -519,12 +521,15 @@ class Service:
         """
         inbox = self.spool.inbox
         try:
-            info = inbox.lstat()
+            is_link = (int(inbox.is_symlink()), 0)
+            info = inbox.stat()
         except OSError as error:
             raise ServiceError(f"inbox: {inbox} is gone ({error.strerror})") from None
-        if not stat.S_ISDIR(info.st_mode) or (
-            self._spool_identity.get("inbox", (info.st_dev, info.st_ino))
-            != (info.st_dev, info.st_ino)
+        expected = self._spool_identity
+        if (
+            not stat.S_ISDIR(info.st_mode)
+            or is_link != expected.get("inbox_is_link", is_link)
+            or _identity(info) != expected.get("inbox", _identity(info))
         ):
             raise ServiceError(
                 f"inbox: expected the folder {inbox} watched since the start, found it "
@@ -538,9 +543,7 @@ class Service:
                 remade.append(str(self.spool.claims_folder))
             lock = self.spool.state / LOCK
             lock_info = lock.stat() if lock.exists() else None
-            if lock_info is None or (lock_info.st_dev, lock_info.st_ino) != (
-                self._spool_identity.get("lock")
-            ):
+            if lock_info is None or _identity(lock_info) != expected.get("lock"):
                 self.spool.unlock()
                 self.spool.lock()  # ConfigError if another service took the folder
                 self._spool_identity = self._spool_identities()
@@ -819,6 +822,10 @@ def _reject_truncated(settings: Settings) -> Converter:
         )
 
     return reject
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return (info.st_dev, info.st_ino)
 
 
 def _mtime_ns(path: Path) -> int:

@@ -463,11 +463,13 @@ class TestSpoolUnderfoot:
         drop(settings, "a.npy")
         wait_for((settings.archive_dir / "a.npy").exists)
 
+    @pytest.mark.parametrize("replacement", ["folder", "symlink"])
     def test_a_replaced_inbox_stops_the_service_and_its_watchdog(
-        self, settings: Settings, tmp_path: Path
+        self, settings: Settings, tmp_path: Path, replacement: str
     ) -> None:
-        """The inbox renamed away and made anew: ServiceError out of `run`, logged as
-        service_failed, and no watchdog ping after it."""
+        """The inbox renamed away and made anew (a folder, or a symlink to the old
+        one): ServiceError out of `run`, logged as service_failed, watchdog pings
+        stop with the main loop."""
         notifier = FakeNotifier()
         service = Service(
             settings,
@@ -490,7 +492,10 @@ class TestSpoolUnderfoot:
             wait_for(service.ready.is_set)
             wait_for(lambda: "WATCHDOG=1" in notifier.messages)
             settings.inbox_dir.rename(tmp_path / "old-inbox")
-            settings.inbox_dir.mkdir()
+            if replacement == "folder":
+                settings.inbox_dir.mkdir()
+            else:
+                settings.inbox_dir.symlink_to(tmp_path / "old-inbox")
             thread.join(timeout=30)
         assert [type(error) for error in raised] == [ServiceError]
         assert "replaced" in str(raised[0])
