@@ -245,6 +245,7 @@ def _forward_output(pid: int, stream: IO[bytes], on_output: OutputHandler) -> No
 
 def _hand_on(pid: int, lines: list[bytes], on_output: OutputHandler) -> None:
     text: list[str] = []
+    reports: list[Mapping[str, Any]] = []
     for raw in lines:
         line = raw.decode(errors="replace").rstrip()
         report = _report(line)
@@ -253,11 +254,15 @@ def _hand_on(pid: int, lines: list[bytes], on_output: OutputHandler) -> None:
                 text.append(line)
             continue
         if text:
-            on_output(pid, {"output": "\n".join(text)})
+            reports.append({"output": "\n".join(text)})
             text = []
-        on_output(pid, report)
+        reports.append(report)
     if text:
-        on_output(pid, {"output": "\n".join(text)})
+        reports.append({"output": "\n".join(text)})
+    for each in reports:
+        # The pipe must be drained whatever the handler does, or the child blocks.
+        with contextlib.suppress(Exception):
+            on_output(pid, each)
 
 
 def _report(line: str) -> dict[str, Any] | None:

@@ -683,8 +683,11 @@ class Service:
         except _Cancelled:
             return
         except Exception as error:
-            if self._stopping.is_set():
-                return  # cut short by the stop: left claimed for the next start
+            if self._stopping.is_set():  # left claimed for the next start
+                # A conversion killed by the stop is not news; other trouble is.
+                if not isinstance(error, ConversionCrashed) and not self._stopped.is_set():
+                    log.warning("input_deferred", input=str(claim.relative), error=str(error))
+                return
             if isinstance(error, OSError) and not isinstance(error, ConversionCrashed):
                 self._retry_later(claim, error)
             else:
