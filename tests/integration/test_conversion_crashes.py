@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -53,6 +54,22 @@ def wait_for_reader(fifo: Path, timeout: float = 30.0) -> int:
         time.sleep(0.02)
 
 
+def reader_of(fifo: Path, timeout: float = 30.0) -> int:
+    """The conversion process of this test's service that has `fifo` open."""
+    found: list[int] = []
+
+    def look() -> bool:
+        for pid in conversion_processes(os.getpid()):
+            with contextlib.suppress(OSError):
+                if any(fd.readlink() == fifo for fd in Path(f"/proc/{pid}/fd").iterdir()):
+                    found.append(pid)
+                    return True
+        return False
+
+    wait_until(look, timeout, f"a conversion process reading {fifo}")
+    return found[0]
+
+
 def error_record(root: Path, name: str) -> dict[str, object]:
     record: dict[str, object] = json.loads((root / "failed" / f"{name}.error.json").read_text())
     return record
@@ -71,7 +88,7 @@ class TestCrashedConversions:
         drop_by_rename(root / "inbox", "case_1.npy", prediction(1))
         for signum in (signal.SIGKILL, signal.SIGSEGV):
             writer = wait_for_reader(target)  # a conversion process is in the call
-            (child,) = conversion_processes(os.getpid())
+            child = reader_of(target)
             os.kill(child, signum)
             os.close(writer)
             wait_until(lambda child=child: child not in conversion_processes(os.getpid()))
