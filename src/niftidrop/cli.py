@@ -15,11 +15,14 @@ import typing
 from collections.abc import Callable, Sequence
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from niftidrop import __version__
 from niftidrop.errors import ConfigError, ServiceError
 from niftidrop.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from niftidrop.spool import Spool
 
 
 class ExitCode(IntEnum):
@@ -28,6 +31,9 @@ class ExitCode(IntEnum):
     OK = 0
     FAILED = 1  # some input was rejected, a name had no reference, unhealthy
     BAD_CONFIG = 2
+    # The service could not start or go on (a folder it cannot create, its inbox
+    # replaced while running): a restart may help, unlike BAD_CONFIG.
+    SERVICE_FAILED = 3
 
 
 Command = Callable[[Settings, argparse.Namespace], int]
@@ -125,9 +131,9 @@ def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"niftidrop: {exc}", file=sys.stderr)
         return ExitCode.BAD_CONFIG
-    except ServiceError as exc:
+    except (ServiceError, OSError) as exc:  # logged as service_failed
         print(f"niftidrop: {exc}", file=sys.stderr)
-        return ExitCode.FAILED
+        return ExitCode.SERVICE_FAILED
 
 
 def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
@@ -139,24 +145,39 @@ def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
     spool = Spool(settings)
     age = spool.heartbeat_age(time.time())
-    report: dict[str, object] = {**spool.counts(), "heartbeat_age": age}
+    state = _service_state(spool)
+    report: dict[str, object] = {**spool.counts(), "heartbeat_age": age, "state": state}
     if args.json:
         print(json.dumps(report))
         return ExitCode.OK
     for name, count in report.items():
-        if name != "heartbeat_age":
+        if name not in ("heartbeat_age", "state"):
             print(f"{name:<9} {count}")
-    print("heartbeat", "none" if age is None else f"{age:.1f} s ago")
+    print("heartbeat", "none" if age is None else f"{age:.1f} s ago ({state})")
     return ExitCode.OK
 
 
+def _service_state(spool: Spool) -> str | None:
+    """What the last heartbeat says: "running", "stopped", or None (no heartbeat)."""
+    from niftidrop.spool import read_json
+
+    heartbeat = read_json(spool.heartbeat_path)
+    if heartbeat is None:
+        return None
+    return str(heartbeat.get("state", "running"))
+
+
 def _cmd_health(settings: Settings, args: argparse.Namespace) -> int:
-    """Exit 0 when the service's heartbeat is fresher than three intervals, else 1."""
+    """Exit 0 when the service runs and its heartbeat is fresher than three intervals."""
     import time
 
     from niftidrop.spool import Spool
 
-    age = Spool(settings).heartbeat_age(time.time())
+    spool = Spool(settings)
+    age = spool.heartbeat_age(time.time())
+    if age is not None and _service_state(spool) == "stopped":
+        print(f"unhealthy: the service stopped (heartbeat {age:.1f} s ago)")
+        return ExitCode.FAILED
     if age is not None and age < 3 * settings.heartbeat_interval:
         print(f"healthy: heartbeat {age:.1f} s ago")
         return ExitCode.OK
@@ -261,7 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("--json", action="store_true", help="one JSON object per name")
     match.set_defaults(handler=_cmd_match)
 
-    run = commands.add_parser("run", parents=[flags], help="run the service in the foreground")
+    run = commands.add_parser(
+        "run",
+        parents=[flags],
+        help="run the service in the foreground",
+        description="Run the service in the foreground. Exit 0 after a clean stop (with "
+        "--once: every input converted), 1 with --once when some input failed or was "
+        "left, 2 for a bad configuration, 3 when the service could not start or go on "
+        "(a folder it cannot create, its inbox replaced while running).",
+    )
     run.add_argument(
         "--once", action="store_true", help="convert what is in the inbox now, then exit"
     )

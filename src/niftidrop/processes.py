@@ -9,11 +9,15 @@ that crashes the interpreter or is killed for lack of memory ends its child,
 not the service, and its input stays claimed and is retried.
 
 The child is `python -m niftidrop.processes <parent pid>`. Its stdin carries
-pickled requests (positional and keyword arguments of `convert_file`), its
-stdout pickled replies (`("ok", result)` or `("error", exception)`); it starts
-with `("ready", pid)`. Anything else it prints goes to stderr. It ignores
-SIGINT and SIGTERM (the service decides when a conversion may be cut short),
-exits when its stdin closes, and is killed by the kernel when its parent dies.
+first its limits (`{"max_memory": bytes}`), then pickled requests (positional
+and keyword arguments of `convert_file`); its stdout pickled replies (`("ok",
+result)`, `("error", exception)` for a rejection or an environmental error, or
+`("crashed", text)` for any other exception); it starts with `("ready", pid)`.
+What it reports on its own (a traceback, a limit it could not set) are JSON
+lines on its stderr, which the parent hands to `on_output`; anything else a
+library prints goes there too. It ignores SIGINT and SIGTERM (the service
+decides when a conversion may be cut short), exits when its stdin closes, and
+is killed by the kernel when its parent dies.
 """
 
 from __future__ import annotations
@@ -21,11 +25,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import faulthandler
+import json
 import os
 import pickle
+import resource
+import select
 import signal
 import subprocess
 import sys
+import threading
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import IO, Any, Final
 
 from niftidrop.errors import NiftidropError
@@ -33,19 +45,50 @@ from niftidrop.errors import NiftidropError
 READY: Final = "ready"
 OK: Final = "ok"
 ERROR: Final = "error"
+CRASHED: Final = "crashed"
 _PR_SET_PDEATHSIG: Final = 1
+# The kernel's OOM killer picks the process with the highest score: a child
+# converting a huge input, rather than the service that holds every claim.
+_OOM_SCORE_ADJ: Final = "500"
+# Exit status of a child whose own loop failed (it reported why on stderr).
+_CHILD_FAILED: Final = 70
+
+# Called with the child's pid and what it reported: its JSON object (an
+# `event` and fields), or `{"output": text}` for plain text.
+OutputHandler = Callable[[int, Mapping[str, Any]], None]
+
+
+class ConversionCrashed(ChildProcessError):
+    """A conversion did not end in a result or a rejection: its process died (a
+    signal, the OOM killer, `max_memory`), ran over its time limit, or the
+    conversion raised an unexpected exception. The message says which."""
 
 
 class ConversionProcess:
     """One child process running `niftidrop.api.convert_file`, one call at a time.
 
-    Not thread-safe: it belongs to one worker thread. A child that dies is
-    started again at the next call; the call it died in raises ChildProcessError
-    (an OSError: for the service, an environmental error to retry).
+    It belongs to one worker thread; only `kill()` may be called from another.
+    A child that dies is started again at the next call; the call it died in
+    (or was killed in after `timeout` seconds) raises `ConversionCrashed`.
+    `max_memory` caps the child's private memory (RLIMIT_DATA: its heap and
+    anonymous mappings, not the read-only file mappings inputs are read
+    through), so a conversion that needs more fails with MemoryError. With
+    `on_output`, what the child reports on stderr is handed to it instead of
+    reaching this process's stderr.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        max_memory: int | None = None,
+        timeout: float | None = None,
+        on_output: OutputHandler | None = None,
+    ) -> None:
+        self.max_memory = max_memory
+        self.timeout = timeout
+        self._on_output = on_output
         self._child: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
         self._ready = False
 
     def __repr__(self) -> str:
@@ -60,12 +103,24 @@ class ConversionProcess:
         """Start the child without waiting for it (see `wait_ready`)."""
         # -P: the working directory is not put on the module path (nothing in it
         # can stand in for a module).
-        self._child = subprocess.Popen(
+        child = subprocess.Popen(
             [sys.executable, "-P", "-m", "niftidrop.processes", str(os.getpid())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=None if self._on_output is None else subprocess.PIPE,
         )
-        self._ready = False
+        self._child, self._ready = child, False
+        if self._on_output is not None:
+            self._reader = threading.Thread(
+                target=_forward_output,
+                args=(child.pid, _stream(child.stderr), self._on_output),
+                name=f"niftidrop-process-{child.pid}-output",
+                daemon=True,
+            )
+            self._reader.start()
+        limits = pickle.dumps({"max_memory": self.max_memory})
+        with contextlib.suppress(OSError):  # a child dead already: `wait_ready` says so
+            _send(_stream(child.stdin), limits)
 
     def wait_ready(self) -> None:
         """Wait until the child has imported the converter; ChildProcessError if it died."""
@@ -88,9 +143,17 @@ class ConversionProcess:
             _send(_stream(child.stdin), request)
         except OSError:  # a broken pipe: the child is gone
             raise self._ended(child) from None
+        if not _readable(_stream(child.stdout), self.timeout):
+            self._end_child()
+            raise ConversionCrashed(
+                f"conversion process {child.pid} killed after {self.timeout:g} s "
+                "(conversion_timeout)"
+            )
         status, value = self._receive(child)
         if status == ERROR:
             raise value
+        if status == CRASHED:
+            raise ConversionCrashed(f"conversion raised {value}")
         return value
 
     def close(self, timeout: float = 5.0) -> None:
@@ -105,12 +168,19 @@ class ConversionProcess:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-        with contextlib.suppress(OSError):
-            _stream(child.stdout).close()
+        self._close_streams(child)
 
     def kill(self) -> None:
-        """End the child at once (a forced stop: its conversion is abandoned)."""
-        self._end_child()
+        """Kill the child at once (a forced stop: its conversion is abandoned).
+
+        Safe from any thread: it only sends the signal. A call under way in the
+        owning thread sees the child die and raises `ConversionCrashed`; the
+        owner (or `close()`) reaps it.
+        """
+        child = self._child
+        if child is not None and child.returncode is None:
+            with contextlib.suppress(OSError):
+                os.kill(child.pid, signal.SIGKILL)
 
     def _running(self) -> subprocess.Popen[bytes]:
         if self._child is None:
@@ -118,17 +188,17 @@ class ConversionProcess:
         return self._child
 
     def _receive(self, child: subprocess.Popen[bytes]) -> Any:
-        """The child's next reply; ChildProcessError (and the child ended) if it died."""
+        """The child's next reply; ConversionCrashed (and the child ended) if it died."""
         try:
             return pickle.load(_stream(child.stdout))
         except (EOFError, OSError, pickle.UnpicklingError):
             raise self._ended(child) from None
 
-    def _ended(self, child: subprocess.Popen[bytes]) -> ChildProcessError:
+    def _ended(self, child: subprocess.Popen[bytes]) -> ConversionCrashed:
         """End the child (if it is not yet reaped) and say how it ended."""
         self._end_child()
         status = child.wait()  # known even if another thread ended it
-        return ChildProcessError(f"conversion process {child.pid} ended ({_describe(status)})")
+        return ConversionCrashed(f"conversion process {child.pid} ended ({_describe(status)})")
 
     def _end_child(self) -> None:
         child, self._child = self._child, None
@@ -137,9 +207,72 @@ class ConversionProcess:
         with contextlib.suppress(OSError):
             child.kill()
         child.wait()
-        for stream in (child.stdin, child.stdout):
-            with contextlib.suppress(OSError):
-                _stream(stream).close()
+        self._close_streams(child)
+
+    def _close_streams(self, child: subprocess.Popen[bytes]) -> None:
+        """Close the pipes of a reaped child, once its last output was handed on."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.join(timeout=5.0)  # its stderr ends with it (unless a grandchild holds it)
+        for stream in (child.stdin, child.stdout, child.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+def _readable(stream: IO[bytes], timeout: float | None) -> bool:
+    """Whether the child's reply (or its end) arrives within `timeout` seconds."""
+    if timeout is None:
+        return True
+    poller = select.poll()
+    poller.register(stream.fileno(), select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
+
+
+def _forward_output(pid: int, stream: IO[bytes], on_output: OutputHandler) -> None:
+    """Hand what the child writes to stderr to `on_output` (a thread per child).
+
+    A JSON object line is what the child reported; other lines are passed on as
+    text, those that arrived together (a traceback) as one.
+    """
+    fd, partial = stream.fileno(), b""
+    with contextlib.suppress(OSError):  # the pipe closed under it
+        while chunk := os.read(fd, 65536):
+            *lines, partial = (partial + chunk).split(b"\n")
+            _hand_on(pid, lines, on_output)
+    _hand_on(pid, [partial], on_output)
+
+
+def _hand_on(pid: int, lines: list[bytes], on_output: OutputHandler) -> None:
+    text: list[str] = []
+    reports: list[Mapping[str, Any]] = []
+    for raw in lines:
+        line = raw.decode(errors="replace").rstrip()
+        report = _report(line)
+        if report is None:
+            if line.strip():
+                text.append(line)
+            continue
+        if text:
+            reports.append({"output": "\n".join(text)})
+            text = []
+        reports.append(report)
+    if text:
+        reports.append({"output": "\n".join(text)})
+    for each in reports:
+        # The pipe must be drained whatever the handler does, or the child blocks.
+        with contextlib.suppress(Exception):
+            on_output(pid, each)
+
+
+def _report(line: str) -> dict[str, Any] | None:
+    if not line.startswith("{"):
+        return None
+    try:
+        report = json.loads(line)
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) and "event" in report else None
 
 
 def _send(stream: IO[bytes], message: bytes) -> None:
@@ -155,7 +288,10 @@ def _stream(stream: IO[bytes] | None) -> IO[bytes]:
 
 def _describe(status: int) -> str:
     if status < 0:
-        return f"killed by {signal.Signals(-status).name}"
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:  # a real-time signal has no name of its own
+            return f"killed by signal {-status}"
     return f"exit status {status}"
 
 
@@ -174,34 +310,74 @@ def serve(parent: int) -> int:
     nothing = os.open(os.devnull, os.O_RDONLY)
     os.dup2(nothing, sys.stdin.fileno())
     os.close(nothing)
+    # A fatal signal (SIGSEGV in a C library) prints where it struck, for the log.
+    faulthandler.enable()
+    try:
+        from niftidrop.api import convert_file
 
-    from niftidrop.api import convert_file
+        limits = pickle.load(requests)
+        _limit_memory(limits.get("max_memory"))
+        _send(replies, pickle.dumps((READY, os.getpid())))
+        while True:
+            try:
+                args, kwargs = pickle.load(requests)
+            except EOFError:
+                return 0
+            _reply(replies, _call(convert_file, args, kwargs))
+    except BrokenPipeError:  # the parent closed our pipes: nobody to reply to
+        return 0
+    except BaseException as error:  # reported as a log line, not a bare traceback
+        _report_to_parent("conversion_process_failed", level="error", error=_text(error))
+        return _CHILD_FAILED
 
-    _send(replies, pickle.dumps((READY, os.getpid())))
-    while True:
-        try:
-            args, kwargs = pickle.load(requests)
-        except EOFError:
-            return 0
-        try:
-            reply: tuple[str, Any] = (OK, convert_file(*args, **kwargs))
-        except (NiftidropError, OSError) as error:
-            reply = (ERROR, error)
-        except Exception as error:  # a bug: reported to the worker, which logs it
-            reply = (ERROR, _plain(error))
-        _reply(replies, reply)
+
+def _call(convert_file: Callable[..., Any], args: Any, kwargs: Any) -> tuple[str, Any]:
+    try:
+        return (OK, convert_file(*args, **kwargs))
+    except (NiftidropError, OSError) as error:
+        return (ERROR, error)
+    except Exception as error:  # a bug, or MemoryError under `max_memory`: a crash
+        _report_to_parent("conversion_exception", level="warning", error=_text(error))
+        return (CRASHED, f"{type(error).__name__}: {error}")
 
 
 def _reply(stream: IO[bytes], reply: tuple[str, Any]) -> None:
     try:
         message = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as error:  # an exception that does not pickle
-        message = pickle.dumps((ERROR, _plain(reply[1] if reply[0] == ERROR else error)))
+    except Exception as error:  # an exception or result that does not pickle
+        value = reply[1] if reply[0] == ERROR else error
+        message = pickle.dumps((CRASHED, f"{type(value).__name__}: {value}"))
     _send(stream, message)
 
 
-def _plain(error: BaseException) -> RuntimeError:
-    return RuntimeError(f"{type(error).__name__}: {error}")
+def _limit_memory(max_memory: int | None) -> None:
+    """Cap this process's private memory at `max_memory` bytes; make it the OOM
+    killer's first choice. What cannot be set is reported, not fatal."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/oom_score_adj").write_text(_OOM_SCORE_ADJ)
+    if max_memory is None:
+        return
+    try:
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        soft = max_memory if hard == resource.RLIM_INFINITY else min(max_memory, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+    except (OSError, ValueError) as error:  # a seccomp filter may forbid it
+        _report_to_parent(
+            "max_memory_not_applied", level="warning", max_memory=max_memory, error=str(error)
+        )
+
+
+def _report_to_parent(event: str, **fields: Any) -> None:
+    """One JSON line on stderr: the parent logs it as its own."""
+    line = json.dumps({"event": event, "pid": os.getpid(), **fields}, default=str)
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def _text(error: BaseException) -> str:
+    """The exception and its traceback, as one string."""
+    return "".join(traceback.format_exception(error)).rstrip()
 
 
 def _die_with(parent: int) -> None:

@@ -18,6 +18,7 @@ import itertools
 import os
 import queue
 import signal
+import stat
 import sys
 import threading
 import time
@@ -30,7 +31,8 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from niftidrop import __version__
 from niftidrop.errors import ConversionError, ErrorCode, ServiceError
 from niftidrop.logs import get_logger
-from niftidrop.spool import Claim, Converted, Converter, Failed, Spool
+from niftidrop.processes import ConversionCrashed, ConversionProcess
+from niftidrop.spool import LOCK, Claim, Converted, Converter, Failed, Spool
 from niftidrop.systemd import SystemdNotifier
 from niftidrop.watcher import (
     InboxWatcher,
@@ -46,13 +48,14 @@ if TYPE_CHECKING:
 
     from niftidrop.library import Match
     from niftidrop.metrics import Metrics
-    from niftidrop.processes import ConversionProcess
     from niftidrop.settings import Settings
 
 MAX_RETRY_SECONDS: Final = 60.0
 FIRST_RETRY_SECONDS: Final = 0.5
 # The longest the main loop blocks: how soon it notices a signal's flag.
 LOOP_TICK_SECONDS: Final = 0.25
+# At a stop: how long a worker whose conversion process was killed has to notice.
+KILLED_JOB_SECONDS: Final = 5.0
 
 log = get_logger()
 
@@ -119,6 +122,10 @@ class _Truncated:
 Job = Path | Claim | _Truncated | None  # None: a worker's stop signal
 
 
+class _Cancelled(Exception):
+    """The stop came while a job waited (for its reference): its input stays claimed."""
+
+
 @dataclass
 class Tally:
     """What the service did, for `run --once`'s exit code and the heartbeat."""
@@ -126,6 +133,7 @@ class Tally:
     converted: int = 0
     failed: int = 0
     deferred: int = 0  # left claimed after an environmental error (`--once`)
+    incomplete: int = 0  # left in the inbox, never complete (`--once`)
 
 
 class Service:
@@ -183,11 +191,16 @@ class Service:
         self._order = itertools.count()
         self._queued: set[Path] = set()  # inbox paths waiting in `_jobs`
         self._retries: list[tuple[float, int, Claim]] = []  # heap of (due, order, claim)
-        self._attempts: dict[Path, int] = {}  # claim folder → failed attempts
+        self._attempts: dict[Path, int] = {}  # claim folder → environmental errors in a row
+        # Claim folder → crashed conversions (guarantee 13) and what ended the last.
+        self._crashes: dict[Path, tuple[int, str]] = {}
         self._lock = threading.Lock()
         self._outstanding = 0  # jobs queued or running
         self._workers: list[threading.Thread] = []
         self._stopping = threading.Event()  # workers take no new job
+        # Set just before `service_stopped`: nothing about an input is logged after it.
+        self._stopped = threading.Event()
+        self._spool_identity: dict[str, tuple[int, int]] = {}  # see `_check_spool`
         self._once = False
         self._last_tick = time.monotonic()
         self._progress: Any = None
@@ -221,14 +234,19 @@ class Service:
         with handle_signals(self):
             try:
                 self.startup()
-            except BaseException:
+            except BaseException as error:
                 self._release()
+                _log_failure(error)
                 raise
             try:
                 self.main_loop()
+            except BaseException as error:
+                _log_failure(error)
+                raise
             finally:
                 self.shutdown()
-        if once and (self.tally.failed or self.tally.deferred or len(self._tracker)):
+        tally = self.tally
+        if once and (tally.failed or tally.deferred or tally.incomplete):
             return 1
         return 0
 
@@ -238,6 +256,7 @@ class Service:
         self.spool.create_folders()
         self._create_library_folders()
         self.spool.lock()
+        self._spool_identity = self._spool_identities()
         self._start_processes()  # they import while the library is indexed
         observer = None if self._once else choose_observer(settings.observer, self.spool.inbox)
         log.info(
@@ -347,6 +366,7 @@ class Service:
                 self._rescan_inbox()
                 next_rescan = now + settings.rescan_interval
             if now >= next_heartbeat:
+                self._check_spool()  # raises ServiceError when it cannot go on
                 self._write_heartbeat()
                 next_heartbeat = now + settings.heartbeat_interval
             if interval and now >= next_ping:
@@ -365,6 +385,7 @@ class Service:
         if len(self._tracker) and not patience_over:
             return False
         for path in self._tracker.paths():
+            self.tally.incomplete += 1
             log.warning("input_incomplete", input=str(self.spool.relative(path)))
         return True
 
@@ -375,6 +396,8 @@ class Service:
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
+        # Wakes the jobs waiting for a late reference: they give up, inputs left claimed.
+        self.library.stop()
         for _ in self._workers:
             self._jobs.put((-1, next(self._order), None))
         deadline = time.monotonic() + self.settings.shutdown_timeout
@@ -387,13 +410,15 @@ class Service:
             log.warning("inputs_left_claimed", inputs=left, reason="stopped before they finished")
         if self._progress is not None:
             self._progress.close()
-        self._write_heartbeat()
+        self._write_heartbeat(state="stopped")
         self._release()
+        self._stopped.set()
         log.info(
             "service_stopped",
             converted=self.tally.converted,
             failed=self.tally.failed,
             deferred=self.tally.deferred,
+            incomplete=self.tally.incomplete,
         )
 
     def _release(self) -> None:
@@ -403,8 +428,10 @@ class Service:
             self._watcher = None
         self.library.stop()
         self.metrics.close()
-        for process in self._processes:
-            process.kill()  # already closed after a normal stop
+        for number, process in enumerate(self._processes):  # closed after a normal stop
+            process.kill()
+            if not self._worker_busy(number):
+                process.close()
         self.spool.remove_spare_folders()
         self.spool.unlock()
         self.notifier.close()
@@ -457,13 +484,15 @@ class Service:
         for claim in due:
             self._submit(claim, 0)
 
-    def _write_heartbeat(self) -> None:
+    def _write_heartbeat(self, state: str = "running") -> None:
+        """The heartbeat file; `state` "stopped" tells `health` the service is gone."""
         with self._lock:
             outstanding = self._outstanding
         try:
             self.spool.write_heartbeat(
                 {
                     "pid": os.getpid(),
+                    "state": state,
                     "queued": outstanding,
                     "waiting": len(self._tracker),
                     "converted": self.tally.converted,
@@ -472,6 +501,60 @@ class Service:
             )
         except OSError as error:
             log.warning("heartbeat_failed", error=str(error))
+
+    def _spool_identities(self) -> dict[str, tuple[int, int]]:
+        """(device, inode) of the inbox (symlinks followed, and whether it is one) and
+        of the lock file, as taken at start."""
+        found = {}
+        inbox, lock = self.spool.inbox, self.spool.state / LOCK
+        with contextlib.suppress(OSError):
+            found["inbox_is_link"] = (int(inbox.is_symlink()), 0)
+            found["inbox"] = _identity(inbox.stat())
+            found["lock"] = _identity(lock.stat())
+        return found
+
+    def _check_spool(self) -> None:
+        """Put back what was removed under the running service, or stop it.
+
+        A removed state folder, claims folder or lock file is made again (the lock
+        taken again). An inbox that is gone, or replaced (renamed away and made
+        anew, or made a symlink), cannot be watched or claimed from safely any more:
+        ServiceError, so the service exits non-zero and its supervisor restarts it.
+        """
+        inbox = self.spool.inbox
+        try:
+            is_link = (int(inbox.is_symlink()), 0)
+            info = inbox.stat()
+        except OSError as error:
+            raise ServiceError(f"inbox: {inbox} is gone ({error.strerror})") from None
+        expected = self._spool_identity
+        if (
+            not stat.S_ISDIR(info.st_mode)
+            or is_link != expected.get("inbox_is_link", is_link)
+            or _identity(info) != expected.get("inbox", _identity(info))
+        ):
+            raise ServiceError(
+                f"inbox: expected the folder {inbox} watched since the start, found it "
+                "replaced (moved away, made anew or made a symbolic link)"
+            )
+        remade = []
+        try:
+            if not self.spool.claims_folder.is_dir():
+                self.spool.claims_folder.mkdir(parents=True, exist_ok=True)
+                self.spool.remove_spare_folders()  # they were in the removed folder
+                remade.append(str(self.spool.claims_folder))
+            lock = self.spool.state / LOCK
+            lock_info = lock.stat() if lock.exists() else None
+            if lock_info is None or _identity(lock_info) != expected.get("lock"):
+                self.spool.unlock()
+                self.spool.lock()  # ConfigError if another service took the folder
+                self._spool_identity = self._spool_identities()
+                remade.append(str(lock))
+        except (OSError, ValueError) as error:
+            state = self.spool.state
+            raise ServiceError(f"state_dir: cannot make {state} again: {error}") from None
+        if remade:
+            log.warning("state_recreated", state=str(self.spool.state), made=remade)
 
     # Jobs.
 
@@ -490,9 +573,15 @@ class Service:
         # Replies carry a ConversionResult: its module (numpy, nibabel) is imported
         # now rather than when the first conversion is done.
         import niftidrop.api  # noqa: F401
-        from niftidrop.processes import ConversionProcess
 
-        self._processes = [ConversionProcess() for _ in range(self.settings.workers)]
+        self._processes = [
+            ConversionProcess(
+                max_memory=self.settings.max_memory,
+                timeout=self.settings.conversion_timeout,
+                on_output=self._process_output,
+            )
+            for _ in range(self.settings.workers)
+        ]
         for process in self._processes:
             process.start()
 
@@ -516,13 +605,36 @@ class Service:
             worker.start()
             self._workers.append(worker)
 
+    def _process_output(self, pid: int, report: Mapping[str, Any]) -> None:
+        """Log what a conversion process reported (on its own thread, see processes)."""
+        if self._stopped.is_set():
+            return
+        fields = dict(report)
+        event = str(fields.pop("event", "conversion_process_output"))
+        level = str(fields.pop("level", "warning"))
+        fields["pid"] = pid
+        if level not in ("debug", "info", "warning", "error"):
+            level = "warning"
+        getattr(log, level)(event, **fields)
+
+    def _worker_busy(self, number: int) -> bool:
+        return number < len(self._workers) and self._workers[number].is_alive()
+
     def _stop_processes(self) -> None:
-        """Close the conversion processes of idle workers; kill those still converting."""
+        """Close the conversion processes of idle workers; kill those still converting.
+
+        A killed conversion ends its job at once (its input stays claimed); the
+        worker is given a moment to notice, so that nothing about the input is
+        logged after `service_stopped`.
+        """
         for number, process in enumerate(self._processes):
-            busy = number < len(self._workers) and self._workers[number].is_alive()
-            if busy or self._force_stop:
+            if self._worker_busy(number) or self._force_stop:
                 process.kill()
-            else:
+        deadline = time.monotonic() + KILLED_JOB_SECONDS
+        for worker in self._workers:
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
+        for number, process in enumerate(self._processes):
+            if not self._worker_busy(number):  # a worker still inside keeps its pipes
                 process.close()
 
     def _work(self, convert_file: ConvertFile) -> None:
@@ -535,7 +647,8 @@ class Service:
                 if not self._stopping.is_set():
                     self._run_job(job, convert)
             except Exception:  # a bug must not kill the worker; the input stays put
-                log.exception("job_crashed", job=str(job))
+                if not self._stopped.is_set():
+                    log.exception("job_crashed", job=str(job))
             finally:
                 with self._lock:
                     self._outstanding -= 1
@@ -563,12 +676,30 @@ class Service:
         self._finish(claim, _reject_truncated(self.settings) if truncated else convert)
 
     def _finish(self, claim: Claim, convert: Converter) -> None:
+        with self._lock:
+            crashes, reason = self._crashes.get(claim.folder, (0, ""))
+        if crashes >= self.settings.max_attempts:
+            convert = _reject_crashed(claim, crashes, reason)
         try:
             outcome = self.spool.handle(claim, convert)
-        except OSError as error:
-            self._retry_later(claim, error)
+        except _Cancelled:
             return
-        self._attempts.pop(claim.folder, None)
+        except Exception as error:
+            if self._stopping.is_set():  # left claimed for the next start
+                # A conversion killed by the stop is not news; other trouble is.
+                if not isinstance(error, ConversionCrashed) and not self._stopped.is_set():
+                    log.warning("input_deferred", input=str(claim.relative), error=str(error))
+                return
+            if isinstance(error, OSError) and not isinstance(error, ConversionCrashed):
+                self._retry_later(claim, error)
+            else:
+                self._crashed(claim, error, convert)
+            return
+        with self._lock:
+            self._attempts.pop(claim.folder, None)
+            self._crashes.pop(claim.folder, None)
+        if self._stopped.is_set():
+            return
         if isinstance(outcome, Converted):
             with self._lock:
                 self.tally.converted += 1
@@ -597,20 +728,50 @@ class Service:
         with self._lock:
             attempt = self._attempts.get(claim.folder, 0) + 1
             self._attempts[claim.folder] = attempt
-            delay = min(MAX_RETRY_SECONDS, FIRST_RETRY_SECONDS * 2 ** (attempt - 1))
+        self._schedule_retry(claim, attempt, str(error))
+
+    def _crashed(self, claim: Claim, error: Exception, convert: Converter) -> None:
+        """A crashed conversion (guarantee 13): tried again, up to `max_attempts` in all,
+        then the input fails as conversion_crashed (also with `--once`)."""
+        if isinstance(error, ConversionCrashed):
+            reason = str(error)
+        else:  # an unexpected exception in this process (a converter given in tests)
+            reason = f"conversion raised {type(error).__name__}: {error}"
+        with self._lock:
+            crashes = self._crashes.get(claim.folder, (0, ""))[0] + 1
+            self._crashes[claim.folder] = (crashes, reason)
+        if crashes >= self.settings.max_attempts:
+            self._finish(claim, convert)  # turned into the rejection
+            return
+        self._schedule_retry(claim, crashes, reason, crashed=True)
+
+    def _schedule_retry(
+        self, claim: Claim, attempt: int, error: str, *, crashed: bool = False
+    ) -> None:
+        delay = min(MAX_RETRY_SECONDS, FIRST_RETRY_SECONDS * 2 ** (attempt - 1))
+        with self._lock:
             heapq.heappush(self._retries, (time.monotonic() + delay, next(self._order), claim))
+        fields: dict[str, Any] = {"crashed": True} if crashed else {}
         log.warning(
             "input_retrying",
             input=str(claim.relative),
-            error=str(error),
+            error=error,
             attempt=attempt,
             retry_in=delay,
+            **fields,
         )
 
     def _convert(self, convert_file: ConvertFile, claim: Claim) -> dict[str, Any]:
         """Resolve the reference and convert; the summary becomes `input_converted`."""
         settings = self.settings
-        match = self.library.resolve(claim.name)
+        try:
+            match = self.library.resolve(claim.name)
+        except ConversionError:
+            if self._stopping.is_set():  # woken by the stop, not by a reference
+                raise _Cancelled from None
+            raise
+        if self._stopping.is_set():
+            raise _Cancelled
         affine = None
         if match.rule == "identity" and settings.default_affine is not None:
             import numpy as np
@@ -640,6 +801,23 @@ class Service:
         }
 
 
+def _reject_crashed(claim: Claim, crashes: int, reason: str) -> Converter:
+    def reject(_: Claim) -> dict[str, Any]:
+        raise ConversionError(
+            ErrorCode.CONVERSION_CRASHED,
+            f"{claim.relative}: expected its conversion to finish, found it crashed on "
+            f"each of {crashes} attempts (max_attempts); the last time: {reason}",
+        )
+
+    return reject
+
+
+def _log_failure(error: BaseException) -> None:
+    """`service_failed` for what stops the service without being its configuration."""
+    if isinstance(error, ServiceError | OSError):
+        log.error("service_failed", error=str(error), error_type=type(error).__name__)
+
+
 def _reject_truncated(settings: Settings) -> Converter:
     def reject(claim: Claim) -> dict[str, Any]:
         raise ConversionError(
@@ -649,6 +827,10 @@ def _reject_truncated(settings: Settings) -> Converter:
         )
 
     return reject
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return (info.st_dev, info.st_ino)
 
 
 def _mtime_ns(path: Path) -> int:

@@ -33,6 +33,11 @@ _toml_file: ContextVar[Path | None] = ContextVar("niftidrop_toml_file", default=
 DtypePolicy = Annotated[str, Field(description="auto, keep, or a NumPy dtype name")]
 
 
+# What one worker costs besides its conversions: its conversion process, idle
+# (an interpreter with NumPy, nibabel and ISA-L loaded: about 55 MB resident).
+WORKER_FOOTPRINT_BYTES = 64 * 1024**2
+
+
 def _default_workers() -> int:
     return os.cpu_count() or 1
 
@@ -178,6 +183,23 @@ class Settings(BaseSettings):
         if dtype.kind not in "biufc" or dtype.itemsize > 16:
             raise ValueError(f"expected a numeric dtype, found {value!r}")
         return dtype.name
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_fit_in_memory(cls, value: int) -> int:
+        # Each worker keeps a conversion process: more than the memory holds would
+        # have the OOM killer end them at random instead of converting anything.
+        from niftidrop.resources import available_memory
+
+        memory = available_memory()
+        most = max(1, memory // WORKER_FOOTPRINT_BYTES)
+        if value > most:
+            raise ValueError(
+                f"expected at most {most}: each worker keeps a conversion process of about "
+                f"{WORKER_FOOTPRINT_BYTES // 1024**2} MiB and niftidrop may use "
+                f"{memory / 1024**3:.1f} GiB of memory; found {value}"
+            )
+        return value
 
     @field_validator("key_pattern")
     @classmethod

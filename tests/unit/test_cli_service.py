@@ -89,13 +89,52 @@ class TestRunOnce:
         """An invalid setting stops the start with exit code 2."""
         assert main(["run", "--once", *flags(root), "--workers", "0"]) == ExitCode.BAD_CONFIG
 
-    def test_conversion_processes_that_cannot_start_exit_1(
+    def test_conversion_processes_that_cannot_start_exit_3(
         self, root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """No conversion process (here: a program that exits at once): exit 1, said why."""
+        """No conversion process (here: a program that exits at once): service_failed
+        and exit 3 (the service could not start), said why."""
         monkeypatch.setattr(sys, "executable", "/bin/false")
-        assert main(["run", "--once", *flags(root)]) == ExitCode.FAILED
-        assert "conversion process did not start" in capsys.readouterr().err
+        assert main(["run", "--once", *flags(root)]) == ExitCode.SERVICE_FAILED
+        out, err = capsys.readouterr()
+        assert "conversion process did not start" in err
+        assert json_lines(out)[-1]["event"] == "service_failed"
+
+    def test_a_folder_that_cannot_be_made_is_logged_and_exits_3(
+        self, root: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """An OSError at start (an outbox under a file): a service_failed JSON line with
+        the error, a one-line message, no traceback, exit 3."""
+        (root / "blocker").write_text("a file, not a folder")
+        code = main(["run", "--once", *flags(root), "--outbox", str(root / "blocker" / "out")])
+        assert code == ExitCode.SERVICE_FAILED
+        out, err = capsys.readouterr()
+        (failed,) = [line for line in json_lines(out) if line["event"] == "service_failed"]
+        assert "blocker" in str(failed["error"])
+        assert "Traceback" not in err
+        assert "blocker" in err
+
+    def test_a_crashing_conversion_fails_after_max_attempts_and_exits_1(
+        self, root: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A real MemoryError in the conversion process (an .npz that decompresses
+        beyond `max_memory`): tried exactly `max_attempts` times, then failed as
+        conversion_crashed with its `.error.json`, and run --once exits 1."""
+        np.savez_compressed(
+            root / "inbox" / "huge.npz", prediction=np.zeros((512, 512, 1024), np.uint8)
+        )
+        args = ["run", "--once", *flags(root), "--max-memory", str(250 * 1024**2)]
+        code = main([*args, "--max-attempts", "2", "--missing-reference", "identity"])
+        assert code == ExitCode.FAILED
+        record = json.loads((root / "failed" / "huge.npz.error.json").read_text())
+        assert record["error"] == "conversion_crashed"
+        assert "MemoryError" in record["message"]
+        assert "each of 2 attempts" in record["message"]
+        events = json_lines(capsys.readouterr().out)
+        assert [line["attempt"] for line in events if line["event"] == "input_retrying"] == [1]
+        assert [line["event"] for line in events].count("conversion_exception") == 2
+        assert events[-1]["event"] == "service_stopped"
+        assert events[-1]["failed"] == 1
 
     def test_state_on_another_file_system_exits_2(
         self, root: Path, capsys: pytest.CaptureFixture[str]
@@ -192,6 +231,18 @@ class TestStatusAndHealth:
         old = time.time() - 16
         os.utime(heartbeat, (old, old))
         assert main(args) == ExitCode.FAILED
+
+    def test_health_is_1_once_the_service_stopped(
+        self, root: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """After run --once the heartbeat is fresh but says the service stopped:
+        health exits 1, and status says stopped."""
+        assert main(["run", "--once", *flags(root)]) == ExitCode.OK
+        capsys.readouterr()
+        assert main(["health", *flags(root), "--heartbeat-interval", "60"]) == ExitCode.FAILED
+        assert "stopped" in capsys.readouterr().out
+        assert main(["status", "--json", *flags(root)]) == ExitCode.OK
+        assert json.loads(capsys.readouterr().out)["state"] == "stopped"
 
 
 class TestRetry:

@@ -10,14 +10,15 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from niftidrop import ConversionError, ErrorCode, convert_file
-from niftidrop.processes import ConversionProcess
+from niftidrop.processes import ConversionCrashed, ConversionProcess
 from niftidrop.settings import Settings
 
 MakeReference = Callable[..., Path]
@@ -163,7 +164,7 @@ class TestLifecycle:
         script = textwrap.dedent(
             """
             import time
-            from niftidrop.processes import ConversionProcess
+            from niftidrop.processes import ConversionCrashed, ConversionProcess
             process = ConversionProcess()
             process.start()
             process.wait_ready()
@@ -188,3 +189,142 @@ class TestLifecycle:
         with pytest.raises(ChildProcessError, match="exit status 1"):
             process.wait_ready()
         assert process.pid is None
+
+
+def started(**options: Any) -> ConversionProcess:
+    process = ConversionProcess(**options)
+    process.start()
+    process.wait_ready()
+    return process
+
+
+class Reports:
+    """An `on_output` handler that keeps what each child reported."""
+
+    def __init__(self) -> None:
+        self.reports: list[Mapping[str, Any]] = []
+
+    def __call__(self, pid: int, report: Mapping[str, Any]) -> None:
+        self.reports.append({**report, "from": pid})
+
+    def text(self) -> str:
+        return "\n".join(str(report) for report in self.reports)
+
+
+def huge_npz(path: Path, shape: tuple[int, ...]) -> Path:
+    """A small file that decompresses to a large array (zeros compress to nothing)."""
+    np.savez_compressed(path, prediction=np.zeros(shape, np.uint8))
+    return path
+
+
+class TestCrashes:
+    """What ends a conversion without a result or a rejection is ConversionCrashed."""
+
+    def test_an_unexpected_exception_is_a_crash_and_its_traceback_a_report(
+        self, tmp_path: Path
+    ) -> None:
+        """A bug in the conversion (here: no settings) raises ConversionCrashed naming the
+        exception, and the child's traceback reaches `on_output`, not stderr."""
+        reports = Reports()
+        process = started(on_output=reports)
+        source = tmp_path / "case.npy"
+        np.save(source, np.zeros((3, 3, 3), np.uint8))
+        try:
+            with pytest.raises(ConversionCrashed, match="conversion raised AttributeError"):
+                process(source, tmp_path, settings=None, reference=None)
+            wait_until(lambda: bool(reports.reports))
+            (report,) = reports.reports
+            assert report["event"] == "conversion_exception"
+            assert "Traceback" in report["error"]
+            assert report["from"] == process.pid
+            assert process(source, tmp_path, settings=SETTINGS, reference=None).outputs
+        finally:
+            process.close()
+
+    def test_max_memory_turns_a_huge_allocation_into_a_crash(self, tmp_path: Path) -> None:
+        """Under `max_memory` a member that decompresses to more than it raises
+        ConversionCrashed (MemoryError); a larger .npy still converts, read through
+        its file mapping, which the limit does not count."""
+        process = started(max_memory=250 * 1024**2)
+        huge = huge_npz(tmp_path / "huge.npz", (512, 512, 1024))  # 256 MiB of voxels
+        large = tmp_path / "large.npy"
+        np.save(large, np.ones((512, 512, 1024), np.uint8))
+        try:
+            with pytest.raises(ConversionCrashed, match="MemoryError"):
+                process(huge, tmp_path / "out", settings=SETTINGS, reference=None)
+            result = process(large, tmp_path / "out", settings=SETTINGS, reference=None)
+            assert result.shape_out == (512, 512, 1024)
+        finally:
+            process.close()
+
+    def test_a_conversion_over_its_time_is_killed(self, tmp_path: Path) -> None:
+        """A conversion stuck on a reference that never delivers (a FIFO) is killed
+        after `timeout` seconds: ConversionCrashed; the next call gets a new child."""
+        process = started(timeout=0.5)
+        source = tmp_path / "case.npy"
+        np.save(source, np.zeros((3, 3, 3), np.uint8))
+        blocking = tmp_path / "reference.nii"
+        os.mkfifo(blocking)
+        first = process.pid
+        assert first is not None
+        try:
+            with pytest.raises(ConversionCrashed, match=r"killed after 0.5 s \(conversion_timeout"):
+                process(source, tmp_path / "out", settings=SETTINGS, reference=blocking)
+            assert gone(first)
+            assert process(source, tmp_path / "out", settings=SETTINGS, reference=None).outputs
+            assert process.pid != first
+        finally:
+            process.close()
+
+    def test_kill_from_another_thread_ends_the_call_cleanly(self, tmp_path: Path) -> None:
+        """`kill()` from another thread while a call waits for its reply (a forced stop)
+        ends that call with ConversionCrashed, nothing else (no error from a pipe
+        closed under the reader)."""
+        for _ in range(5):  # the race it used to lose needs a few tries to show
+            process = started()
+            raised = interrupted_call(process, tmp_path, lambda _, killed=process: killed.kill())
+            process.close()
+            assert [type(error) for error in raised] == [ConversionCrashed]
+            assert "killed by SIGKILL" in str(raised[0])
+
+    def test_a_fatal_signal_is_reported_with_where_it_struck(self, tmp_path: Path) -> None:
+        """A child killed by SIGSEGV: ConversionCrashed naming the signal, and the
+        child's own fault report reaches `on_output` as text."""
+        reports = Reports()
+        process = started(on_output=reports)
+        pid = process.pid
+        raised = interrupted_call(process, tmp_path, lambda pid: os.kill(pid, signal.SIGSEGV))
+        process.close()
+        assert [type(error) for error in raised] == [ConversionCrashed]
+        assert f"conversion process {pid} ended (killed by SIGSEGV)" in str(raised[0])
+        outputs = [report["output"] for report in reports.reports if "output" in report]
+        assert any("Segmentation fault" in text for text in outputs), reports.text()
+
+
+def interrupted_call(
+    process: ConversionProcess, folder: Path, interrupt: Callable[[int], None]
+) -> list[BaseException]:
+    """Call `process` on a conversion that blocks (its reference is a FIFO), call
+    `interrupt(child pid)` once the child is in it; what the call raised."""
+    source = folder / "case.npy"
+    np.save(source, np.zeros((3, 3, 3), np.uint8))
+    blocking = folder / "reference.nii"
+    blocking.unlink(missing_ok=True)
+    os.mkfifo(blocking)
+    raised: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            process(source, folder / "out", settings=SETTINGS, reference=blocking)
+        except BaseException as error:
+            raised.append(error)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    writer = wait_for_reader(blocking)  # the child is in the call, reading the reference
+    pid = process.pid
+    assert pid is not None
+    interrupt(pid)
+    caller.join(timeout=20)
+    os.close(writer)
+    return raised

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -16,7 +19,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from niftidrop.api import ConversionResult
-from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.errors import ConversionError, ErrorCode, ServiceError
 from niftidrop.library import Match
 from niftidrop.metrics import Metrics
 from niftidrop.service import Service, handle_signals
@@ -64,6 +67,9 @@ class FakeConverter:
     def __init__(self) -> None:
         self.order: list[str] = []
         self.environment_errors = 0
+        self.crashes = 0  # calls that raise `crash`, an exception no converter expects
+        self.crash: Exception = MemoryError("Unable to allocate 3.00 GiB")
+        self.calls = 0
         self.release = threading.Event()
         self.release.set()
 
@@ -79,6 +85,10 @@ class FakeConverter:
         provenance: Mapping[str, object] | None = None,
     ) -> ConversionResult:
         self.release.wait()
+        self.calls += 1
+        if self.crashes:
+            self.crashes -= 1
+            raise self.crash
         if self.environment_errors:
             self.environment_errors -= 1
             raise OSError(30, "Read-only file system", str(out_dir))
@@ -377,10 +387,137 @@ class TestOnce:
         assert any(line["event"] == "spool_recovered" for line in logs)
 
     def test_incomplete_input_is_left_and_exits_1(self, settings: Settings) -> None:
-        """An input still incomplete is not read, stays in the inbox, and gives 1."""
+        """An input still incomplete is not read, stays in the inbox, and gives 1;
+        `service_stopped` counts it."""
         settings.inbox_dir.mkdir(parents=True)
         (settings.inbox_dir / "partial.npy").write_bytes(b"\x93NUMPY\x01\x00")
         code, logs = self.once(settings)
         assert code == 1
         assert (settings.inbox_dir / "partial.npy").exists()
         assert any(line["event"] == "input_incomplete" for line in logs)
+        assert logs[-1]["event"] == "service_stopped"
+        assert logs[-1]["incomplete"] == 1
+
+    def test_a_crashing_conversion_fails_after_max_attempts_and_exits_1(
+        self, settings: Settings
+    ) -> None:
+        """--once tries a conversion that raises an unexpected exception exactly
+        `max_attempts` times, fails it as conversion_crashed, and returns 1."""
+        drop(settings, "a.npy")
+        converter = FakeConverter()
+        converter.crashes = 100
+        service = Service(
+            settings.model_copy(update={"max_attempts": 2}),
+            library=FakeLibrary(settings.root),
+            convert_file=converter,
+        )
+        with capture_logs() as logs:
+            assert service.run(once=True) == 1
+        assert converter.calls == 2
+        record = json.loads((settings.failed_dir / "a.npy.error.json").read_text())
+        assert record["error"] == "conversion_crashed"
+        assert "MemoryError: Unable to allocate" in record["message"]
+        assert logs[-1]["event"] == "service_stopped"
+        assert logs[-1]["failed"] == 1
+
+
+class TestCrashes:
+    """Guarantee 13: a crashing conversion is tried `max_attempts` times, then failed."""
+
+    def test_an_unexpected_exception_is_retried_then_conversion_crashed(
+        self, make_service: Callable[..., Running], settings: Settings
+    ) -> None:
+        """Every try raises: exactly `max_attempts` tries, `input_retrying` between them,
+        then the input is in failed with `.error.json` saying conversion_crashed."""
+        running = make_service(max_attempts=3)
+        running.converter.crashes = 100
+        drop(settings, "a.npy")
+        error_json = settings.failed_dir / "a.npy.error.json"
+        wait_for(error_json.exists)
+        assert running.converter.calls == 3
+        record = json.loads(error_json.read_text())
+        assert record["error"] == "conversion_crashed"
+        assert "each of 3 attempts" in record["message"]
+        assert "a.npy" in record["message"]
+        retries = running.events("input_retrying")
+        assert [(line["attempt"], line["crashed"]) for line in retries] == [(1, True), (2, True)]
+        assert not list(settings.state_path.glob("claimed/*/*.npy"))
+
+    def test_a_crash_then_success_is_converted(
+        self, make_service: Callable[..., Running], settings: Settings
+    ) -> None:
+        """A conversion that crashes once and then succeeds is converted, not failed."""
+        running = make_service(max_attempts=2)
+        running.converter.crashes = 1
+        drop(settings, "a.npy")
+        wait_for((settings.archive_dir / "a.npy").exists)
+        assert running.converter.calls == 2
+        assert not running.events("input_failed")
+
+    def test_environmental_errors_do_not_count_as_crashes(
+        self, make_service: Callable[..., Running], settings: Settings
+    ) -> None:
+        """More OSErrors in a row than `max_attempts` are still retried (guarantee 6)."""
+        running = make_service(max_attempts=1)
+        running.converter.environment_errors = 2
+        drop(settings, "a.npy")
+        wait_for((settings.archive_dir / "a.npy").exists)
+        assert not running.events("input_failed")
+
+
+class TestSpoolUnderfoot:
+    """The spool changed under a running service: put back, or stop non-zero."""
+
+    def test_a_removed_state_folder_is_made_again_with_its_lock(
+        self, make_service: Callable[..., Running], settings: Settings
+    ) -> None:
+        """The state folder removed while running: claims folder and lock come back
+        (the lock held again), and inputs are converted as before."""
+        running = make_service()
+        shutil.rmtree(settings.state_path)
+        wait_for(lambda: bool(running.events("state_recreated")))
+        with (settings.state_path / "lock").open("a+b") as handle, pytest.raises(BlockingIOError):
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        drop(settings, "a.npy")
+        wait_for((settings.archive_dir / "a.npy").exists)
+
+    @pytest.mark.parametrize("replacement", ["folder", "symlink"])
+    def test_a_replaced_inbox_stops_the_service_and_its_watchdog(
+        self, settings: Settings, tmp_path: Path, replacement: str
+    ) -> None:
+        """The inbox renamed away and made anew (a folder, or a symlink to the old
+        one): ServiceError out of `run`, logged as service_failed, watchdog pings
+        stop with the main loop."""
+        notifier = FakeNotifier()
+        service = Service(
+            settings,
+            library=FakeLibrary(tmp_path),
+            convert_file=FakeConverter(),
+            metrics=Metrics(),
+            notifier=notifier,
+        )
+        raised: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                service.run()
+            except BaseException as error:
+                raised.append(error)
+
+        with capture_logs() as logs:
+            thread = threading.Thread(target=run)
+            thread.start()
+            wait_for(service.ready.is_set)
+            wait_for(lambda: "WATCHDOG=1" in notifier.messages)
+            settings.inbox_dir.rename(tmp_path / "old-inbox")
+            if replacement == "folder":
+                settings.inbox_dir.mkdir()
+            else:
+                settings.inbox_dir.symlink_to(tmp_path / "old-inbox")
+            thread.join(timeout=30)
+        assert [type(error) for error in raised] == [ServiceError]
+        assert "replaced" in str(raised[0])
+        (failed,) = [line for line in logs if line["event"] == "service_failed"]
+        assert "inbox" in failed["error"]
+        assert notifier.messages[-1] == "STOPPING=1"
+        assert logs[-1]["event"] == "service_stopped"

@@ -93,6 +93,17 @@ class TestValidation:
         """Dtype names are stored in NumPy's spelling."""
         assert load_settings(dtype="f4").dtype == "float32"
 
+    def test_more_workers_than_the_memory_holds_are_refused(self) -> None:
+        """`workers` beyond what the memory holds (a conversion process each) is a
+        ConfigError that says the bound and why; the bound itself is accepted."""
+        from niftidrop.resources import available_memory
+        from niftidrop.settings import WORKER_FOOTPRINT_BYTES
+
+        most = available_memory() // WORKER_FOOTPRINT_BYTES
+        assert load_settings(workers=most).workers == most
+        with pytest.raises(ConfigError, match=rf"workers: .*expected at most {most}: each worker"):
+            load_settings(workers=most + 1)
+
 
 class TestFolderOverlaps:
     @pytest.mark.parametrize(
