@@ -24,6 +24,7 @@ from niftidrop.spool import (
     split_name,
     unique_names,
 )
+from niftidrop.writer import temp_path_for
 
 
 @pytest.fixture
@@ -240,8 +241,12 @@ class TestClaimFolders:
         claim = spool.claim(drop(spool, "a.npy"))
         assert claim is not None
 
+        real_link = os.link
+
         def archive_fails(source: Any, target: Any, **kwargs: Any) -> None:
-            raise OSError(5, "Input/output error")  # after the conversion, before the archive
+            if str(spool.archive_folder) in str(target):  # after the conversion
+                raise OSError(5, "Input/output error")
+            real_link(source, target, **kwargs)
 
         monkeypatch.setattr(os, "link", archive_fails)
         with pytest.raises(OSError, match="Input/output"):
@@ -439,19 +444,48 @@ class TestRecovery:
         assert calls.names == ["a.npy"]
 
     def test_stale_temporaries_are_removed(self, spool: Spool) -> None:
-        """Hidden .tmp files in outbox, archive, failed and state go; others stay."""
+        """This service's hidden .tmp files in outbox, archive, failed and state go."""
+        claim = Claim(spool.claims_folder / "token", PurePosixPath("sub/a.npy"))
         stale = [
-            spool.outbox / "sub" / ".a.nii.gz.x1.tmp",
-            spool.failed_folder / ".a.npy.error.json.x2.tmp",
+            temp_path_for(spool.outbox / "sub" / "a.nii.gz", spool.owner_for(claim)),
+            temp_path_for(spool.archive_folder / "a.npy", spool.owner_for(claim)),
+            temp_path_for(spool.failed_folder / "a.npy.error.json", spool.owner),
             spool.state / ".heartbeat.json.x3.tmp",
         ]
         kept = [spool.outbox / "a.nii.gz", spool.inbox / ".producer.npy.tmp"]
         for path in stale + kept:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"")
-        assert spool.remove_stale_temporaries() == 3
+        assert spool.remove_stale_temporaries() == 4
         assert not any(path.exists() for path in stale)
         assert all(path.exists() for path in kept)
+
+    def test_another_services_temporaries_are_left_alone(
+        self, spool: Spool, tmp_path: Path
+    ) -> None:
+        """In a shared outbox, archive or failed a start removes only its own temporaries."""
+        other = Spool(load_settings(root=tmp_path, state_dir=tmp_path / "inbox" / ".other"))
+        other.create_folders()
+        assert other.owner != spool.owner
+        theirs = [
+            temp_path_for(other.outbox / "b.nii.gz", other.owner),
+            temp_path_for(other.archive_folder / "b.npy", f"{other.owner}-token"),
+            temp_path_for(other.failed_folder / "b.npy.error.json", other.owner),
+            temp_path_for(other.outbox / "c.nii.gz"),  # `niftidrop convert`, no owner
+        ]
+        mine = temp_path_for(spool.outbox / "a.nii.gz", spool.owner)
+        for path in [*theirs, mine]:
+            path.write_bytes(b"in flight")
+        assert spool.remove_stale_temporaries() == 1
+        assert all(path.read_bytes() == b"in flight" for path in theirs)
+        assert not mine.exists()
+
+    def test_the_owner_id_is_kept_in_the_state_folder(self, settings: Settings) -> None:
+        """Every Spool of one state folder has the same id, made once."""
+        first = Spool(settings)
+        first.create_folders()
+        assert Spool(settings).owner == first.owner
+        assert (first.state / "owner").read_text().strip() == first.owner
 
 
 class TestCommands:

@@ -141,9 +141,10 @@ class TestConflicts:
     def test_commit_of_a_written_temp(self, tmp_path: Path) -> None:
         """write_temp + commit is write_file in two steps (several outputs, one decision)."""
         temp = write_temp(tmp_path / "a.nii", [b"x"], compress=False)
-        assert temp.exists()
+        assert temp.path.exists()
+        assert temp.size == 1
         assert commit(temp, tmp_path / "a.nii", on_conflict="fail") == tmp_path / "a.nii"
-        assert not temp.exists()
+        assert not temp.path.exists()
 
     @pytest.mark.parametrize(
         ("name", "expected"),
