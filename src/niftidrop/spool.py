@@ -211,6 +211,9 @@ class Spool:
         self._lock_file: IO[bytes] | None = None
         self._spare_folders: list[Path] = []
         self._spare_lock = threading.Lock()
+        # Claim folder → summary of a conversion whose `.converted.json` could not be
+        # written (a full state file system): kept for the retries of this process.
+        self._unrecorded: dict[Path, dict[str, Any]] = {}
 
     def __repr__(self) -> str:
         return f"Spool(inbox={str(self.inbox)!r}, state={str(self.state)!r})"
@@ -339,6 +342,7 @@ class Spool:
         """Empty a claim's folder once its input has left, and keep it for a next claim."""
         if os.path.lexists(claim.path):
             raise AssertionError(f"{claim.path} is still claimed")
+        self._unrecorded.pop(claim.folder, None)
         # The usual content is known (markers, then the relative folders): removing
         # it directly is much cheaper than rmtree's walk; rmtree handles the rest.
         try:
@@ -420,7 +424,7 @@ class Spool:
         record = read_json(claim.folder / FAILURE_MARKER)
         if record is not None:
             return self.fail(claim, record)
-        summary = read_json(claim.folder / CONVERTED_MARKER)
+        summary = read_json(claim.folder / CONVERTED_MARKER) or self._unrecorded.get(claim.folder)
         if summary is None:
             if not stat.S_ISREG(info.st_mode):
                 error = ConversionError(
@@ -438,7 +442,13 @@ class Spool:
                 self.discard_temporaries(claim)
                 raise
             if self.remember_conversions:
-                self._write_record(claim.folder / CONVERTED_MARKER, summary, "converted_record")
+                try:
+                    self._write_record(claim.folder / CONVERTED_MARKER, summary, "converted_record")
+                except OSError:
+                    # The outputs have their names: a retry by this process must not
+                    # convert again (which would add suffixed copies).
+                    self._unrecorded[claim.folder] = summary
+                    raise
         return self._finish_converted(claim, summary)
 
     def _finish_converted(self, claim: Claim, summary: dict[str, Any]) -> Converted:
@@ -524,10 +534,11 @@ class Spool:
 
     def _leave(self, claim: Claim, move: Mapping[str, Any] | None) -> None:
         """The input has its place in archive or failed (or is not kept): unlink its
-        claimed name, then its copy's temporary name, and release the claim."""
+        copy's temporary name (the record keeps the copy's inode), then its claimed
+        name, and release the claim."""
+        self._drop_copy(claim, move)
         step("input_unlink")
         claim.path.unlink()
-        self._drop_copy(claim, move)
         self.release(claim)
 
     def _drop_copy(self, claim: Claim, move: Mapping[str, Any] | None) -> None:
