@@ -475,8 +475,10 @@ class Spool:
         error_path = failed_as.with_name(failed_as.name + ERROR_SUFFIX)
         self._write_record(error_path, record, "error_record")
 
-    def _write_record(self, path: Path, data: Mapping[str, Any], kind: str) -> None:
-        write_json_atomic(path, data, durable=self.durable, owner=self.owner, kind=kind)
+    def _write_record(
+        self, path: Path, data: Mapping[str, Any], kind: str, *, durable: bool = True
+    ) -> None:
+        write_json_atomic(path, data, durable=durable and self.durable, owner=self.owner, kind=kind)
 
     def _destination(self, to: str) -> Path:
         return self.archive_folder if to == ARCHIVE else self.failed_folder
@@ -486,7 +488,7 @@ class Spool:
         file having that name nor `<name><companion>`; returns it.
 
         Before each try the claim's move record says which name (and which copy),
-        durably, so a retry or a restart finishes this move instead of making another
+        so a retry or a restart finishes this move instead of making another
         (`_resume_move`), without relying on link counts. The input keeps its name
         in the claim folder until `_leave`.
         """
@@ -501,7 +503,12 @@ class Spool:
             ):
                 continue
             move["name"] = candidate
-            self._write_record(claim.folder / MOVE_RECORD, move, "move_record")
+            # Not fsynced: it serves after a crash of the process (the page cache
+            # keeps it); after a power cut that loses it, the link itself tells
+            # (`_resume_linked`). The copy fallback, which no link count can
+            # tell, records durably below.
+            durable = "copy" in move
+            self._write_record(claim.folder / MOVE_RECORD, move, "move_record", durable=durable)
             try:
                 self._place(claim, target, move)
             except FileExistsError:
@@ -570,8 +577,8 @@ class Spool:
         target = self._destination(to) / claim.subfolder / name
         try:
             found = target.lstat()
-        except OSError:
-            return None
+        except FileNotFoundError:
+            return None  # other errors are raised: a guess could move the input twice
         inode = move.get("inode")
         if (found.st_dev, found.st_ino) != (info.st_dev, info.st_ino) and (
             not isinstance(inode, list) or (found.st_dev, found.st_ino) != tuple(inode)
