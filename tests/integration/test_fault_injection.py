@@ -125,12 +125,14 @@ class TestErrnos:
 
 def kill_cases() -> list[tuple[str, str, int]]:
     """(scenario, step, occurrence of that step): every step, at each of its
-    occurrences in the first scenario that takes it, and each step of the copy
-    fallback's life (the resumable move)."""
+    occurrences in the first scenario that takes it, the heartbeat's, and each
+    step of three whole lives (archived, failed, and the copy fallback's)."""
     cases: dict[tuple[str, str, int], None] = {}
     for scenario, name, _ in first_occurrences():
         for occurrence in range(golden(scenario)[1].count(name)):
             cases[(scenario.name, name, occurrence)] = None
+    for name in sorted(HEARTBEAT_STEPS):  # the service writes one as it starts
+        cases[("archived", name, 0)] = None
     for scenario in SCENARIOS:
         if scenario.name in ("archived", "copied", "failed"):
             trace = golden(scenario)[1]
