@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -33,7 +34,15 @@ from niftidrop.conversion import (
 )
 from niftidrop.errors import ConversionError, ErrorCode
 from niftidrop.settings import Settings
-from niftidrop.writer import commit, discard, write_file, write_temp
+from niftidrop.writer import (
+    Temporary,
+    commit,
+    discard,
+    fsync_folder,
+    withdraw,
+    write_file,
+    write_temp,
+)
 
 logger = logging.getLogger("niftidrop")
 
@@ -79,6 +88,7 @@ def convert_file(
     stem: str | None = None,
     affine: npt.NDArray[Any] | None = None,
     provenance: Mapping[str, object] | None = None,
+    owner: str = "",
 ) -> ConversionResult:
     """Convert one .npy/.npz into out_dir/<stem>.nii.gz (.nii if not settings.compress;
     <stem>_c<N>.nii.gz per channel with channels="split"; optional <stem>.json sidecar
@@ -87,9 +97,11 @@ def convert_file(
     no reference: use `affine` (or identity). on_conflict handled here (overwrite = atomic
     replace, rename = unique suffix before the extension, fail = ConversionError
     OUTPUT_CONFLICT). provenance: extra fields for the sidecar (e.g. {"input": "sub/a.npz",
-    "rule": "exact"}). Raises ConversionError for every rejection (SPEC §4 codes; a
-    reference nibabel cannot read is BAD_REFERENCE) and lets OSError through for
-    environmental problems (disk full, read-only outbox): the service retries those."""
+    "rule": "exact"}). owner: tags the temporary names (see `niftidrop.writer`), so the
+    service can find and remove those of a conversion that died. Raises ConversionError
+    for every rejection (SPEC §4 codes; a reference nibabel cannot read is BAD_REFERENCE)
+    and lets OSError through for environmental problems (disk full, read-only outbox):
+    the service retries those."""
     started = time.perf_counter()
     source = Path(source)
     stem = stem or input_stem(source)
@@ -107,12 +119,13 @@ def convert_file(
     )
     finals = [out_dir / f"{stem}{volume.suffix}{extension}" for volume in plan.volumes]
     if settings.on_conflict == "fail":
-        for final in finals:
-            if final.exists():
-                raise _output_conflict(source.name, final)
-    temps: list[Path] = []
+        _check_free(source.name, finals)  # before the work; checked again once it is done
+    temps: list[Temporary] = []
+    placed: list[tuple[Path, Temporary]] = []
     try:
-        # Every output is complete on disk before the first one gets its final name.
+        # All or nothing: every output is complete on disk and every final name is
+        # checked before the first one is given; a failure takes back what this
+        # call placed.
         for volume, final in zip(plan.volumes, finals, strict=True):
             temps.append(
                 write_temp(
@@ -123,26 +136,38 @@ def convert_file(
                     threads=settings.threads,
                     fsync=settings.fsync,
                     size=volume.data_bytes,
+                    owner=owner,
                 )
             )
-        outputs = tuple(
-            _commit(temp, final, settings=settings, input_name=source.name)
-            for temp, final in zip(temps, finals, strict=True)
-        )
+        if settings.on_conflict == "fail":
+            _check_free(source.name, finals)
+        # The folder is fsync'ed once, after the last name is given.
+        for temp, final in zip(temps, finals, strict=True):
+            placed.append((_commit(temp, final, settings=settings, input_name=source.name), temp))
+        outputs = tuple(output for output, _ in placed)
+        if settings.sidecar:
+            sidecar = out_dir / f"{stem}.json"
+            text = _sidecar_text(
+                source=source, reference=ref, plan=plan, outputs=outputs, provenance=provenance
+            )
+            temp = write_temp(
+                sidecar, [text], compress=False, fsync=settings.fsync, owner=owner, kind="sidecar"
+            )
+            temps.append(temp)
+            given = commit(
+                temp, sidecar, on_conflict=settings.on_conflict, fsync=False, kind="sidecar"
+            )
+            placed.append((given, temp))
+        if settings.fsync:
+            fsync_folder(out_dir)
+    except BaseException:
+        for output, temp in placed:
+            withdraw(output, temp)
+        raise
     finally:
         for temp in temps:
-            discard(temp)
+            discard(temp.path)
         del array
-    if settings.sidecar:
-        _write_sidecar(
-            out_dir / f"{stem}.json",
-            source=source,
-            reference=ref,
-            plan=plan,
-            outputs=outputs,
-            provenance=provenance,
-            settings=settings,
-        )
     return ConversionResult(
         input=source,
         outputs=outputs,
@@ -151,9 +176,17 @@ def convert_file(
         dtype_in=plan.dtype_in.name,
         dtype_out=plan.dtype_out.name,
         bytes_in=source.stat().st_size,
-        bytes_out=sum(output.stat().st_size for output in outputs),
+        # From the temporaries' descriptors: a consumer may have taken the outputs away.
+        bytes_out=sum(temp.size for temp in temps[: len(finals)]),
         seconds=time.perf_counter() - started,
     )
+
+
+def _check_free(input_name: str, finals: list[Path]) -> None:
+    """OUTPUT_CONFLICT unless every name in `finals` is free (on_conflict = fail)."""
+    for final in finals:
+        if os.path.lexists(final):
+            raise _output_conflict(input_name, final)
 
 
 def _output_conflict(input_name: str, final: Path) -> ConversionError:
@@ -163,27 +196,25 @@ def _output_conflict(input_name: str, final: Path) -> ConversionError:
     )
 
 
-def _commit(temp: Path, final: Path, *, settings: Settings, input_name: str) -> Path:
-    """`commit`, with an output conflict (a file that appeared since the check above)
-    naming the input too."""
+def _commit(temp: Temporary, final: Path, *, settings: Settings, input_name: str) -> Path:
+    """`commit` without the folder fsync (done once for all outputs), with an output
+    conflict (a file that appeared since the check) naming the input too."""
     try:
-        return commit(temp, final, on_conflict=settings.on_conflict, fsync=settings.fsync)
+        return commit(temp, final, on_conflict=settings.on_conflict, fsync=False)
     except ConversionError as error:
         if error.code is not ErrorCode.OUTPUT_CONFLICT:
             raise
         raise _output_conflict(input_name, final) from None
 
 
-def _write_sidecar(
-    final: Path,
+def _sidecar_text(
     *,
     source: Path,
     reference: Reference | None,
     plan: Plan,
     outputs: tuple[Path, ...],
     provenance: Mapping[str, object] | None,
-    settings: Settings,
-) -> Path:
+) -> bytes:
     """The provenance `<stem>.json`: what went in, what came out, and how."""
     record: dict[str, object] = {
         "input": source.name,
@@ -200,14 +231,7 @@ def _write_sidecar(
         "converted_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
     }
     record.update(provenance or {})
-    text = json.dumps(record, indent=2, default=str) + "\n"
-    return write_file(
-        final,
-        [text.encode()],
-        compress=False,
-        on_conflict=settings.on_conflict,
-        fsync=settings.fsync,
-    )
+    return (json.dumps(record, indent=2, default=str) + "\n").encode()
 
 
 # The nidataset-compatible functions (SPEC §8).

@@ -83,6 +83,7 @@ class ConvertFile(Protocol):
         stem: str | None = None,
         affine: np.ndarray[Any, Any] | None = None,
         provenance: Mapping[str, object] | None = None,
+        owner: str = "",
     ) -> Any: ...
 
 
@@ -785,6 +786,7 @@ class Service:
             stem=claim.stem,
             affine=affine,
             provenance={"input": str(claim.relative), "rule": match.rule},
+            owner=self.spool.owner_for(claim),  # its temporaries: removed if it dies
         )
         outputs = [str(path) for path in result.outputs]
         return {

@@ -5,7 +5,9 @@ Layout of the state folder:
     <state>/claimed/<token>/<rel>/<name>    a claimed input
     <state>/claimed/<token>/.converted.json  its output is durable (summary)
     <state>/claimed/<token>/.failure.json    it was rejected (the error record)
+    <state>/claimed/<token>/.moving.json     where in archive or failed it is going
     <state>/heartbeat.json, <state>/lock
+    <state>/owner                            this state folder's id (temporary names)
 
 Each claim has a token folder to itself, made atomically by `mkdtemp`, so two
 inputs with the same name never meet, and the relative path survives a crash.
@@ -16,17 +18,21 @@ reuse freed inodes (ext4 without a journal skips every inode freed in the last
 minute, one by one, on each file it creates). A folder found empty at start is
 removed.
 
-`.converted.json` spares a redo after a crash. It is written only when a redo
-would not be idempotent (`on_conflict` `rename` or `fail`); with `overwrite`
-the redo writes the same bytes under the same name.
+`.converted.json` spares a redo after a crash. It is written (durably) only when
+a redo would not be idempotent (`on_conflict` `rename` or `fail`); with
+`overwrite` the redo writes the same bytes under the same name.
 
 Inputs leave the claim folder by `link()` + `unlink()`, never by `rename()`:
 `link()` refuses to replace an existing name (archive and failed are never
-overwritten), and it keeps the inode, so after a crash between the two steps the
-claimed file's link count (> 1) tells that it already reached archive or failed.
-It also keeps the inbox watch free of move-out events. A failed input is linked
-first, then its `.error.json` is written; the record is kept in the claim folder
-until both exist, so a crash in between is finished at the next start.
+overwritten), and it keeps the inode. It also keeps the inbox watch free of
+move-out events. Where links are refused (archive or failed on another file
+system) a copy is made under a temporary name and linked instead. Before the
+link, `.moving.json` records the name chosen (and the copy's name and inode), so
+a retry or a restart after any step finishes that move rather than making a
+second one, without relying on link counts. A failed input is linked first, then
+its `.error.json` is written; the record is kept in the claim folder until both
+exist. Every file-system step is announced to `niftidrop.steps` (the seam of the
+fault-injection tests).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import fcntl
 import functools
 import json
 import os
+import secrets
 import shutil
 import stat
 import tempfile
@@ -51,12 +58,26 @@ from typing import IO, Any, Final
 from niftidrop import __version__
 from niftidrop.errors import ConfigError, ConversionError, ErrorCode
 from niftidrop.settings import Settings
+from niftidrop.steps import step
 from niftidrop.watcher import is_candidate, scan_inbox
-from niftidrop.writer import fsync_folder, is_temp_name
+from niftidrop.writer import (
+    NO_HARD_LINKS,
+    discard,
+    fsync_folder,
+    is_owned_by,
+    is_temp_name,
+    make_folders,
+    temp_path_for,
+    write_json_atomic,
+)
 
 CLAIMS: Final = "claimed"
 CONVERTED_MARKER: Final = ".converted.json"
 FAILURE_MARKER: Final = ".failure.json"
+MOVE_RECORD: Final = ".moving.json"
+OWNER_FILE: Final = "owner"
+ARCHIVE: Final = "archive"
+FAILED: Final = "failed"
 ERROR_SUFFIX: Final = ".error.json"
 HEARTBEAT: Final = "heartbeat.json"
 LOCK: Final = "lock"
@@ -64,6 +85,8 @@ INPUT_SUFFIXES: Final = (".npy", ".npz")
 # Empty token folders kept for the next claims; more than that (after a burst of
 # retried claims) are removed.
 SPARE_FOLDERS: Final = 64
+STATE_ID_BYTES: Final = 4
+COPY_CHUNK_BYTES: Final = 1 << 20
 
 
 def now_iso() -> str:
@@ -89,22 +112,6 @@ def unique_names(name: str) -> Iterator[str]:
     while True:
         yield f"{stem}-{number}{extension}"
         number += 1
-
-
-def write_json_atomic(path: Path, data: Mapping[str, Any], *, durable: bool) -> None:
-    """Write `data` to `path` under a hidden temporary name, then rename it into place."""
-    handle: IO[str]
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    ) as handle:
-        json.dump(data, handle, indent=2, default=str)
-        handle.write("\n")
-        handle.flush()
-        if durable:
-            os.fsync(handle.fileno())
-    Path(handle.name).replace(path)
-    if durable:
-        fsync_folder(path.parent)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -204,6 +211,9 @@ class Spool:
         self._lock_file: IO[bytes] | None = None
         self._spare_folders: list[Path] = []
         self._spare_lock = threading.Lock()
+        # Claim folder → summary of a conversion whose `.converted.json` could not be
+        # written (a full state file system): kept for the retries of this process.
+        self._unrecorded: dict[Path, dict[str, Any]] = {}
 
     def __repr__(self) -> str:
         return f"Spool(inbox={str(self.inbox)!r}, state={str(self.state)!r})"
@@ -235,6 +245,7 @@ class Spool:
                 f"state_dir: {self.state} is in use by another running niftidrop"
             ) from None
         self._lock_file = handle
+        _ = self.owner  # made now, once, rather than by the first write that needs it
 
     def unlock(self) -> None:
         if self._lock_file is not None:
@@ -259,6 +270,7 @@ class Spool:
         try:
             if relative.parent != PurePosixPath():
                 claim.path.parent.mkdir(parents=True, exist_ok=True)
+            step("claim_rename")
             path.rename(claim.path)
         except FileNotFoundError:
             self.release(claim)
@@ -330,10 +342,12 @@ class Spool:
         """Empty a claim's folder once its input has left, and keep it for a next claim."""
         if os.path.lexists(claim.path):
             raise AssertionError(f"{claim.path} is still claimed")
+        self._unrecorded.pop(claim.folder, None)
         # The usual content is known (markers, then the relative folders): removing
         # it directly is much cheaper than rmtree's walk; rmtree handles the rest.
         try:
-            for marker in (CONVERTED_MARKER, FAILURE_MARKER):
+            step("release")
+            for marker in (MOVE_RECORD, CONVERTED_MARKER, FAILURE_MARKER):
                 with contextlib.suppress(FileNotFoundError):
                     (claim.folder / marker).unlink()
             for folder in [claim.subfolder, *claim.subfolder.parents][:-1]:  # deepest first
@@ -349,16 +363,45 @@ class Spool:
             claim.folder.rmdir()
 
     def remove_stale_temporaries(self) -> int:
-        """Delete hidden `.*.tmp` files niftidrop left behind in its own folders."""
+        """Delete the hidden temporary files this service left behind (at start).
+
+        In outbox, archive and failed only this state folder's own (`owner`): other
+        services may share those folders, and their files may be in flight. Every
+        temporary file in the state folder is this service's.
+        """
         removed = 0
         for top in (self.outbox, self.archive_folder, self.failed_folder, self.state):
             for root, _, files in os.walk(top):
                 for name in files:
-                    if is_temp_name(name):
+                    if is_owned_by(name, self.owner) or (top == self.state and is_temp_name(name)):
                         with contextlib.suppress(FileNotFoundError):
                             (Path(root) / name).unlink()
                             removed += 1
         return removed
+
+    @functools.cached_property
+    def owner(self) -> str:
+        """This state folder's id: the owner part of the temporary names it writes."""
+        return _state_id(self.state / OWNER_FILE)
+
+    def owner_for(self, claim: Claim) -> str:
+        """The owner part of the temporary names written for `claim` (its outputs, a
+        copy of its input): no other claim in flight has the same."""
+        return f"{self.owner}-{claim.folder.name}"
+
+    def discard_temporaries(self, claim: Claim) -> int:
+        """Remove what a conversion of `claim` that died (its process killed) left in
+        the outbox; the temporaries of other conversions in flight stay."""
+        owner = self.owner_for(claim)
+        folder = self.outbox / claim.subfolder
+        try:
+            names = [entry.name for entry in folder.iterdir()]
+        except OSError:
+            return 0
+        mine = [name for name in names if is_owned_by(name, owner)]
+        for name in mine:
+            discard(folder / name)
+        return len(mine)
 
     # Finishing a claim.
 
@@ -371,18 +414,17 @@ class Spool:
         try:
             info = claim.path.lstat()
         except FileNotFoundError:
+            # It left before a crash (or a failure) let the claim be released.
+            self._drop_copy(claim, read_json(claim.folder / MOVE_RECORD))
             self.release(claim)
             return None
-        # Other links alone (a producer's hard link) do not need the search of
-        # archive and failed, which reads the whole folder.
-        if info.st_nlink > max(1, claim.links):
-            resumed = self._resume_linked(claim, info)
-            if resumed is not None:
-                return resumed
+        resumed = self._resume(claim, info)
+        if resumed is not None:
+            return resumed
         record = read_json(claim.folder / FAILURE_MARKER)
         if record is not None:
             return self.fail(claim, record)
-        summary = read_json(claim.folder / CONVERTED_MARKER)
+        summary = read_json(claim.folder / CONVERTED_MARKER) or self._unrecorded.get(claim.folder)
         if summary is None:
             if not stat.S_ISREG(info.st_mode):
                 error = ConversionError(
@@ -395,40 +437,170 @@ class Spool:
                 summary = convert(claim)
             except ConversionError as error:
                 return self.fail(claim, error_record(claim, error))
+            except BaseException:
+                # A conversion process that was killed leaves its temporary files.
+                self.discard_temporaries(claim)
+                raise
             if self.remember_conversions:
-                # Written in place, not fsynced: a torn marker does not parse, which
-                # means "redo".
-                (claim.folder / CONVERTED_MARKER).write_text(json.dumps(summary, default=str))
+                try:
+                    self._write_record(claim.folder / CONVERTED_MARKER, summary, "converted_record")
+                except OSError:
+                    # The outputs have their names: a retry by this process must not
+                    # convert again (which would add suffixed copies).
+                    self._unrecorded[claim.folder] = summary
+                    raise
         return self._finish_converted(claim, summary)
 
     def _finish_converted(self, claim: Claim, summary: dict[str, Any]) -> Converted:
         archived_as = None
-        if self.delete_after_success:
-            claim.path.unlink()
-        else:
-            archived_as = self._link_unique(claim.path, self.archive_folder / claim.subfolder)
-            claim.path.unlink()
-        self.release(claim)
+        move: dict[str, Any] | None = None
+        if not self.delete_after_success:
+            move = {"to": ARCHIVE, "summary": summary}
+            archived_as = self._move(claim, move)
+        self._leave(claim, move)
         return Converted(claim, summary, archived_as)
 
     def fail(self, claim: Claim, record: dict[str, Any]) -> Failed:
         """Move the claimed input to failed together with its `.error.json`."""
         marker = claim.folder / FAILURE_MARKER
         if not marker.exists():
-            write_json_atomic(marker, record, durable=self.durable)
-        folder = self.failed_folder / claim.subfolder
-        failed_as = self._link_unique(claim.path, folder, companion=ERROR_SUFFIX)
+            self._write_record(marker, record, "failure_record")
+        move: dict[str, Any] = {"to": FAILED}
+        failed_as = self._move(claim, move, companion=ERROR_SUFFIX)
         self._write_error(failed_as, record)
-        claim.path.unlink()
-        self.release(claim)
+        self._leave(claim, move)
         return Failed(claim, record, failed_as)
 
     def _write_error(self, failed_as: Path, record: Mapping[str, Any]) -> None:
         error_path = failed_as.with_name(failed_as.name + ERROR_SUFFIX)
-        write_json_atomic(error_path, record, durable=self.durable)
+        self._write_record(error_path, record, "error_record")
+
+    def _write_record(
+        self, path: Path, data: Mapping[str, Any], kind: str, *, durable: bool = True
+    ) -> None:
+        write_json_atomic(path, data, durable=durable and self.durable, owner=self.owner, kind=kind)
+
+    def _destination(self, to: str) -> Path:
+        return self.archive_folder if to == ARCHIVE else self.failed_folder
+
+    def _move(self, claim: Claim, move: dict[str, Any], *, companion: str = "") -> Path:
+        """Give the claimed input a free name in archive or failed (`move["to"]`), no
+        file having that name nor `<name><companion>`; returns it.
+
+        Before each try the claim's move record says which name (and which copy),
+        so a retry or a restart finishes this move instead of making another
+        (`_resume_move`), without relying on link counts. The input keeps its name
+        in the claim folder until `_leave`.
+        """
+        folder = self._destination(move["to"]) / claim.subfolder
+        make_folders(folder, fsync=self.durable)
+        # A copy left by an earlier try may be partial: it is made again.
+        self._drop_copy(claim, read_json(claim.folder / MOVE_RECORD))
+        for candidate in unique_names(claim.name):
+            target = folder / candidate
+            if os.path.lexists(target) or (
+                companion and os.path.lexists(folder / (candidate + companion))
+            ):
+                continue
+            move["name"] = candidate
+            # Not fsynced: it serves after a crash of the process (the page cache
+            # keeps it); after a power cut that loses it, the link itself tells
+            # (`_resume_linked`). The copy fallback, which no link count can
+            # tell, records durably below.
+            durable = "copy" in move
+            self._write_record(claim.folder / MOVE_RECORD, move, "move_record", durable=durable)
+            try:
+                self._place(claim, target, move)
+            except FileExistsError:
+                continue  # taken meanwhile
+            if self.durable:
+                fsync_folder(folder)
+            return target
+        raise AssertionError("unreachable: unique_names never ends")
+
+    def _place(self, claim: Claim, target: Path, move: dict[str, Any]) -> None:
+        """Link the input (or, where links are refused, a copy of it) to `target`."""
+        if "copy" not in move:
+            try:
+                step("input_link")
+                os.link(claim.path, target, follow_symlinks=False)
+                return
+            except OSError as error:
+                # Another file system, or no hard link allowed (protected_hardlinks
+                # on someone else's file, file systems without links): link a copy.
+                if error.errno not in NO_HARD_LINKS:
+                    raise
+            copy = temp_path_for(target.with_name(claim.name), self.owner_for(claim))
+            move["copy"] = copy.name
+            self._write_record(claim.folder / MOVE_RECORD, move, "move_record")
+            # Recorded once complete: a copy without its inode in the record is redone.
+            move["inode"] = _copy_file(claim.path, copy, fsync=self.durable)
+            self._write_record(claim.folder / MOVE_RECORD, move, "move_record")
+        step("copy_link")
+        os.link(target.with_name(move["copy"]), target, follow_symlinks=False)
+
+    def _leave(self, claim: Claim, move: Mapping[str, Any] | None) -> None:
+        """The input has its place in archive or failed (or is not kept): unlink its
+        copy's temporary name (the record keeps the copy's inode), then its claimed
+        name, and release the claim."""
+        self._drop_copy(claim, move)
+        step("input_unlink")
+        claim.path.unlink()
+        self.release(claim)
+
+    def _drop_copy(self, claim: Claim, move: Mapping[str, Any] | None) -> None:
+        copy = None if move is None else move.get("copy")
+        if isinstance(copy, str) and is_owned_by(copy, self.owner_for(claim)):
+            step("copy_unlink")
+            discard(self._destination(move["to"]) / claim.subfolder / copy)  # type: ignore[index]
+
+    def _resume(self, claim: Claim, info: os.stat_result) -> Outcome | None:
+        """Finish a move to archive or failed that a crash or a failure interrupted."""
+        move = read_json(claim.folder / MOVE_RECORD)
+        if move is not None:
+            return self._resume_move(claim, info, move)
+        if info.st_nlink > max(1, claim.links):
+            # A claim left by an earlier version, which kept no move record. Other
+            # links alone (a producer's hard link) do not need the search of archive
+            # and failed, which reads the whole folder.
+            return self._resume_linked(claim, info)
+        return None
+
+    def _resume_move(
+        self, claim: Claim, info: os.stat_result, move: Mapping[str, Any]
+    ) -> Outcome | None:
+        """Finish a recorded move if its name in archive or failed holds the input (or
+        its recorded copy); None if the move had not happened."""
+        to, name = move.get("to"), move.get("name")
+        if to not in (ARCHIVE, FAILED) or not isinstance(name, str) or "/" in name:
+            return None
+        target = self._destination(to) / claim.subfolder / name
+        try:
+            found = target.lstat()
+        except FileNotFoundError:
+            return None  # other errors are raised: a guess could move the input twice
+        inode = move.get("inode")
+        if (found.st_dev, found.st_ino) != (info.st_dev, info.st_ino) and (
+            not isinstance(inode, list) or (found.st_dev, found.st_ino) != tuple(inode)
+        ):
+            return None  # the name is someone else's
+        if self.durable:
+            fsync_folder(target.parent)
+        if to == FAILED:
+            record = read_json(claim.folder / FAILURE_MARKER) or {}
+            if not os.path.lexists(target.with_name(name + ERROR_SUFFIX)):
+                self._write_error(target, record)
+            self._leave(claim, move)
+            return Failed(claim, record, target)
+        summary = move.get("summary")
+        if not isinstance(summary, dict):
+            summary = read_json(claim.folder / CONVERTED_MARKER) or {}
+        self._leave(claim, move)
+        return Converted(claim, summary, target)
 
     def _resume_linked(self, claim: Claim, info: os.stat_result) -> Outcome | None:
-        """After a crash between link and unlink: finish the move that was under way."""
+        """A claim of an earlier version, after a crash between link and unlink: finish
+        the move that was under way."""
         for folder in (self.archive_folder, self.failed_folder):
             twin = _find_link(folder / claim.subfolder, claim.name, info)
             if twin is None:
@@ -437,12 +609,10 @@ class Spool:
                 record = read_json(claim.folder / FAILURE_MARKER) or {}
                 if not twin.with_name(twin.name + ERROR_SUFFIX).exists():
                     self._write_error(twin, record)
-                claim.path.unlink()
-                self.release(claim)
+                self._leave(claim, None)
                 return Failed(claim, record, twin)
             summary = read_json(claim.folder / CONVERTED_MARKER) or {}
-            claim.path.unlink()
-            self.release(claim)
+            self._leave(claim, None)
             return Converted(claim, summary, twin)
         return None
 
@@ -450,8 +620,8 @@ class Spool:
         self, source: Path, folder: Path, *, name: str = "", companion: str = ""
     ) -> Path:
         """Give `source` a new name in `folder` (`name` or a suffixed variant) that no
-        file has, nor `<new name><companion>`."""
-        folder.mkdir(parents=True, exist_ok=True)
+        file has, nor `<new name><companion>` (for `retry`)."""
+        make_folders(folder, fsync=self.durable)
         linked = source
         copy: Path | None = None
         try:
@@ -464,11 +634,11 @@ class Spool:
                 except FileExistsError:
                     continue
                 except OSError as error:
-                    # Another file system, or no hard link allowed (protected_hardlinks
-                    # on someone else's file, file systems without links): link a copy.
-                    if copy is not None or error.errno not in (errno.EXDEV, errno.EPERM):
+                    if copy is not None or error.errno not in NO_HARD_LINKS:
                         raise
-                    linked = copy = self._copy_beside(source, target)
+                    copy = temp_path_for(target)
+                    _copy_file(source, copy, fsync=self.durable)
+                    linked = copy
                     if not _link_if_free(copy, target):
                         continue
                 if self.durable:
@@ -477,17 +647,7 @@ class Spool:
             raise AssertionError("unreachable: unique_names never ends")
         finally:
             if copy is not None:
-                copy.unlink()
-
-    def _copy_beside(self, source: Path, target: Path) -> Path:
-        """A durable copy of `source` under a hidden temporary name next to `target`."""
-        # Unique per process and thread: two workers may copy the same name at once.
-        temporary = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-        shutil.copy2(source, temporary, follow_symlinks=False)
-        if self.durable and not temporary.is_symlink():
-            with temporary.open("rb") as handle:
-                os.fsync(handle.fileno())
-        return temporary
+                discard(copy)
 
     # Commands: retry, status, heartbeat.
 
@@ -537,7 +697,13 @@ class Spool:
 
     def write_heartbeat(self, details: Mapping[str, Any]) -> None:
         """Replace the heartbeat file (atomically: readers never see half of it)."""
-        write_json_atomic(self.heartbeat_path, {"time": now_iso(), **details}, durable=False)
+        write_json_atomic(
+            self.heartbeat_path,
+            {"time": now_iso(), **details},
+            durable=False,
+            owner=self.owner,
+            kind="heartbeat",
+        )
 
     def heartbeat_age(self, now: float) -> float | None:
         """Seconds since the last heartbeat, or None if there is none."""
@@ -564,6 +730,67 @@ def _find_link(folder: Path, name: str, info: os.stat_result) -> Path | None:
         if (found.st_dev, found.st_ino) == (info.st_dev, info.st_ino):
             return Path(entry.path)
     return None
+
+
+def _copy_file(source: Path, copy: Path, *, fsync: bool) -> list[int]:
+    """Copy `source` (a file, or a symlink: not followed) to the new name `copy` with
+    its mode and times; returns the copy's [st_dev, st_ino]. Nothing is left of the
+    copy if any step fails."""
+    step("copy_create")
+    try:
+        if source.is_symlink():
+            copy.symlink_to(source.readlink())
+        else:
+            with source.open("rb") as original, copy.open("xb") as duplicate:
+                step("copy_write")
+                shutil.copyfileobj(original, duplicate, COPY_CHUNK_BYTES)
+                duplicate.flush()
+                shutil.copystat(source, copy)
+                if fsync:
+                    step("copy_fsync")
+                    os.fsync(duplicate.fileno())
+        info = copy.lstat()
+    except BaseException:
+        discard(copy)
+        raise
+    return [info.st_dev, info.st_ino]
+
+
+def _state_id(path: Path) -> str:
+    """The id kept in `path`, made (once, race free) if there is none."""
+    with contextlib.suppress(FileNotFoundError):
+        found = path.read_text().strip()
+        if _is_state_id(found):
+            return found
+    made = secrets.token_hex(STATE_ID_BYTES)
+    temporary = temp_path_for(path)
+    temporary.write_text(made + "\n")
+    try:
+        _link_or_rename(temporary, path)  # never replaces an id another start made
+    except FileExistsError:
+        found = path.read_text().strip()
+        if _is_state_id(found):
+            return found
+        temporary.replace(path)  # an unreadable id (a torn write): this one instead
+    finally:
+        discard(temporary)
+    return made
+
+
+def _link_or_rename(source: Path, target: Path) -> None:
+    """Give `source` the name `target` unless it exists (FileExistsError)."""
+    try:
+        os.link(source, target)
+    except OSError as error:
+        if error.errno not in NO_HARD_LINKS:
+            raise
+        if os.path.lexists(target):  # no hard links here: a small race remains
+            raise FileExistsError(errno.EEXIST, "File exists", str(target)) from None
+        source.rename(target)
+
+
+def _is_state_id(text: str) -> bool:
+    return len(text) == 2 * STATE_ID_BYTES and all(char in "0123456789abcdef" for char in text)
 
 
 def _link_if_free(source: Path, target: Path) -> bool:

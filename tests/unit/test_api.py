@@ -205,6 +205,88 @@ class TestConvertFile:
         assert record["niftidrop_version"]
 
 
+class TestAllOrNothing:
+    """channels = split gives all its outputs or none (and the sidecar with them)."""
+
+    def test_a_conflict_on_a_later_channel_places_no_channel(
+        self, tmp_path: Path, make_reference: MakeReference, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """`_c1` taken while `_c0` is written (on_conflict = fail): no `_c0` is left."""
+        from niftidrop import api
+
+        reference = make_reference(shape=(4, 5, 6))
+        source = _saved(tmp_path / "p.npy", np.ones((2, 4, 5, 6), np.float32))
+        out = tmp_path / "out"
+        real_write_temp = api.write_temp
+
+        def taken_meanwhile(final: Path, *args: object, **kwargs: object) -> object:
+            written = real_write_temp(final, *args, **kwargs)  # type: ignore[arg-type]
+            (out / "p_c1.nii.gz").write_bytes(b"someone else's")
+            return written
+
+        monkeypatch.setattr(api, "write_temp", taken_meanwhile)
+        with pytest.raises(ConversionError) as caught:
+            convert_file(
+                source,
+                out,
+                settings=_settings(channels="split", on_conflict="fail"),
+                reference=reference,
+            )
+        assert caught.value.code is ErrorCode.OUTPUT_CONFLICT
+        assert sorted(path.name for path in out.iterdir()) == ["p_c1.nii.gz"]
+
+    def test_an_error_after_a_commit_takes_the_outputs_back(
+        self, tmp_path: Path, make_reference: MakeReference, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A full disk at the second commit removes the first output: retried whole."""
+        from niftidrop import api
+
+        reference = make_reference(shape=(4, 5, 6))
+        source = _saved(tmp_path / "p.npy", np.ones((2, 4, 5, 6), np.float32))
+        out = tmp_path / "out"
+        real_commit = api.commit
+        calls: list[Path] = []
+
+        def second_fails(temp: object, final: Path, **kwargs: object) -> object:
+            calls.append(final)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device")
+            return real_commit(temp, final, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(api, "commit", second_fails)
+        for on_conflict in ("overwrite", "rename"):
+            calls.clear()
+            with pytest.raises(OSError, match="No space"):
+                convert_file(
+                    source,
+                    out,
+                    settings=_settings(channels="split", on_conflict=on_conflict, sidecar=True),
+                    reference=reference,
+                )
+            assert list(out.iterdir()) == []
+
+    def test_bytes_out_does_not_need_the_outputs_after_their_commit(
+        self, tmp_path: Path, make_reference: MakeReference, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An output taken away the moment it appears: the result is still given."""
+        from niftidrop import api
+
+        reference = make_reference(shape=(4, 5, 6))
+        source = _saved(tmp_path / "p.npy", np.ones((4, 5, 6), np.float32))
+        taken = tmp_path / "taken"
+        taken.mkdir()
+        real_commit = api.commit
+
+        def eager_consumer(temp: object, final: Path, **kwargs: object) -> Path:
+            placed: Path = real_commit(temp, final, **kwargs)  # type: ignore[arg-type]
+            placed.rename(taken / placed.name)
+            return placed
+
+        monkeypatch.setattr(api, "commit", eager_consumer)
+        result = convert_file(source, tmp_path / "out", settings=_settings(), reference=reference)
+        assert result.bytes_out == (taken / "p.nii.gz").stat().st_size
+
+
 class TestSeedExamples:
     """The examples of the seed page, with `niftidrop` in place of nidataset."""
 

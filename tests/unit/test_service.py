@@ -83,6 +83,7 @@ class FakeConverter:
         stem: str | None = None,
         affine: np.ndarray[Any, Any] | None = None,
         provenance: Mapping[str, object] | None = None,
+        owner: str = "",
     ) -> ConversionResult:
         self.release.wait()
         self.calls += 1

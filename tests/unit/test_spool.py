@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -24,6 +25,8 @@ from niftidrop.spool import (
     split_name,
     unique_names,
 )
+from niftidrop.steps import hooked
+from niftidrop.writer import temp_path_for
 
 
 @pytest.fixture
@@ -240,8 +243,12 @@ class TestClaimFolders:
         claim = spool.claim(drop(spool, "a.npy"))
         assert claim is not None
 
+        real_link = os.link
+
         def archive_fails(source: Any, target: Any, **kwargs: Any) -> None:
-            raise OSError(5, "Input/output error")  # after the conversion, before the archive
+            if str(spool.archive_folder) in str(target):  # after the conversion
+                raise OSError(5, "Input/output error")
+            real_link(source, target, **kwargs)
 
         monkeypatch.setattr(os, "link", archive_fails)
         with pytest.raises(OSError, match="Input/output"):
@@ -370,6 +377,145 @@ class TestFinish:
         assert files_under(spool.failed_folder) == []
 
 
+def refuse_links_from_claims(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Archive and failed on another file system: links from the claim folder fail."""
+    real_link = os.link
+
+    def link(source: Any, target: Any, **kwargs: Any) -> None:
+        if CLAIMS_FOLDER in str(source):
+            raise OSError(18, "Invalid cross-device link")
+        real_link(source, target, **kwargs)
+
+    monkeypatch.setattr(os, "link", link)
+
+
+def fail_once(monkeypatch: pytest.MonkeyPatch, method: str, when: Callable[[Path], bool]) -> None:
+    """Path.<method> raises EIO the first time `when(path)` holds."""
+    real = getattr(Path, method)
+    failed: list[Path] = []
+
+    def once(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if not failed and when(self):
+            failed.append(self)
+            raise OSError(5, "Input/output error")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, method, once)
+
+
+def temporaries(root: Path) -> list[str]:
+    return [str(path) for path in root.rglob("*.tmp")]
+
+
+class TestTransientFaults:
+    """A failed step leaves a state that the next try finishes, once, without leftovers."""
+
+    def test_a_full_disk_leaves_no_record_temporaries(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Records that cannot be fsynced (a full disk) leave no .tmp behind."""
+        spool = Spool(load_settings(root=tmp_path, fsync=True))
+        spool.create_folders()
+        claim = spool.claim(drop(spool, "a.npy"))
+        assert claim is not None
+
+        def full(descriptor: int) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", full)
+        for _ in range(3):
+            with pytest.raises(OSError, match="No space"):
+                spool.handle(claim, rejected)
+        assert temporaries(tmp_path) == []
+        monkeypatch.undo()
+        assert isinstance(spool.handle(claim, rejected), Failed)
+        assert files_under(spool.failed_folder) == ["a.npy", "a.npy.error.json"]
+
+    def test_the_converted_record_is_fsynced(self, tmp_path: Path) -> None:
+        """With rename, `.converted.json` is durable before the input moves on."""
+        spool = Spool(load_settings(root=tmp_path, fsync=True, on_conflict="rename"))
+        spool.create_folders()
+        claim = spool.claim(drop(spool, "a.npy"))
+        assert claim is not None
+        taken: list[str] = []
+        with hooked(taken.append):
+            spool.handle(claim, converted)
+        assert "converted_record_fsync" in taken
+        assert taken.index("converted_record_commit") < taken.index("input_link")
+
+    def test_copied_into_failed_then_the_error_file_fails_once(
+        self, spool: Spool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Failed on another file system, `.error.json` failing once: failed holds the
+        input once, with its record, and no partial copy."""
+        refuse_links_from_claims(monkeypatch)
+        fail_once(monkeypatch, "replace", lambda path: ".error.json" in path.name)
+        claim = spool.claim(drop(spool, "a.npy"))
+        assert claim is not None
+        with pytest.raises(OSError, match="Input/output"):
+            spool.handle(claim, rejected)
+        assert isinstance(spool.handle(claim, rejected), Failed)
+        assert files_under(spool.failed_folder) == ["a.npy", "a.npy.error.json"]
+        assert temporaries(spool.failed_folder) == []
+        assert spool.claims() == []
+
+    def test_copied_into_archive_then_the_unlink_fails_once(
+        self, spool: Spool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Archive on another file system, the claimed input's unlink failing once (or a
+        restart after it): the input is archived once."""
+        refuse_links_from_claims(monkeypatch)
+        for restart in (False, True):
+            claim = spool.claim(drop(spool, f"{restart}.npy"))
+            assert claim is not None
+            fail_once(monkeypatch, "unlink", lambda path, claim=claim: path == claim.path)
+            with pytest.raises(OSError, match="Input/output"):
+                spool.handle(claim, converted)
+            if restart:
+                (claim,) = spool.claims()
+            assert isinstance(spool.handle(claim, converted), Converted)
+        assert files_under(spool.archive_folder) == ["False.npy", "True.npy"]
+        assert temporaries(spool.archive_folder) == []
+
+    def test_a_failed_copy_leaves_no_partial_copy(
+        self, spool: Spool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A copy that fails half-way (a full archive) is removed, and redone next time."""
+        refuse_links_from_claims(monkeypatch)
+        claim = spool.claim(drop(spool, "a.npy", b"x" * 100_000))
+        assert claim is not None
+
+        def full(name: str) -> None:
+            if name == "copy_write":
+                raise OSError(28, "No space left on device")
+
+        with hooked(full), pytest.raises(OSError, match="No space"):
+            spool.handle(claim, converted)
+        assert list(spool.archive_folder.rglob("*")) == []
+        assert isinstance(spool.handle(claim, converted), Converted)
+        assert (spool.archive_folder / "a.npy").read_bytes() == b"x" * 100_000
+
+    def test_a_dead_conversion_s_temporaries_go_with_it(self, spool: Spool) -> None:
+        """A conversion that dies (its process killed) has its outbox temporaries removed;
+        another claim's stay."""
+        claim = spool.claim(drop(spool, "site/a.npy"))
+        other = spool.claim(drop(spool, "site/b.npy"))
+        assert claim is not None
+        assert other is not None
+        theirs = temp_path_for(spool.outbox / "site" / "b.nii.gz", spool.owner_for(other))
+
+        def killed(claim: Claim) -> dict[str, Any]:
+            theirs.parent.mkdir(parents=True, exist_ok=True)
+            theirs.write_bytes(b"in flight")
+            mine = temp_path_for(spool.outbox / "site" / "a.nii.gz", spool.owner_for(claim))
+            mine.write_bytes(b"half")
+            raise ChildProcessError("conversion process 1234 ended (killed by SIGKILL)")
+
+        with pytest.raises(ChildProcessError):
+            spool.handle(claim, killed)
+        assert [path.name for path in (spool.outbox / "site").iterdir()] == [theirs.name]
+
+
 class TestRecovery:
     """Each test stops the protocol at one crash point and checks the next start."""
 
@@ -439,19 +585,48 @@ class TestRecovery:
         assert calls.names == ["a.npy"]
 
     def test_stale_temporaries_are_removed(self, spool: Spool) -> None:
-        """Hidden .tmp files in outbox, archive, failed and state go; others stay."""
+        """This service's hidden .tmp files in outbox, archive, failed and state go."""
+        claim = Claim(spool.claims_folder / "token", PurePosixPath("sub/a.npy"))
         stale = [
-            spool.outbox / "sub" / ".a.nii.gz.x1.tmp",
-            spool.failed_folder / ".a.npy.error.json.x2.tmp",
+            temp_path_for(spool.outbox / "sub" / "a.nii.gz", spool.owner_for(claim)),
+            temp_path_for(spool.archive_folder / "a.npy", spool.owner_for(claim)),
+            temp_path_for(spool.failed_folder / "a.npy.error.json", spool.owner),
             spool.state / ".heartbeat.json.x3.tmp",
         ]
         kept = [spool.outbox / "a.nii.gz", spool.inbox / ".producer.npy.tmp"]
         for path in stale + kept:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"")
-        assert spool.remove_stale_temporaries() == 3
+        assert spool.remove_stale_temporaries() == 4
         assert not any(path.exists() for path in stale)
         assert all(path.exists() for path in kept)
+
+    def test_another_services_temporaries_are_left_alone(
+        self, spool: Spool, tmp_path: Path
+    ) -> None:
+        """In a shared outbox, archive or failed a start removes only its own temporaries."""
+        other = Spool(load_settings(root=tmp_path, state_dir=tmp_path / "inbox" / ".other"))
+        other.create_folders()
+        assert other.owner != spool.owner
+        theirs = [
+            temp_path_for(other.outbox / "b.nii.gz", other.owner),
+            temp_path_for(other.archive_folder / "b.npy", f"{other.owner}-token"),
+            temp_path_for(other.failed_folder / "b.npy.error.json", other.owner),
+            temp_path_for(other.outbox / "c.nii.gz"),  # `niftidrop convert`, no owner
+        ]
+        mine = temp_path_for(spool.outbox / "a.nii.gz", spool.owner)
+        for path in [*theirs, mine]:
+            path.write_bytes(b"in flight")
+        assert spool.remove_stale_temporaries() == 1
+        assert all(path.read_bytes() == b"in flight" for path in theirs)
+        assert not mine.exists()
+
+    def test_the_owner_id_is_kept_in_the_state_folder(self, settings: Settings) -> None:
+        """Every Spool of one state folder has the same id, made once."""
+        first = Spool(settings)
+        first.create_folders()
+        assert Spool(settings).owner == first.owner
+        assert (first.state / "owner").read_text().strip() == first.owner
 
 
 class TestCommands:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import stat
 import subprocess
@@ -13,7 +14,18 @@ import pytest
 
 from niftidrop import writer
 from niftidrop.errors import ConversionError, ErrorCode
-from niftidrop.writer import commit, is_temp_name, unique_name, write_file, write_temp
+from niftidrop.steps import WRITE_PHASES, hooked
+from niftidrop.writer import (
+    TEMP_EXTRA_CHARS,
+    commit,
+    is_owned_by,
+    is_temp_name,
+    temp_path_for,
+    unique_name,
+    write_file,
+    write_json_atomic,
+    write_temp,
+)
 
 PAYLOAD = [bytes(range(256)) * 4096, b"tail" * 1000]
 
@@ -98,6 +110,65 @@ class TestAtomicWrite:
         assert synced == []
 
 
+class TestDurability:
+    def test_new_folders_are_fsynced_in_their_parent(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Each folder write_file creates is made durable in its parent (a power cut
+        must not lose the folder, and the output in it)."""
+        synced: list[int] = []
+        real_fsync = os.fsync
+
+        def spy(descriptor: int) -> None:
+            info = os.fstat(descriptor)
+            if stat.S_ISDIR(info.st_mode):
+                synced.append(info.st_ino)
+            real_fsync(descriptor)
+
+        monkeypatch.setattr(os, "fsync", spy)
+        write_file(tmp_path / "a" / "b" / "c.nii", [b"x"], compress=False, fsync=True)
+        for folder in (tmp_path, tmp_path / "a", tmp_path / "a" / "b"):
+            assert folder.stat().st_ino in synced, folder
+
+
+class TestAtomicJson:
+    @pytest.mark.parametrize("phase", WRITE_PHASES)
+    def test_a_failure_at_any_phase_leaves_no_temporary(self, tmp_path: Path, phase: str) -> None:
+        """A full disk while writing a record keeps the old record and leaves no .tmp."""
+        path = tmp_path / "record.json"
+        write_json_atomic(path, {"n": 1}, durable=True, kind="error_record")
+
+        def full(name: str) -> None:
+            if name == f"error_record_{phase}":
+                raise OSError(28, "No space left on device")
+
+        with hooked(full), pytest.raises(OSError, match="No space"):
+            write_json_atomic(path, {"n": 2}, durable=True, kind="error_record")
+        assert json.loads(path.read_text()) == {"n": 1}
+        assert [entry.name for entry in tmp_path.iterdir()] == ["record.json"]
+
+
+class TestOwners:
+    def test_owned_temporaries_are_told_apart(self, tmp_path: Path) -> None:
+        """An owner's names, and its parts', are its own; others' and untagged ones are not."""
+        mine = temp_path_for(tmp_path / "a.nii.gz", "0a1b2c3d").name
+        part = temp_path_for(tmp_path / "a.nii.gz", "0a1b2c3d-tok3n").name
+        theirs = temp_path_for(tmp_path / "a.nii.gz", "ffffffff").name
+        untagged = temp_path_for(tmp_path / "a.nii.gz").name
+        assert is_owned_by(mine, "0a1b2c3d")
+        assert is_owned_by(part, "0a1b2c3d")
+        assert not is_owned_by(part, "0a1b2c3d-other")
+        assert not is_owned_by(theirs, "0a1b2c3d")
+        assert not is_owned_by(untagged, "0a1b2c3d")
+        assert not is_owned_by("a.nii.gz", "0a1b2c3d")
+        assert len(mine) <= len("a.nii.gz") + TEMP_EXTRA_CHARS
+
+    def test_an_owner_with_a_dot_is_refused(self, tmp_path: Path) -> None:
+        """The owner part is found by its dots: it cannot hold one."""
+        with pytest.raises(ValueError, match="owner"):
+            temp_path_for(tmp_path / "a", "x.y")
+
+
 class TestConflicts:
     def test_overwrite_replaces(self, tmp_path: Path) -> None:
         """overwrite replaces an existing file atomically."""
@@ -141,9 +212,10 @@ class TestConflicts:
     def test_commit_of_a_written_temp(self, tmp_path: Path) -> None:
         """write_temp + commit is write_file in two steps (several outputs, one decision)."""
         temp = write_temp(tmp_path / "a.nii", [b"x"], compress=False)
-        assert temp.exists()
+        assert temp.path.exists()
+        assert temp.size == 1
         assert commit(temp, tmp_path / "a.nii", on_conflict="fail") == tmp_path / "a.nii"
-        assert not temp.exists()
+        assert not temp.path.exists()
 
     @pytest.mark.parametrize(
         ("name", "expected"),
