@@ -164,6 +164,12 @@ check_hardening_in_force() {
     local user
     user="$(podman exec "$SYSTEMD_CONTAINER" ps -o user= -p "$pid")"
     [[ "$user" == niftidrop ]] || fail "the service runs as ${user}, expected niftidrop"
+    # Each conversion process caps its memory (max_memory), which the filter must allow.
+    local child
+    child="$(podman exec "$SYSTEMD_CONTAINER" pgrep --parent "$pid" | head -n 1)"
+    [[ -n "$child" ]] || fail "the service has no conversion process"
+    podman exec "$SYSTEMD_CONTAINER" cat "/proc/${child}/limits" |
+        grep -q -E '^Max data size +[0-9]+ ' || fail "max_memory is not applied to the conversion processes"
 }
 
 step_systemd() {
