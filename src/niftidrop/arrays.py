@@ -372,7 +372,10 @@ def readiness(path: Path) -> Readiness:
             return _stream_readiness(stream, path)
     except (ConversionError, FileNotFoundError, NotADirectoryError):
         return Readiness.CHANGED  # a symlink, a special file or nothing now: look again
-    except (OSError, MemoryError):
+    except OSError as error:
+        # EINVAL: a seek to a negative offset the bytes declared. Others: the disk.
+        return Readiness.NEVER if error.errno == errno.EINVAL else Readiness.UNREADABLE
+    except MemoryError:
         return Readiness.UNREADABLE
     # Untrusted bytes: whatever a parser raises means "never whole".
     except Exception:
@@ -456,6 +459,8 @@ def _find_zip_end(stream: BinaryIO, size: int) -> tuple[int, int, int] | None:
 def _zip_members_present(archive: zipfile.ZipFile, stream: BinaryIO) -> Readiness:
     directory_start = _directory_offset(archive, stream)
     for info in archive.infolist():
+        if info.header_offset < 0:  # zipfile shifts offsets by the bytes missing before
+            return Readiness.NEVER
         stream.seek(info.header_offset)
         local = stream.read(_ZIP_LOCAL_HEADER.size)
         if len(local) < _ZIP_LOCAL_HEADER.size or local[:4] != _ZIP_LOCAL_MAGIC:

@@ -602,6 +602,16 @@ class TestImpossibleSizes:
 
 
 class TestReadiness:
+    def test_an_npz_missing_bytes_before_its_directory_is_never_whole(self, tmp_path: Path) -> None:
+        """Found by fuzzing: bytes cut out before the directory make zipfile give a member
+        a negative offset; the check's seek to it (EINVAL) is "never", not "unreadable"."""
+        path = tmp_path / "cut.npz"
+        np.savez_compressed(path, x=np.random.default_rng(0).random(100))
+        raw = path.read_bytes()
+        path.write_bytes(raw[:40] + raw[60:])
+        assert readiness(path) is Readiness.NEVER
+        assert _rejection(path).code is ErrorCode.CORRUPT
+
     def test_verdicts(self, tmp_path: Path) -> None:
         """Whole, still growing, never whole: each file gets the verdict it deserves."""
         whole = _npy_bytes(np.arange(60, dtype=np.int16))
