@@ -238,6 +238,19 @@ class TestReadiness:
         scene.file("a.npy", np.zeros(3))
         assert scene.tracker.poll().waiting == [path]
 
+    def test_an_unreadable_file_is_handed_on_not_truncated(self, tmp_path: Path) -> None:
+        """A file the service may not open is handed on once quiet (the conversion
+        retries it as transient), never left to time out as truncated."""
+        path = tmp_path / "a.npy"
+        path.write_bytes(npy_bytes(np.zeros(3)))
+        os.utime(path, (time.time() - 60, time.time() - 60))
+        tracker = ReadinessTracker(
+            settle_seconds=1, incomplete_timeout=10, check=lambda _: Readiness.UNREADABLE
+        )
+        tracker.note(path, finished=False)
+        verdicts = tracker.poll()
+        assert ([ready for ready, _ in verdicts.ready], verdicts.truncated) == ([path], [])
+
     def test_symlink_is_ready_without_being_opened(self, tmp_path: Path) -> None:
         """A symlink is handed on at once (to be refused), never opened."""
         opened: list[Path] = []
