@@ -603,7 +603,8 @@ class TestImpossibleSizes:
 class TestReadiness:
     def test_an_npz_missing_bytes_before_its_directory_is_never_whole(self, tmp_path: Path) -> None:
         """Found by fuzzing: bytes cut out before the directory make zipfile give a member
-        a negative offset; the check's seek to it (EINVAL) is "never", not "unreadable"."""
+        a negative offset. The seek to it (EINVAL) is "never" for the check, not
+        "unreadable", and CORRUPT for the conversion, not an OSError retried forever."""
         path = tmp_path / "cut.npz"
         np.savez_compressed(path, x=np.random.default_rng(0).random(100))
         raw = path.read_bytes()
