@@ -289,6 +289,9 @@ class _PollingHandler(FileSystemEventHandler):
 # The file's identity for the readiness check's memo: a change of any of these
 # means its bytes may have changed.
 _Identity = tuple[int, int, int, int, int]  # device, inode, size, mtime, ctime (ns)
+# Longer than the timestamp granularity of any file system niftidrop runs on
+# (Linux keeps file times in jiffies: 1 to 10 ms; NFS and SMB servers alike).
+_TICK_SECONDS: Final = 0.05
 
 
 @dataclass
@@ -298,7 +301,8 @@ class _Pending:
     changed_at: float  # monotonic time the size/mtime last changed (or first seen)
     finished: bool = False
     finished_stat: tuple[int, int] | None = None  # size/mtime when `finished` was seen
-    seen: _Identity | None = None  # the identity at the previous poll
+    seen: _Identity | None = None  # the identity at the last poll
+    seen_at: float = 0.0  # monotonic time that identity was first seen
     checked: _Identity | None = None  # the identity `verdict` holds for
     verdict: Readiness | None = None
 
@@ -423,7 +427,7 @@ class ReadinessTracker:
         # time (a backlog is ready at once); `changed_at` covers skewed clocks.
         quiet = max(now - pending.changed_at, wall - info.st_mtime_ns / 1e9)
         settled = quiet >= self.settle_seconds
-        verdict = self._readiness(path, pending, info)
+        verdict = self._readiness(path, pending, info, now)
         if verdict in (Readiness.COMPLETE, Readiness.UNREADABLE):
             return "ready" if pending.finished or settled else "waiting"
         if verdict is Readiness.NEVER:
@@ -432,20 +436,24 @@ class ReadinessTracker:
             return "waiting"  # replaced since the lstat: the next poll looks again
         return "truncated" if quiet >= self.incomplete_timeout else "waiting"
 
-    def _readiness(self, path: Path, pending: _Pending, info: os.stat_result) -> Readiness:
+    def _readiness(
+        self, path: Path, pending: _Pending, info: os.stat_result, now: float
+    ) -> Readiness:
         """The check's verdict, reused while the file stays as it was.
 
-        A verdict is kept only once the identity was also the one of the previous
-        poll: a write in the same timestamp tick as the check cannot hide behind
-        an unchanged identity (polls are far longer apart than a tick).
+        A verdict is kept only when the check ran at least `_TICK_SECONDS` after
+        the identity was first seen: a write in the same timestamp tick as that
+        first sighting leaves the identity unchanged, but any write after such a
+        check falls in a later tick and changes the mtime.
         """
         identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-        stable = identity == pending.seen
-        pending.seen = identity
+        if identity != pending.seen:
+            pending.seen, pending.seen_at = identity, now
         if pending.verdict is not None and pending.checked == identity:
             return pending.verdict
         verdict = self._check(path)
-        pending.verdict, pending.checked = (verdict, identity) if stable else (None, None)
+        if now - pending.seen_at >= _TICK_SECONDS:
+            pending.verdict, pending.checked = verdict, identity
         return verdict
 
     def _not_regular(self, path: Path, pending: _Pending, info: os.stat_result) -> str:

@@ -357,6 +357,28 @@ class TestReadinessCost:
         assert scene.ready() == [path]
         assert len(checks) == 3
 
+    def test_a_verdict_is_kept_only_once_past_a_timestamp_tick(self, tmp_path: Path) -> None:
+        """Polls in the same instant as the first sighting do not keep their verdict (a
+        write in that timestamp tick would not change the file's identity)."""
+        checks: list[Path] = []
+        clock = FakeClock()
+        tracker = ReadinessTracker(
+            settle_seconds=1.0,
+            incomplete_timeout=600.0,
+            check=lambda path: checks.append(path) or Readiness.INCOMPLETE,
+            clock=clock,
+        )
+        path = tmp_path / "a.npy"
+        path.write_bytes(b"\x93NUMPY")
+        tracker.note(path, finished=False)
+        for _ in range(3):
+            tracker.poll()
+        assert len(checks) == 3
+        clock.now += 0.1
+        for _ in range(3):
+            tracker.poll()
+        assert len(checks) == 4
+
     def test_a_huge_zip_directory_is_not_parsed(self, tmp_path: Path) -> None:
         """A zip directory past the check's cap costs no parse: only its bounds are read."""
         path = tmp_path / "many.npz"
