@@ -62,7 +62,7 @@ SHARES = {"random": 1, "headers": 1, "npy": 2, "npz": 2}
 def fuzz_settings(family: str) -> hypothesis_settings:
     """The default profile is derandomized (the same examples on every run, no database);
     the long one is random, so every run explores new files."""
-    examples = TOTAL_EXAMPLES * SHARES[family] // sum(SHARES.values())
+    examples = -(-TOTAL_EXAMPLES * SHARES[family] // sum(SHARES.values()))  # rounded up
     return hypothesis_settings(
         max_examples=examples,
         deadline=None,
