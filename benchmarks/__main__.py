@@ -1,7 +1,8 @@
 """Run every `benchmarks/bench_*.py` in one go, or only those named.
 
-python -m benchmarks                 # all of them
+python -m benchmarks                 # all of them (but those run only on request)
 python -m benchmarks convert library # bench_convert and bench_library
+python -m benchmarks fuzz            # the long fuzz profile: only when named
 """
 
 from __future__ import annotations
@@ -18,8 +19,14 @@ def available() -> list[str]:
     return sorted(path.stem.removeprefix("bench_") for path in folder.glob("bench_*.py"))
 
 
+def on_request(name: str) -> bool:
+    """A benchmark that says `ON_REQUEST = True` (too long for every run) runs only when named."""
+    module = importlib.import_module(f"benchmarks.bench_{name}")
+    return bool(getattr(module, "ON_REQUEST", False))
+
+
 def main(argv: Sequence[str]) -> int:
-    names = list(argv) or available()
+    names = list(argv) or [name for name in available() if not on_request(name)]
     unknown = sorted(set(names) - set(available()))
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; available: {', '.join(available())}")

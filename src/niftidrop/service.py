@@ -22,7 +22,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -146,7 +146,6 @@ class Service:
         *,
         library: Library | None = None,
         convert_file: ConvertFile | None = None,
-        is_complete: Callable[[Path], bool] | None = None,
         metrics: Metrics | None = None,
         notifier: SystemdNotifier | None = None,
     ) -> None:
@@ -154,10 +153,6 @@ class Service:
             from niftidrop.library import ReferenceLibrary
 
             library = ReferenceLibrary.from_settings(settings)
-        if is_complete is None:
-            from niftidrop.arrays import is_complete as default_is_complete
-
-            is_complete = default_is_complete
         if metrics is None:
             from niftidrop.metrics import Metrics
 
@@ -184,7 +179,6 @@ class Service:
         self._tracker = ReadinessTracker(
             settle_seconds=settings.settle_seconds,
             incomplete_timeout=settings.incomplete_timeout,
-            is_complete=is_complete,
         )
         self._sightings: queue.SimpleQueue[Sighting] = queue.SimpleQueue()
         self._watcher: InboxWatcher | None = None
@@ -470,6 +464,8 @@ class Service:
             self._submit(path, mtime_ns)
         for path in verdicts.truncated:
             self._submit(_Truncated(path), 0)
+        for path, reason in verdicts.ignored:  # left where it is; reported once
+            log.warning("input_ignored", input=str(self.spool.relative(path)), reason=reason)
 
     def _rescan_inbox(self) -> None:
         for path in scan_inbox(self.spool.inbox, recursive=self.settings.recursive):

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import struct
+import subprocess
+import sys
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -16,7 +20,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from niftidrop import arrays
-from niftidrop.arrays import MAX_DIMS, MAX_HEADER_BYTES, is_complete, open_input
+from niftidrop.arrays import (
+    MAX_DIMS,
+    MAX_HEADER_BYTES,
+    Readiness,
+    is_complete,
+    open_input,
+    readiness,
+)
 from niftidrop.errors import ConversionError, ErrorCode
 
 LIMIT = 1 << 30
@@ -510,3 +521,182 @@ class TestNeverCrashes:
         path.write_bytes(header.getvalue() + b"\0" * 64)
         assert _rejection(path).code is ErrorCode.TOO_LARGE
         assert not is_complete(path)
+
+
+def _member_declaring(path: Path, declared: int, *, stored: bool = False) -> None:
+    """A small .npz whose one member says (zip directory and .npy header) `declared` bytes."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (declared - 128,)}
+    )
+    method = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(path, "w", compression=method) as archive:
+        archive.writestr("x.npy", header.getvalue() + bytes(2000))
+    raw = bytearray(path.read_bytes())
+    size = struct.pack("<L", declared)
+    raw[22:26] = size  # local header: uncompressed size
+    central = raw.rindex(b"PK\x01\x02")
+    raw[central + 24 : central + 28] = size  # central directory: uncompressed size
+    path.write_bytes(bytes(raw))
+
+
+class TestImpossibleSizes:
+    def test_a_tiny_npz_declaring_gigabytes_is_corrupt_before_allocating(
+        self, tmp_path: Path
+    ) -> None:
+        """2.5 KB cannot inflate to 3 GiB (deflate's limit is 1032:1): CORRUPT, no allocation."""
+        path = tmp_path / "bomb.npz"
+        _member_declaring(path, 3 << 30)
+        assert path.stat().st_size < 2600
+        tracemalloc.start()
+        try:
+            error = _rejection(path, limit=16 << 30)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert error.code is ErrorCode.CORRUPT
+        assert "compressed bytes" in str(error)
+        assert peak < 16 << 20
+
+    def test_a_stored_member_must_hold_its_declared_size(self, tmp_path: Path) -> None:
+        """A stored (uncompressed) member declaring more than its stored bytes is CORRUPT."""
+        path = tmp_path / "stored.npz"
+        _member_declaring(path, 100_000, stored=True)
+        assert _rejection(path).code is ErrorCode.CORRUPT
+
+    def test_a_member_must_hold_what_its_header_declares(self, tmp_path: Path) -> None:
+        """A member whose .npy header declares more data than the member holds is CORRUPT."""
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": "<f8", "fortran_order": False, "shape": (1 << 24,)}
+        )
+        path = tmp_path / "liar.npz"
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("x.npy", header.getvalue() + bytes(64))
+        tracemalloc.start()
+        try:
+            error = _rejection(path)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert error.code is ErrorCode.CORRUPT
+        assert peak < 16 << 20
+
+    def test_unknown_compression_methods_are_corrupt(self, tmp_path: Path) -> None:
+        """Only what numpy writes (stored, deflated): a bzip2 member has no bound."""
+        path = tmp_path / "b.npz"
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_BZIP2) as archive:
+            archive.writestr("x.npy", _npy_bytes(np.zeros(4)))
+        assert "compression method" in str(_rejection(path))
+
+    def test_unknown_zip_version_is_corrupt(self, tmp_path: Path) -> None:
+        """A directory needing zip version 10.3 (zipfile: NotImplementedError) is CORRUPT."""
+        path = tmp_path / "v.npz"
+        np.savez(path, x=np.zeros(4))
+        raw = bytearray(path.read_bytes())
+        raw[raw.rindex(b"PK\x01\x02") + 6] = 103
+        path.write_bytes(bytes(raw))
+        assert readiness(path) is Readiness.NEVER
+        assert _rejection(path).code is ErrorCode.CORRUPT
+
+
+class TestReadiness:
+    def test_an_npz_missing_bytes_before_its_directory_is_never_whole(self, tmp_path: Path) -> None:
+        """Found by fuzzing: bytes cut out before the directory make zipfile give a member
+        a negative offset. The seek to it (EINVAL) is "never" for the check, not
+        "unreadable", and CORRUPT for the conversion, not an OSError retried forever."""
+        path = tmp_path / "cut.npz"
+        np.savez_compressed(path, x=np.random.default_rng(0).random(100))
+        raw = path.read_bytes()
+        path.write_bytes(raw[:40] + raw[60:])
+        assert readiness(path) is Readiness.NEVER
+        assert _rejection(path).code is ErrorCode.CORRUPT
+
+    def test_verdicts(self, tmp_path: Path) -> None:
+        """Whole, still growing, never whole: each file gets the verdict it deserves."""
+        whole = _npy_bytes(np.arange(60, dtype=np.int16))
+        cases = {
+            "whole.npy": (whole, Readiness.COMPLETE),
+            "growing.npy": (whole[:-1], Readiness.INCOMPLETE),
+            "magic.npy": (whole[:3], Readiness.INCOMPLETE),
+            "empty.npy": (b"", Readiness.INCOMPLETE),
+            "header.npy": (whole[:50], Readiness.INCOMPLETE),
+            "trailing.npy": (whole + b"x", Readiness.NEVER),
+            "text.npy": (b"hello, world", Readiness.NEVER),
+            "version.npy": (b"\x93NUMPY\x09\x00" + whole[8:], Readiness.NEVER),
+            "pickle.npy": (_npy_bytes(np.array([None, 1], dtype=object)), Readiness.NEVER),
+            "other.txt": (b"hello", Readiness.NEVER),
+            "empty.npz": (b"", Readiness.INCOMPLETE),
+            "text.npz": (b"hello" * 20, Readiness.INCOMPLETE),
+        }
+        for name, (content, _) in cases.items():
+            (tmp_path / name).write_bytes(content)
+        found = {name: readiness(tmp_path / name) for name in cases}
+        assert found == {name: verdict for name, (_, verdict) in cases.items()}
+        assert readiness(tmp_path / "missing.npy") is Readiness.CHANGED
+
+    def test_a_long_header_length_is_refused_before_reading(self, tmp_path: Path) -> None:
+        """A 4 GiB header length field is CORRUPT without reading the file into memory."""
+        path = tmp_path / "long.npy"
+        path.write_bytes(b"\x93NUMPY\x02\x00" + struct.pack("<I", 0xFFFFFFFF) + bytes(20 << 20))
+        tracemalloc.start()
+        try:
+            verdict = readiness(path)
+            error = _rejection(path)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert verdict is Readiness.NEVER
+        assert error.code is ErrorCode.CORRUPT
+        assert peak < 1 << 20
+
+
+class TestOpening:
+    def test_a_fifo_is_refused_without_blocking(self, tmp_path: Path) -> None:
+        """A FIFO (no writer) is UNSAFE_INPUT at once: opening never waits for a writer."""
+        path = tmp_path / "f.npy"
+        os.mkfifo(path)
+        error = _rejection(path)
+        assert error.code is ErrorCode.UNSAFE_INPUT
+        assert "named pipe" in str(error)
+
+    def test_a_symlink_is_not_followed(self, tmp_path: Path) -> None:
+        """A symlink, even to a valid input, is UNSAFE_INPUT."""
+        np.save(tmp_path / "real.npy", np.zeros(3))
+        (tmp_path / "link.npy").symlink_to(tmp_path / "real.npy")
+        assert _rejection(tmp_path / "link.npy").code is ErrorCode.UNSAFE_INPUT
+        assert readiness(tmp_path / "link.npy") is Readiness.CHANGED
+
+    def test_an_unreadable_file_is_not_incomplete(self, tmp_path: Path) -> None:
+        """A valid input the service may not read is UNREADABLE, and opening it an OSError.
+
+        Checked by a process without the capabilities that let root read anything.
+        """
+        path = tmp_path / "a.npy"
+        np.save(path, np.zeros((4, 4), np.float32))
+        path.chmod(0o000)
+        script = (
+            "import sys; from pathlib import Path\n"
+            "from niftidrop.arrays import readiness, open_input\n"
+            "path = Path(sys.argv[1])\n"
+            "print(readiness(path).value)\n"
+            "try:\n"
+            "    open_input(path, npz_key=None, max_input_bytes=1 << 20)\n"
+            "except OSError as error:\n"
+            "    print(type(error).__name__)\n"
+        )
+        done = subprocess.run(
+            as_a_plain_user([sys.executable, "-c", script, str(path)]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert done.stdout.split() == ["unreadable", "PermissionError"], done.stderr
+
+
+def as_a_plain_user(command: list[str]) -> list[str]:
+    """`command` without the capabilities that let root read any file (setpriv)."""
+    if os.geteuid() != 0:
+        return command
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]

@@ -6,7 +6,10 @@ import contextlib
 import io
 import os
 import queue
+import socket
+import struct
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ import numpy as np
 import pytest
 
 from niftidrop import inotify
-from niftidrop.arrays import is_complete
+from niftidrop.arrays import Readiness, readiness
 from niftidrop.watcher import (
     CandidateFilter,
     InboxWatcher,
@@ -111,7 +114,6 @@ class Scene:
         self.tracker = ReadinessTracker(
             settle_seconds=settle,
             incomplete_timeout=timeout,
-            is_complete=is_complete,
             clock=self.monotonic,
             wall_clock=self.wall,
         )
@@ -236,6 +238,19 @@ class TestReadiness:
         scene.file("a.npy", np.zeros(3))
         assert scene.tracker.poll().waiting == [path]
 
+    def test_an_unreadable_file_is_handed_on_not_truncated(self, tmp_path: Path) -> None:
+        """A file the service may not open is handed on once quiet (the conversion
+        retries it as transient), never left to time out as truncated."""
+        path = tmp_path / "a.npy"
+        path.write_bytes(npy_bytes(np.zeros(3)))
+        os.utime(path, (time.time() - 60, time.time() - 60))
+        tracker = ReadinessTracker(
+            settle_seconds=1, incomplete_timeout=10, check=lambda _: Readiness.UNREADABLE
+        )
+        tracker.note(path, finished=False)
+        verdicts = tracker.poll()
+        assert ([ready for ready, _ in verdicts.ready], verdicts.truncated) == ([path], [])
+
     def test_symlink_is_ready_without_being_opened(self, tmp_path: Path) -> None:
         """A symlink is handed on at once (to be refused), never opened."""
         opened: list[Path] = []
@@ -244,7 +259,7 @@ class TestReadiness:
         tracker = ReadinessTracker(
             settle_seconds=1,
             incomplete_timeout=10,
-            is_complete=lambda path: bool(opened.append(path)),
+            check=lambda path: opened.append(path) or Readiness.COMPLETE,
         )
         tracker.note(link, finished=False)
         assert [ready for ready, _ in tracker.poll().ready] == [link]
@@ -257,6 +272,170 @@ class TestReadiness:
         verdicts = scene.tracker.poll()
         assert (verdicts.ready, verdicts.truncated, verdicts.waiting) == ([], [], [])
         assert len(scene.tracker) == 0
+
+
+def hand_written_npy(text: str, length: int | None = None) -> bytes:
+    """A version 1.0 .npy header with exactly `text` as its dict (and `length` field)."""
+    raw = text.encode("latin1")
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(raw) if length is None else length) + raw
+
+
+def npz_with_version(version: int) -> bytes:
+    """A valid .npz whose central directory says it needs zip version `version` / 10."""
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.zeros(4))
+    raw = bytearray(buffer.getvalue())
+    central = raw.rindex(b"PK\x01\x02")
+    raw[central + 6] = version  # "version needed to extract", low byte
+    return bytes(raw)
+
+
+class TestHostileHeaders:
+    @pytest.mark.parametrize(
+        "content",
+        [
+            # The header of issue 9, item 1: an unclosed "{" (numpy: TokenError).
+            hand_written_npy(
+                "{'descr': '<u1', 'fortran_order': False, 'shape': (4, 4, 4" + " " * 9 + "\n"
+            )
+            + bytes(64),
+            hand_written_npy("{'descr': (), 'fortran_order': False, 'shape': (5,)}\n") + bytes(5),
+            hand_written_npy("{'descr': '<u1', 'fortran_order': False, 'shape': (5,), }\n", 10)
+            + bytes(64),
+            hand_written_npy("{'descr': '<u1', 'fortran_order': False, 'shape': (5,), }\n", 0),
+            hand_written_npy("(" * 5000 + "\n"),
+        ],
+        ids=["unclosed-brace", "empty-descr", "short-length", "zero-length", "deep-nesting"],
+    )
+    def test_malformed_npy_headers_are_handed_on_not_raised(
+        self, tmp_path: Path, content: bytes
+    ) -> None:
+        """A header numpy's parser chokes on is handed on once quiet, never an exception."""
+        scene = Scene(tmp_path, timeout=600.0)
+        path = scene.file("a.npy", content)
+        scene.tracker.note(path, finished=True)
+        assert scene.tracker.poll().waiting == [path]
+        scene.later(1.1)
+        assert scene.ready() == [path]
+
+    def test_unknown_zip_version_is_handed_on_not_raised(self, tmp_path: Path) -> None:
+        """A .npz needing zip version 10.3 (zipfile: NotImplementedError) fails as corrupt."""
+        scene = Scene(tmp_path, timeout=600.0)
+        path = scene.file("a.npz", npz_with_version(103))
+        scene.tracker.note(path, finished=True)
+        scene.later(1.1)
+        assert scene.ready() == [path]
+
+
+class TestReadinessCost:
+    def test_an_unchanged_file_is_not_checked_again(self, tmp_path: Path) -> None:
+        """The check runs at most twice while a file's inode, size and times stay the same."""
+        checks: list[Path] = []
+
+        def check(path: Path) -> Readiness:
+            checks.append(path)
+            return readiness(path)
+
+        scene = Scene(tmp_path, timeout=600.0)
+        scene.tracker = ReadinessTracker(
+            settle_seconds=1.0,
+            incomplete_timeout=600.0,
+            check=check,
+            clock=scene.monotonic,
+            wall_clock=scene.wall,
+        )
+        path = scene.file("a.npy", npy_bytes(np.zeros(1000))[:-100])
+        scene.tracker.note(path, finished=False)
+        for _ in range(20):
+            scene.later(1)
+            assert scene.tracker.poll().waiting == [path]
+        assert len(checks) == 2
+        with path.open("ab") as handle:
+            handle.write(b"x" * 100)
+        scene.touch(path)
+        scene.later(1)
+        assert scene.ready() == [path]
+        assert len(checks) == 3
+
+    def test_a_verdict_is_kept_only_once_past_a_timestamp_tick(self, tmp_path: Path) -> None:
+        """Polls in the same instant as the first sighting do not keep their verdict (a
+        write in that timestamp tick would not change the file's identity)."""
+        checks: list[Path] = []
+        clock = FakeClock()
+        tracker = ReadinessTracker(
+            settle_seconds=1.0,
+            incomplete_timeout=600.0,
+            check=lambda path: checks.append(path) or Readiness.INCOMPLETE,
+            clock=clock,
+        )
+        path = tmp_path / "a.npy"
+        path.write_bytes(b"\x93NUMPY")
+        tracker.note(path, finished=False)
+        for _ in range(3):
+            tracker.poll()
+        assert len(checks) == 3
+        clock.now += 0.1
+        for _ in range(3):
+            tracker.poll()
+        assert len(checks) == 4
+
+    def test_a_huge_zip_directory_is_not_parsed(self, tmp_path: Path) -> None:
+        """A zip directory past the check's cap costs no parse: only its bounds are read."""
+        path = tmp_path / "many.npz"
+        with zipfile.ZipFile(path, "w") as archive:
+            for number in range(3000):
+                archive.writestr(f"a{number}.npy", b"")
+        started = time.perf_counter()
+        for _ in range(50):
+            assert readiness(path) is Readiness.COMPLETE
+        assert time.perf_counter() - started < 0.5
+
+
+class TestSpecialFiles:
+    @pytest.mark.parametrize("kind", ["fifo", "socket", "folder"])
+    def test_special_files_are_ignored_once(self, tmp_path: Path, kind: str) -> None:
+        """A FIFO, socket or folder named like an input is reported once, never ready."""
+        path = tmp_path / "x.npy"
+        with contextlib.ExitStack() as stack:
+            if kind == "fifo":
+                os.mkfifo(path)
+            elif kind == "socket":
+                server = stack.enter_context(socket.socket(socket.AF_UNIX))
+                server.bind(str(path))
+            else:
+                path.mkdir()
+            scene = Scene(tmp_path)
+            scene.tracker.note(path, finished=True)
+            verdicts = scene.tracker.poll()
+            expected = {"fifo": "named pipe", "socket": "socket", "folder": "folder"}[kind]
+            assert verdicts.ignored == [(path, f"not a regular file but a {expected}")]
+            assert (verdicts.ready, verdicts.waiting, len(scene.tracker)) == ([], [], 0)
+            scene.tracker.note(path, finished=False)  # a rescan finds it again
+            assert scene.tracker.poll().ignored == []
+
+    def test_a_new_file_under_an_ignored_name_is_seen(self, tmp_path: Path) -> None:
+        """After an ignored FIFO is replaced, by a file or another FIFO, it is news again."""
+        path = tmp_path / "x.npy"
+        os.mkfifo(path)
+        scene = Scene(tmp_path)
+        scene.tracker.note(path, finished=True)
+        assert len(scene.tracker.poll().ignored) == 1
+        path.unlink()
+        scene.file("x.npy", np.zeros(3))
+        scene.tracker.note(path, finished=True)
+        assert scene.ready() == [path]
+        path.unlink()
+        os.mkfifo(path)
+        scene.tracker.note(path, finished=True)
+        assert len(scene.tracker.poll().ignored) == 1
+
+    def test_a_fifo_swapped_in_after_the_lstat_does_not_block(self, tmp_path: Path) -> None:
+        """The check opens without blocking: a FIFO with no writer is "changed", at once."""
+        path = tmp_path / "x.npy"
+        os.mkfifo(path)
+        started = time.monotonic()
+        assert readiness(path) is Readiness.CHANGED
+        assert time.monotonic() - started < 1
 
 
 class TestInboxWatcher:
