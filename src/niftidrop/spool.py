@@ -48,7 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Final
 
-from niftidrop import __version__
+from niftidrop import __version__, names
 from niftidrop.errors import ConfigError, ConversionError, ErrorCode
 from niftidrop.settings import Settings
 from niftidrop.watcher import is_candidate, scan_inbox
@@ -201,6 +201,8 @@ class Spool:
         self.durable = settings.fsync
         self.delete_after_success = settings.after_success == "delete"
         self.remember_conversions = settings.on_conflict != "overwrite"
+        self._settings = settings  # its output settings decide the names outputs get
+        self._known_limits: dict[Path, names.Limits] = {}
         self._lock_file: IO[bytes] | None = None
         self._spare_folders: list[Path] = []
         self._spare_lock = threading.Lock()
@@ -251,22 +253,120 @@ class Spool:
         return relative
 
     def claim(self, path: Path) -> Claim | None:
-        """Move `path` out of the inbox by rename into a new claim; None if it is gone."""
+        """Move `path` out of the inbox by rename into a new claim; None if it is gone,
+        or if a folder on its way is not a real folder of the inbox (a symlink).
+
+        The rename works on folder descriptors opened one component at a time
+        without following symlinks, so a subfolder swapped for a symlink at any
+        moment can never lead it to a file outside the inbox, and paths longer
+        than the system's limit are no obstacle. An input whose name cannot be
+        carried through the spool is claimed under a name that fits, with its
+        `bad_name` record already in the claim folder: `handle` moves it to failed.
+        """
         relative = self.relative(path)
-        if relative.parent != PurePosixPath() and not self._inside_inbox(path.parent):
-            return None  # a subfolder replaced by a symlink must not lead a rename outside
-        claim = Claim(self._empty_folder(), relative)
+        folder = self._empty_folder()
+        claimed, why = self._claimed_name(folder, relative)
+        claim = Claim(folder, claimed)
         try:
-            if relative.parent != PurePosixPath():
-                claim.path.parent.mkdir(parents=True, exist_ok=True)
-            path.rename(claim.path)
-        except FileNotFoundError:
-            self.release(claim)
-            return None
+            if why is not None:
+                record = error_record(
+                    Claim(folder, relative), ConversionError(ErrorCode.BAD_NAME, why)
+                )
+                write_json_atomic(folder / FAILURE_MARKER, record, durable=self.durable)
+            links = self._move_in(relative, claim)
         except BaseException:
             self.release(claim)
             raise
-        return dataclasses.replace(claim, links=claim.path.lstat().st_nlink)
+        if links is None:
+            self.release(claim)
+            return None
+        return dataclasses.replace(claim, links=links)
+
+    def _move_in(self, relative: PurePosixPath, claim: Claim) -> int | None:
+        """Rename the inbox's `relative` to `claim.path`; its link count, or None if it
+        (or a real folder on its way) is not there."""
+        with contextlib.ExitStack() as stack:
+            try:
+                source = stack.enter_context(_folder_descriptor(self.inbox, relative.parent))
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            except OSError as error:
+                if error.errno == errno.ELOOP:
+                    return None  # a symlink in place of a subfolder is never followed
+                raise
+            target = stack.enter_context(
+                _folder_descriptor(claim.folder, claim.subfolder, create=True)
+            )
+            try:
+                os.rename(relative.name, claim.name, src_dir_fd=source, dst_dir_fd=target)
+            except FileNotFoundError:
+                return None
+            return os.stat(claim.name, dir_fd=target, follow_symlinks=False).st_nlink
+        raise AssertionError("unreachable")  # for mypy: ExitStack may swallow exceptions
+
+    def _claimed_name(
+        self, folder: Path, relative: PurePosixPath
+    ) -> tuple[PurePosixPath, str | None]:
+        """Where in the claim `folder` the input goes, and why its name cannot be
+        carried through the spool (None when it can)."""
+        why = names.problem(relative, self._destinations(folder, relative.name))
+        if why is None:
+            return relative, None
+        stem, extension = split_name(relative.name)
+        destinations = self._destinations(folder, relative.name, failing=True)
+        short = names.shortened(stem, extension, names.room(relative.name, destinations))
+        for subfolder in (relative.parent, PurePosixPath()):
+            candidate = subfolder / short
+            if not names.problem(candidate, self._destinations(folder, short, failing=True)):
+                kept = "" if candidate == relative else f"; kept in failed as {candidate}"
+                return candidate, f"{relative}: expected {why}{kept}"
+        # Even the top of failed leaves no room: the record still names the input.
+        return PurePosixPath(short), f"{relative}: expected {why}"
+
+    def _destinations(
+        self, folder: Path, name: str, *, failing: bool = False
+    ) -> list[names.Destination]:
+        """Every name the spool makes from an input `name` claimed into `folder`, by
+        the folder it is made in (only those of failing it, with `failing`)."""
+        temporary = names.temporary_name
+        unique = f"{split_name(name)[0]}{names.UNIQUE_ROOM}{split_name(name)[1]}"
+        found = [
+            names.Destination(folder, self._limits(self.state), (name,)),
+            names.Destination(
+                self.failed_folder,
+                self._limits(self.failed_folder),
+                (unique, temporary(unique + ERROR_SUFFIX)),
+            ),
+        ]
+        if failing:
+            return found
+        if not self.delete_after_success:
+            found.append(
+                names.Destination(
+                    self.archive_folder, self._limits(self.archive_folder), (temporary(unique),)
+                )
+            )
+        found.append(names.Destination(self.outbox, self._limits(self.outbox), self._outputs(name)))
+        return found
+
+    def _outputs(self, name: str) -> tuple[str, ...]:
+        """The temporary names of the longest outputs of input `name` (see api.convert_file)."""
+        stem = split_name(name)[0]
+        if self._settings.on_conflict == "rename":
+            stem += names.UNIQUE_ROOM
+        extension = ".nii.gz" if self._settings.compress else ".nii"
+        channel = names.CHANNEL_ROOM if self._settings.channels == "split" else ""
+        made = [f"{stem}{channel}{extension}"]
+        if self._settings.sidecar:
+            made.append(f"{stem}.json")
+        return tuple(names.temporary_name(output) for output in made)
+
+    def _limits(self, folder: Path) -> names.Limits:
+        """The name limits of `folder`'s file system (asked once)."""
+        limits = self._known_limits.get(folder)
+        if limits is None:
+            limits = self._known_limits[folder] = names.Limits.of(folder)
+        return limits
 
     def _empty_folder(self) -> Path:
         """A token folder for a new claim: a spare one, or a new one."""
@@ -282,11 +382,6 @@ class Spool:
         for folder in spare:
             with contextlib.suppress(OSError):
                 folder.rmdir()
-
-    def _inside_inbox(self, folder: Path) -> bool:
-        """Whether `folder` (a subfolder of the inbox) is really inside it, symlinks resolved."""
-        # The inbox itself may sit behind a symlink: compare both resolved.
-        return folder.resolve() == self.inbox.resolve() / folder.relative_to(self.inbox)
 
     def claims(self) -> list[Claim]:
         """Every claim left in the state folder, oldest input first (crash recovery).
@@ -545,6 +640,31 @@ class Spool:
             return now - self.heartbeat_path.stat().st_mtime
         except OSError:
             return None
+
+
+# Folders on the way to a claimed input are opened like this: never through a symlink.
+_FOLDER_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@contextlib.contextmanager
+def _folder_descriptor(
+    base: Path, relative: PurePosixPath, *, create: bool = False
+) -> Iterator[int]:
+    """A descriptor of `base/relative`, walked down from `base` one folder at a time
+    without following a symlink (ELOOP), so what it names cannot change under it;
+    `create`: make missing folders on the way."""
+    descriptor = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in relative.parts:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, dir_fd=descriptor)
+            child = os.open(part, _FOLDER_FLAGS, dir_fd=descriptor)
+            os.close(descriptor)
+            descriptor = child
+        yield descriptor
+    finally:
+        os.close(descriptor)
 
 
 def _find_link(folder: Path, name: str, info: os.stat_result) -> Path | None:

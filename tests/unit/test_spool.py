@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -65,6 +69,33 @@ class Recorder:
     def __call__(self, claim: Claim) -> dict[str, Any]:
         self.names.append(claim.name)
         return converted(claim)
+
+
+def exchange(first: Path, second: Path) -> None:
+    """Swap two names atomically (renameat2 with RENAME_EXCHANGE), as an attacker would."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_cwd, rename_exchange = -100, 2
+    if libc.renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), rename_exchange):
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(first))
+
+
+@contextlib.contextmanager
+def flipping(first: Path, second: Path) -> Iterator[None]:
+    """Swap `first` and `second` over and over in a thread for the duration."""
+    done = threading.Event()
+
+    def flip() -> None:
+        while not done.is_set():
+            exchange(first, second)
+
+    thread = threading.Thread(target=flip)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def files_under(folder: Path) -> list[str]:
@@ -150,6 +181,39 @@ class TestClaim:
         assert spool.claim(spool.inbox / "site" / "secret.npy") is None
         assert (outside / "secret.npy").read_bytes() == b"secret"
 
+    def test_subfolder_swapped_for_a_symlink_during_claims_never_reaches_outside(
+        self, spool: Spool, tmp_path: Path
+    ) -> None:
+        """While a subfolder is exchanged with a symlink to an outside folder again and
+        again, claims take only inbox files, never one that exists only outside."""
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        link = tmp_path / "link"
+        link.symlink_to(outside)
+        names = [f"x{number}.npy" for number in range(300)]
+        for name in names:
+            (outside / name).write_bytes(b"outside")
+            drop(spool, f"sub/{name}", b"inside")
+        claimed = []
+        with flipping(spool.inbox / "sub", link):
+            for name in names:
+                claim = spool.claim(spool.inbox / "sub" / name)
+                if claim is not None:
+                    claimed.append(claim.path.read_bytes())
+        assert sorted(path.name for path in outside.iterdir()) == sorted(names)
+        assert claimed
+        assert set(claimed) == {b"inside"}
+
+    def test_claim_walks_no_symlink_on_the_way(self, spool: Spool, tmp_path: Path) -> None:
+        """A symlink anywhere between the inbox and the input stops the claim."""
+        outside = tmp_path / "outside"
+        (outside / "deeper").mkdir(parents=True)
+        (outside / "deeper" / "a.npy").write_bytes(b"secret")
+        (spool.inbox / "real").mkdir()
+        (spool.inbox / "real" / "hop").symlink_to(outside)
+        assert spool.claim(spool.inbox / "real" / "hop" / "deeper" / "a.npy") is None
+        assert (outside / "deeper" / "a.npy").read_bytes() == b"secret"
+
     def test_vanished_input_gives_none_and_no_claim(self, spool: Spool) -> None:
         """A file gone before the rename is not claimed and leaves nothing behind."""
         assert spool.claim(spool.inbox / "gone.npy") is None
@@ -170,6 +234,93 @@ class TestClaim:
         (spool.claims_folder / "abandoned" / "sub").mkdir(parents=True)
         assert spool.claims() == []
         assert list(spool.claims_folder.iterdir()) == []
+
+
+def deep_folder(top: Path, length: int) -> Path:
+    """A folder under `top` whose path is about `length` bytes (folders of 200 bytes)."""
+    folder = top
+    while len(os.fsencode(folder)) + 201 < length:
+        folder = folder / ("d" * 200)
+    folder = folder / ("e" * (length - len(os.fsencode(folder)) - 1))
+    folder.mkdir(parents=True)
+    return folder
+
+
+class TestNameLimits:
+    """Inputs whose names or paths cannot be carried through fail as bad_name."""
+
+    def test_a_name_of_255_bytes_fails_under_a_shortened_name(self, spool: Spool) -> None:
+        """Its outputs and error record cannot be named: failed keeps it shortened, and
+        the record names the original; it is never converted."""
+        name = "case_" + "x" * 246 + ".npy"
+        assert len(name) == 255
+        claim = spool.claim(drop(spool, f"site/{name}", b"long"))
+        assert claim is not None
+        assert len(claim.name) < 230
+        assert claim.name.startswith("case_xxx")
+        assert claim.name.endswith(".npy")
+        recorder = Recorder()
+        outcome = spool.handle(claim, recorder)
+        assert recorder.names == []
+        assert isinstance(outcome, Failed)
+        assert outcome.failed_as == spool.failed_folder / "site" / claim.name
+        assert outcome.failed_as.read_bytes() == b"long"
+        record = json.loads(outcome.failed_as.with_name(claim.name + ".error.json").read_text())
+        assert record["error"] == "bad_name"
+        assert record["input"] == f"site/{name}"
+        assert "255 bytes" in record["message"]
+        assert files_under(spool.inbox) == []
+        assert files_under(spool.claims_folder) == []
+
+    def test_names_that_fit_are_converted(self, spool: Spool) -> None:
+        """A long name that leaves room for every name made from it is kept as it is."""
+        name = "case_" + "x" * 200 + ".npy"
+        claim = spool.claim(drop(spool, name))
+        assert claim is not None
+        assert claim.name == name
+        assert isinstance(spool.handle(claim, Recorder()), Converted)
+
+    def test_a_claim_path_beyond_the_path_limit_fails_at_the_top_of_failed(
+        self, spool: Spool
+    ) -> None:
+        """An input whose inbox path fits but whose claimed path would not is claimed
+        (through folder descriptors) and failed at the top of failed."""
+        path_max = os.pathconf(spool.inbox, "PC_PATH_MAX")
+        folder = deep_folder(spool.inbox, path_max - 20)
+        source = folder / "case.npy"
+        source.write_bytes(b"deep")
+        relative = source.relative_to(spool.inbox).as_posix()
+        claim = spool.claim(source)
+        assert claim is not None
+        assert claim.relative == PurePosixPath("case.npy")
+        outcome = spool.handle(claim, Recorder())
+        assert isinstance(outcome, Failed)
+        assert outcome.failed_as == spool.failed_folder / "case.npy"
+        assert outcome.record["input"] == relative
+        assert f"shorter than {path_max} bytes" in outcome.record["message"]
+        assert not os.path.lexists(source)
+
+    def test_folders_too_deep_to_mirror_fail(self, spool: Spool) -> None:
+        """Relative paths more folders deep than can be mirrored fail as bad_name."""
+        source = drop(spool, "/".join(["f"] * 300) + "/case.npy")
+        claim = spool.claim(source)
+        assert claim is not None
+        outcome = spool.handle(claim, Recorder())
+        assert isinstance(outcome, Failed)
+        assert outcome.record["error"] == "bad_name"
+        assert "folders deep" in outcome.record["message"]
+
+    def test_a_crash_after_the_bad_name_claim_still_fails_it(
+        self, settings: Settings, spool: Spool
+    ) -> None:
+        """The record is in the claim before the input: recovery fails it, never converts."""
+        name = "case_" + "y" * 246 + ".npy"
+        spool.claim(drop(spool, name))
+        recovered = Spool(settings)
+        (claim,) = recovered.claims()
+        recorder = Recorder()
+        assert isinstance(recovered.handle(claim, recorder), Failed)
+        assert recorder.names == []
 
 
 class TestClaimFolders:
