@@ -398,13 +398,14 @@ class Spool:
         except FileNotFoundError:
             return []
         for folder in folders:
-            claimed = self._claimed_input(folder)
+            try:
+                claimed = self._claimed_input(folder)
+            except OSError:
+                continue  # unreadable now: neither finished nor removed; the next start looks
             if claimed is None:
                 shutil.rmtree(folder, ignore_errors=True)
                 continue
-            found.append(
-                (claimed.lstat().st_mtime_ns, Claim(folder, self._relative_in(folder, claimed)))
-            )
+            found.append((_mtime_ns(claimed), Claim(folder, self._relative_in(folder, claimed))))
         return [claim for _, claim in sorted(found, key=lambda item: item[0])]
 
     @staticmethod
@@ -413,13 +414,48 @@ class Spool:
 
     @staticmethod
     def _claimed_input(folder: Path) -> Path | None:
-        for root, dirs, files in os.walk(folder):
-            here = Path(root)
-            dirs[:] = [name for name in dirs if not name.startswith(".")]
-            for name in files + [d for d in dirs if (here / d).is_symlink()]:
-                if not name.startswith("."):
-                    return here / name
-        return None
+        """The input in claim `folder`: the first visible entry, at any depth, that is
+        not a real folder (a claimed symlink or special file counts too); None if
+        there is none. OSError when part of it cannot be read: then nothing tells
+        that it is empty.
+
+        A loop over folder descriptors, each opened from its parent's without
+        following a symlink: any depth, any path length.
+        """
+        # (descriptor, its path in the claim, its subfolders still to visit)
+        stack: list[tuple[int, PurePosixPath, list[str] | None]] = [
+            (os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), PurePosixPath(), None)
+        ]
+        try:
+            while stack:
+                descriptor, relative, subfolders = stack[-1]
+                if subfolders is None:
+                    subfolders = []
+                    with os.scandir(descriptor) as entries:
+                        for entry in entries:
+                            if entry.name.startswith("."):
+                                continue
+                            if not entry.is_dir(follow_symlinks=False):
+                                return folder / relative / entry.name
+                            subfolders.append(entry.name)
+                    stack[-1] = (descriptor, relative, subfolders)
+                if not subfolders:
+                    stack.pop()
+                    os.close(descriptor)
+                    continue
+                name = subfolders.pop()
+                child = os.open(name, _FOLDER_FLAGS, dir_fd=descriptor)
+                stack.append((child, relative / name, None))
+            return None
+        finally:
+            for descriptor, _, _ in stack:
+                os.close(descriptor)
+
+    def _holds_input(self, folder: Path) -> bool:
+        try:
+            return self._claimed_input(folder) is not None
+        except OSError:
+            return False  # released meanwhile (the service is running)
 
     def release(self, claim: Claim) -> None:
         """Empty a claim's folder once its input has left, and keep it for a next claim."""
@@ -622,9 +658,7 @@ class Spool:
         return {
             "inbox": sum(1 for _ in scan_inbox(self.inbox, recursive=self.recursive)),
             # Counted, not listed: `claims()` tidies up, which is the service's business.
-            CLAIMS: sum(
-                self._claimed_input(folder) is not None for folder in _folders(self.claims_folder)
-            ),
+            CLAIMS: sum(self._holds_input(folder) for folder in _folders(self.claims_folder)),
             "outbox": _count_files(self.outbox, lambda name: not name.endswith(".json")),
             "archive": _count_files(self.archive_folder, is_candidate),
             "failed": len(self.failed_inputs()),
@@ -713,6 +747,13 @@ def _count_files(folder: Path, accept: Callable[[str], bool]) -> int:
         for name in files
         if not name.startswith(".") and accept(name)
     )
+
+
+def _mtime_ns(path: Path) -> int:
+    try:
+        return path.lstat().st_mtime_ns
+    except OSError:
+        return 0  # first in line: the claim is handled, and its trouble shows then
 
 
 def _file_kind(mode: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from collections.abc import Callable
@@ -293,6 +294,48 @@ class TestNameLimits:
         recorder = Recorder()
         assert isinstance(recovered.handle(claim, recorder), Failed)
         assert recorder.names == []
+
+
+class TestDiscovery:
+    """Recovery finds every claim, whatever its depth, and never loses one."""
+
+    def test_a_claim_deeper_than_the_recursion_limit_is_found(self, spool: Spool) -> None:
+        """Claim folders are walked by a loop: a deep claimed input is found."""
+        relative = PurePosixPath(*["d"] * 1100, "a.npy")
+        path = spool.claims_folder / "deep"
+        for part in relative.parts:  # one by one: mkdir(parents=True) recurses
+            path.mkdir()
+            path = path / part
+        path.write_bytes(b"deep")
+        try:
+            (claim,) = spool.claims()
+            assert claim.relative == relative
+        finally:
+            path.unlink()
+            while path.parent != spool.claims_folder:
+                path = path.parent
+                path.rmdir()
+
+    def test_an_unreadable_claim_folder_is_kept(
+        self, spool: Spool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A claim folder whose first listing fails (EIO) is neither handled nor removed."""
+        claimed = spool.claim(drop(spool, "sub/a.npy"))
+        assert claimed is not None
+        scandir = os.scandir
+        calls: list[object] = []
+
+        def failing_once(target: Any) -> Any:
+            calls.append(target)
+            if len(calls) == 1:
+                raise OSError(errno.EIO, "injected", str(target))
+            return scandir(target)
+
+        monkeypatch.setattr(os, "scandir", failing_once)
+        assert spool.claims() == []
+        monkeypatch.undo()
+        assert claimed.path.read_bytes() == b"data"
+        assert [claim.path for claim in spool.claims()] == [claimed.path]
 
 
 class TestClaimFolders:
