@@ -190,7 +190,10 @@ class Spool:
     """The spool folders of one service and every move between them."""
 
     def __init__(self, settings: Settings) -> None:
-        self.inbox = settings.inbox_dir
+        # Resolved once, at start: an inbox reached through a symlink (`/srv/spool`
+        # pointing to a mount) is watched, scanned and claimed from as the folder it
+        # is now (the watch never follows a symlink).
+        self.inbox = settings.inbox_dir.resolve()
         self.outbox = settings.outbox_dir
         self.archive_folder = settings.archive_dir
         self.failed_folder = settings.failed_dir
