@@ -47,30 +47,38 @@ def exchange(first: Path, second: Path) -> None:
 
 
 @pytest.fixture
-def flip_names() -> Iterator[Callable[[Path, Path], None]]:
+def flip_names() -> Iterator[Callable[[Path, Path], Callable[[], None]]]:
     """`flip_names(first, second)` starts a process that exchanges the two names over and
-    over (renameat2 RENAME_EXCHANGE); at the end it is stopped and the names put back."""
-    started: list[tuple[subprocess.Popen[str], Path, Path, int]] = []
+    over (renameat2 RENAME_EXCHANGE) and returns a function that stops it and puts the
+    names back; whatever is still flipping at the end of the test is stopped so."""
+    stops: list[Callable[[], None]] = []
 
-    def start(first: Path, second: Path) -> None:
+    def start(first: Path, second: Path) -> Callable[[], None]:
         inode = first.lstat().st_ino
         process = subprocess.Popen(
             [sys.executable, "-c", _FLIPPER, str(first), str(second)],
             stdout=subprocess.PIPE,
             text=True,
         )
-        started.append((process, first, second, inode))
         assert process.stdout is not None
         assert process.stdout.readline() == "flipping\n"
 
+        def stop() -> None:
+            if process.returncode is not None:
+                return
+            process.kill()
+            process.wait()
+            assert process.stdout is not None
+            process.stdout.close()
+            if first.lstat().st_ino != inode:
+                exchange(first, second)
+
+        stops.append(stop)
+        return stop
+
     yield start
-    for process, first, second, inode in started:
-        process.kill()
-        process.wait()
-        assert process.stdout is not None
-        process.stdout.close()
-        if first.lstat().st_ino != inode:
-            exchange(first, second)
+    for stop in stops:
+        stop()
 
 
 @pytest.fixture

@@ -154,7 +154,7 @@ class TestClaim:
         assert (outside / "secret.npy").read_bytes() == b"secret"
 
     def test_subfolder_swapped_for_a_symlink_during_claims_never_reaches_outside(
-        self, spool: Spool, tmp_path: Path, flip_names: Callable[[Path, Path], None]
+        self, spool: Spool, tmp_path: Path, flip_names: Callable[[Path, Path], Callable[[], None]]
     ) -> None:
         """While a subfolder is exchanged with a symlink to an outside folder again and
         again, claims take only inbox files, never one that exists only outside."""

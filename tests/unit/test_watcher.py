@@ -140,7 +140,7 @@ class TestScan:
             assert list(scan_inbox(tmp_path, recursive=True)) == [folders[-1] / "deep.npy"]
 
     def test_a_folder_swapped_for_a_symlink_is_never_listed(
-        self, tmp_path: Path, flip_names: Callable[[Path, Path], None]
+        self, tmp_path: Path, flip_names: Callable[[Path, Path], Callable[[], None]]
     ) -> None:
         """While a subfolder is exchanged with a symlink to an outside folder again and
         again, scans list only the inbox's own files."""
