@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,62 @@ def _isolated_settings(
         if name.startswith(ENV_PREFIX) or name == "NOTIFY_SOCKET":
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+# Swaps its two arguments for ever, as fast as it can: an attacker racing the service.
+_FLIPPER = f"""
+import ctypes, os, sys
+rename = ctypes.CDLL(None, use_errno=True).renameat2
+first, second = (os.fsencode(path) for path in sys.argv[1:])
+print("flipping", flush=True)
+while True:
+    rename({_AT_FDCWD}, first, {_AT_FDCWD}, second, {_RENAME_EXCHANGE})
+"""
+
+
+def exchange(first: Path, second: Path) -> None:
+    """Swap two names atomically (renameat2 with RENAME_EXCHANGE)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), 2):
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(first))
+
+
+@pytest.fixture
+def flip_names() -> Iterator[Callable[[Path, Path], Callable[[], None]]]:
+    """`flip_names(first, second)` starts a process that exchanges the two names over and
+    over (renameat2 RENAME_EXCHANGE) and returns a function that stops it and puts the
+    names back; whatever is still flipping at the end of the test is stopped so."""
+    stops: list[Callable[[], None]] = []
+
+    def start(first: Path, second: Path) -> Callable[[], None]:
+        inode = first.lstat().st_ino
+        process = subprocess.Popen(
+            [sys.executable, "-c", _FLIPPER, str(first), str(second)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout is not None
+        assert process.stdout.readline() == "flipping\n"
+
+        def stop() -> None:
+            if process.returncode is not None:
+                return
+            process.kill()
+            process.wait()
+            assert process.stdout is not None
+            process.stdout.close()
+            if first.lstat().st_ino != inode:
+                exchange(first, second)
+
+        stops.append(stop)
+        return stop
+
+    yield start
+    for stop in stops:
+        stop()
 
 
 @pytest.fixture

@@ -185,6 +185,7 @@ class Service:
         self._jobs: queue.PriorityQueue[tuple[int, int, Job]] = queue.PriorityQueue()
         self._order = itertools.count()
         self._queued: set[Path] = set()  # inbox paths waiting in `_jobs`
+        self._unreachable_seen: set[Path] = set()  # inbox paths too long to use, logged
         self._retries: list[tuple[float, int, Claim]] = []  # heap of (due, order, claim)
         self._attempts: dict[Path, int] = {}  # claim folder → environmental errors in a row
         # Claim folder → crashed conversions (guarantee 13) and what ended the last.
@@ -445,7 +446,10 @@ class Service:
         finished = []
         for path, seen in batch:
             if seen is Seen.FOLDER:
-                for found in scan_inbox(path, recursive=self.settings.recursive):
+                found_in = scan_inbox(
+                    path, recursive=self.settings.recursive, unreachable=self._unreachable
+                )
+                for found in found_in:
                     self._note(found, finished=False)
             elif self._note(path, finished=seen is Seen.FINISHED) and seen is Seen.FINISHED:
                 finished.append(path)
@@ -468,10 +472,25 @@ class Service:
             log.warning("input_ignored", input=str(self.spool.relative(path)), reason=reason)
 
     def _rescan_inbox(self) -> None:
-        for path in scan_inbox(self.spool.inbox, recursive=self.settings.recursive):
+        found = scan_inbox(
+            self.spool.inbox, recursive=self.settings.recursive, unreachable=self._unreachable
+        )
+        for path in found:
             if path not in self._tracker:
                 self._note(path, finished=False)
         self._decide()
+
+    def _unreachable(self, path: Path) -> None:
+        """A file or folder whose path is too long to be used: logged once, left alone."""
+        if path in self._unreachable_seen:
+            return
+        self._unreachable_seen.add(path)
+        log.warning(
+            "input_ignored",
+            input=str(self.spool.relative(path)),
+            reason=f"its path is longer than the system allows ({len(os.fsencode(path))} "
+            "bytes): it cannot be opened by name, so it is left where it is",
+        )
 
     def _resubmit_due_retries(self, now: float) -> None:
         due = []

@@ -55,7 +55,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Final
 
-from niftidrop import __version__
+from niftidrop import __version__, names
 from niftidrop.errors import ConfigError, ConversionError, ErrorCode
 from niftidrop.settings import Settings
 from niftidrop.steps import step
@@ -197,7 +197,10 @@ class Spool:
     """The spool folders of one service and every move between them."""
 
     def __init__(self, settings: Settings) -> None:
-        self.inbox = settings.inbox_dir
+        # Resolved once, at start: an inbox reached through a symlink (`/srv/spool`
+        # pointing to a mount) is watched, scanned and claimed from as the folder it
+        # is now (the watch never follows a symlink).
+        self.inbox = settings.inbox_dir.resolve()
         self.outbox = settings.outbox_dir
         self.archive_folder = settings.archive_dir
         self.failed_folder = settings.failed_dir
@@ -208,6 +211,8 @@ class Spool:
         self.durable = settings.fsync
         self.delete_after_success = settings.after_success == "delete"
         self.remember_conversions = settings.on_conflict != "overwrite"
+        self._settings = settings  # its output settings decide the names outputs get
+        self._known_limits: dict[Path, names.Limits] = {}
         self._lock_file: IO[bytes] | None = None
         self._spare_folders: list[Path] = []
         self._spare_lock = threading.Lock()
@@ -262,23 +267,121 @@ class Spool:
         return relative
 
     def claim(self, path: Path) -> Claim | None:
-        """Move `path` out of the inbox by rename into a new claim; None if it is gone."""
+        """Move `path` out of the inbox by rename into a new claim; None if it is gone,
+        or if a folder on its way is not a real folder of the inbox (a symlink).
+
+        The rename works on folder descriptors opened one component at a time
+        without following symlinks, so a subfolder swapped for a symlink at any
+        moment can never lead it to a file outside the inbox, and paths longer
+        than the system's limit are no obstacle. An input whose name cannot be
+        carried through the spool is claimed under a name that fits, with its
+        `bad_name` record already in the claim folder: `handle` moves it to failed.
+        """
         relative = self.relative(path)
-        if relative.parent != PurePosixPath() and not self._inside_inbox(path.parent):
-            return None  # a subfolder replaced by a symlink must not lead a rename outside
-        claim = Claim(self._empty_folder(), relative)
+        folder = self._empty_folder()
+        claimed, why = self._claimed_name(folder, relative)
+        claim = Claim(folder, claimed)
         try:
-            if relative.parent != PurePosixPath():
-                claim.path.parent.mkdir(parents=True, exist_ok=True)
-            step("claim_rename")
-            path.rename(claim.path)
-        except FileNotFoundError:
-            self.release(claim)
-            return None
+            if why is not None:
+                record = error_record(
+                    Claim(folder, relative), ConversionError(ErrorCode.BAD_NAME, why)
+                )
+                self._write_record(folder / FAILURE_MARKER, record, "failure_record")
+            links = self._move_in(relative, claim)
         except BaseException:
             self.release(claim)
             raise
-        return dataclasses.replace(claim, links=claim.path.lstat().st_nlink)
+        if links is None:
+            self.release(claim)
+            return None
+        return dataclasses.replace(claim, links=links)
+
+    def _move_in(self, relative: PurePosixPath, claim: Claim) -> int | None:
+        """Rename the inbox's `relative` to `claim.path`; its link count, or None if it
+        (or a real folder on its way) is not there."""
+        with contextlib.ExitStack() as stack:
+            try:
+                source = stack.enter_context(_folder_descriptor(self.inbox, relative.parent))
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            except OSError as error:
+                if error.errno == errno.ELOOP:
+                    return None  # a symlink in place of a subfolder is never followed
+                raise
+            target = stack.enter_context(
+                _folder_descriptor(claim.folder, claim.subfolder, create=True)
+            )
+            try:
+                step("claim_rename")
+                os.rename(relative.name, claim.name, src_dir_fd=source, dst_dir_fd=target)
+            except FileNotFoundError:
+                return None
+            return os.stat(claim.name, dir_fd=target, follow_symlinks=False).st_nlink
+        raise AssertionError("unreachable")  # for mypy: ExitStack may swallow exceptions
+
+    def _claimed_name(
+        self, folder: Path, relative: PurePosixPath
+    ) -> tuple[PurePosixPath, str | None]:
+        """Where in the claim `folder` the input goes, and why its name cannot be
+        carried through the spool (None when it can)."""
+        why = names.problem(relative, self._destinations(folder, relative.name))
+        if why is None:
+            return relative, None
+        stem, extension = split_name(relative.name)
+        destinations = self._destinations(folder, relative.name, failing=True)
+        short = names.shortened(stem, extension, names.room(relative.name, destinations))
+        for subfolder in (relative.parent, PurePosixPath()):
+            candidate = subfolder / short
+            if not names.problem(candidate, self._destinations(folder, short, failing=True)):
+                kept = "" if candidate == relative else f"; kept in failed as {candidate}"
+                return candidate, f"{relative}: expected {why}{kept}"
+        # Even the top of failed leaves no room: the record still names the input.
+        return PurePosixPath(short), f"{relative}: expected {why}"
+
+    def _destinations(
+        self, folder: Path, name: str, *, failing: bool = False
+    ) -> list[names.Destination]:
+        """Every name the spool makes from an input `name` claimed into `folder`, by
+        the folder it is made in (only those of failing it, with `failing`)."""
+        temporary = names.temporary_name
+        unique = f"{split_name(name)[0]}{names.UNIQUE_ROOM}{split_name(name)[1]}"
+        found = [
+            names.Destination(folder, self._limits(self.state), (name,)),
+            names.Destination(
+                self.failed_folder,
+                self._limits(self.failed_folder),
+                (unique, temporary(unique + ERROR_SUFFIX)),
+            ),
+        ]
+        if failing:
+            return found
+        if not self.delete_after_success:
+            found.append(
+                names.Destination(
+                    self.archive_folder, self._limits(self.archive_folder), (temporary(unique),)
+                )
+            )
+        found.append(names.Destination(self.outbox, self._limits(self.outbox), self._outputs(name)))
+        return found
+
+    def _outputs(self, name: str) -> tuple[str, ...]:
+        """The temporary names of the longest outputs of input `name` (see api.convert_file)."""
+        stem = split_name(name)[0]
+        if self._settings.on_conflict == "rename":
+            stem += names.UNIQUE_ROOM
+        extension = ".nii.gz" if self._settings.compress else ".nii"
+        channel = names.CHANNEL_ROOM if self._settings.channels == "split" else ""
+        made = [f"{stem}{channel}{extension}"]
+        if self._settings.sidecar:
+            made.append(f"{stem}.json")
+        return tuple(names.temporary_name(output) for output in made)
+
+    def _limits(self, folder: Path) -> names.Limits:
+        """The name limits of `folder`'s file system (asked once)."""
+        limits = self._known_limits.get(folder)
+        if limits is None:
+            limits = self._known_limits[folder] = names.Limits.of(folder)
+        return limits
 
     def _empty_folder(self) -> Path:
         """A token folder for a new claim: a spare one, or a new one."""
@@ -295,11 +398,6 @@ class Spool:
             with contextlib.suppress(OSError):
                 folder.rmdir()
 
-    def _inside_inbox(self, folder: Path) -> bool:
-        """Whether `folder` (a subfolder of the inbox) is really inside it, symlinks resolved."""
-        # The inbox itself may sit behind a symlink: compare both resolved.
-        return folder.resolve() == self.inbox.resolve() / folder.relative_to(self.inbox)
-
     def claims(self) -> list[Claim]:
         """Every claim left in the state folder, oldest input first (crash recovery).
 
@@ -315,13 +413,14 @@ class Spool:
         except FileNotFoundError:
             return []
         for folder in folders:
-            claimed = self._claimed_input(folder)
+            try:
+                claimed = self._claimed_input(folder)
+            except OSError:
+                continue  # unreadable now: neither finished nor removed; the next start looks
             if claimed is None:
                 shutil.rmtree(folder, ignore_errors=True)
                 continue
-            found.append(
-                (claimed.lstat().st_mtime_ns, Claim(folder, self._relative_in(folder, claimed)))
-            )
+            found.append((_mtime_ns(claimed), Claim(folder, self._relative_in(folder, claimed))))
         return [claim for _, claim in sorted(found, key=lambda item: item[0])]
 
     @staticmethod
@@ -330,13 +429,48 @@ class Spool:
 
     @staticmethod
     def _claimed_input(folder: Path) -> Path | None:
-        for root, dirs, files in os.walk(folder):
-            here = Path(root)
-            dirs[:] = [name for name in dirs if not name.startswith(".")]
-            for name in files + [d for d in dirs if (here / d).is_symlink()]:
-                if not name.startswith("."):
-                    return here / name
-        return None
+        """The input in claim `folder`: the first visible entry, at any depth, that is
+        not a real folder (a claimed symlink or special file counts too); None if
+        there is none. OSError when part of it cannot be read: then nothing tells
+        that it is empty.
+
+        A loop over folder descriptors, each opened from its parent's without
+        following a symlink: any depth, any path length.
+        """
+        # (descriptor, its path in the claim, its subfolders still to visit)
+        stack: list[tuple[int, PurePosixPath, list[str] | None]] = [
+            (os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), PurePosixPath(), None)
+        ]
+        try:
+            while stack:
+                descriptor, relative, subfolders = stack[-1]
+                if subfolders is None:
+                    subfolders = []
+                    with os.scandir(descriptor) as entries:
+                        for entry in entries:
+                            if entry.name.startswith("."):
+                                continue
+                            if not entry.is_dir(follow_symlinks=False):
+                                return folder / relative / entry.name
+                            subfolders.append(entry.name)
+                    stack[-1] = (descriptor, relative, subfolders)
+                if not subfolders:
+                    stack.pop()
+                    os.close(descriptor)
+                    continue
+                name = subfolders.pop()
+                child = os.open(name, _FOLDER_FLAGS, dir_fd=descriptor)
+                stack.append((child, relative / name, None))
+            return None
+        finally:
+            for descriptor, _, _ in stack:
+                os.close(descriptor)
+
+    def _holds_input(self, folder: Path) -> bool:
+        try:
+            return self._claimed_input(folder) is not None
+        except OSError:
+            return False  # released meanwhile (the service is running)
 
     def release(self, claim: Claim) -> None:
         """Empty a claim's folder once its input has left, and keep it for a next claim."""
@@ -687,9 +821,7 @@ class Spool:
         return {
             "inbox": sum(1 for _ in scan_inbox(self.inbox, recursive=self.recursive)),
             # Counted, not listed: `claims()` tidies up, which is the service's business.
-            CLAIMS: sum(
-                self._claimed_input(folder) is not None for folder in _folders(self.claims_folder)
-            ),
+            CLAIMS: sum(self._holds_input(folder) for folder in _folders(self.claims_folder)),
             "outbox": _count_files(self.outbox, lambda name: not name.endswith(".json")),
             "archive": _count_files(self.archive_folder, is_candidate),
             "failed": len(self.failed_inputs()),
@@ -711,6 +843,31 @@ class Spool:
             return now - self.heartbeat_path.stat().st_mtime
         except OSError:
             return None
+
+
+# Folders on the way to a claimed input are opened like this: never through a symlink.
+_FOLDER_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@contextlib.contextmanager
+def _folder_descriptor(
+    base: Path, relative: PurePosixPath, *, create: bool = False
+) -> Iterator[int]:
+    """A descriptor of `base/relative`, walked down from `base` one folder at a time
+    without following a symlink (ELOOP), so what it names cannot change under it;
+    `create`: make missing folders on the way."""
+    descriptor = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in relative.parts:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, dir_fd=descriptor)
+            child = os.open(part, _FOLDER_FLAGS, dir_fd=descriptor)
+            os.close(descriptor)
+            descriptor = child
+        yield descriptor
+    finally:
+        os.close(descriptor)
 
 
 def _find_link(folder: Path, name: str, info: os.stat_result) -> Path | None:
@@ -820,6 +977,13 @@ def _count_files(folder: Path, accept: Callable[[str], bool]) -> int:
         for name in files
         if not name.startswith(".") and accept(name)
     )
+
+
+def _mtime_ns(path: Path) -> int:
+    try:
+        return path.lstat().st_mtime_ns
+    except OSError:
+        return 0  # first in line: the claim is handled, and its trouble shows then
 
 
 def _file_kind(mode: int) -> str:

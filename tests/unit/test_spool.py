@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from collections.abc import Callable
@@ -72,6 +74,11 @@ class Recorder:
 
 def files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def scan_inbox_names(spool: Spool) -> list[str]:
+    """The inbox's files outside the state folder (which holds the owner id)."""
+    return [name for name in files_under(spool.inbox) if not name.startswith(".niftidrop/")]
 
 
 class TestNames:
@@ -153,6 +160,40 @@ class TestClaim:
         assert spool.claim(spool.inbox / "site" / "secret.npy") is None
         assert (outside / "secret.npy").read_bytes() == b"secret"
 
+    def test_subfolder_swapped_for_a_symlink_during_claims_never_reaches_outside(
+        self, spool: Spool, tmp_path: Path, flip_names: Callable[[Path, Path], Callable[[], None]]
+    ) -> None:
+        """While a subfolder is exchanged with a symlink to an outside folder again and
+        again, claims take only inbox files, never one that exists only outside."""
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        link = tmp_path / "link"
+        link.symlink_to(outside)
+        names = [f"x{number}.npy" for number in range(300)]
+        for name in names:
+            (outside / name).write_bytes(b"outside")
+            drop(spool, f"sub/{name}", b"inside")
+        claimed = []
+        flip_names(spool.inbox / "sub", link)
+        for name in names:
+            with contextlib.suppress(OSError):  # the service would offer it again later
+                claim = spool.claim(spool.inbox / "sub" / name)
+                if claim is not None:
+                    claimed.append(claim.path.read_bytes())
+        assert sorted(path.name for path in outside.iterdir()) == sorted(names)
+        assert claimed
+        assert set(claimed) == {b"inside"}
+
+    def test_claim_walks_no_symlink_on_the_way(self, spool: Spool, tmp_path: Path) -> None:
+        """A symlink anywhere between the inbox and the input stops the claim."""
+        outside = tmp_path / "outside"
+        (outside / "deeper").mkdir(parents=True)
+        (outside / "deeper" / "a.npy").write_bytes(b"secret")
+        (spool.inbox / "real").mkdir()
+        (spool.inbox / "real" / "hop").symlink_to(outside)
+        assert spool.claim(spool.inbox / "real" / "hop" / "deeper" / "a.npy") is None
+        assert (outside / "deeper" / "a.npy").read_bytes() == b"secret"
+
     def test_vanished_input_gives_none_and_no_claim(self, spool: Spool) -> None:
         """A file gone before the rename is not claimed and leaves nothing behind."""
         assert spool.claim(spool.inbox / "gone.npy") is None
@@ -173,6 +214,135 @@ class TestClaim:
         (spool.claims_folder / "abandoned" / "sub").mkdir(parents=True)
         assert spool.claims() == []
         assert list(spool.claims_folder.iterdir()) == []
+
+
+def deep_folder(top: Path, length: int) -> Path:
+    """A folder under `top` whose path is about `length` bytes (folders of 200 bytes)."""
+    folder = top
+    while len(os.fsencode(folder)) + 201 < length:
+        folder = folder / ("d" * 200)
+    folder = folder / ("e" * (length - len(os.fsencode(folder)) - 1))
+    folder.mkdir(parents=True)
+    return folder
+
+
+class TestNameLimits:
+    """Inputs whose names or paths cannot be carried through fail as bad_name."""
+
+    def test_a_name_of_255_bytes_fails_under_a_shortened_name(self, spool: Spool) -> None:
+        """Its outputs and error record cannot be named: failed keeps it shortened, and
+        the record names the original; it is never converted."""
+        name = "case_" + "x" * 246 + ".npy"
+        assert len(name) == 255
+        claim = spool.claim(drop(spool, f"site/{name}", b"long"))
+        assert claim is not None
+        assert len(claim.name) < 230
+        assert claim.name.startswith("case_xxx")
+        assert claim.name.endswith(".npy")
+        recorder = Recorder()
+        outcome = spool.handle(claim, recorder)
+        assert recorder.names == []
+        assert isinstance(outcome, Failed)
+        assert outcome.failed_as == spool.failed_folder / "site" / claim.name
+        assert outcome.failed_as.read_bytes() == b"long"
+        record = json.loads(outcome.failed_as.with_name(claim.name + ".error.json").read_text())
+        assert record["error"] == "bad_name"
+        assert record["input"] == f"site/{name}"
+        assert "255 bytes" in record["message"]
+        assert scan_inbox_names(spool) == []
+        assert files_under(spool.claims_folder) == []
+
+    def test_names_that_fit_are_converted(self, spool: Spool) -> None:
+        """A long name that leaves room for every name made from it is kept as it is."""
+        name = "case_" + "x" * 180 + ".npy"
+        claim = spool.claim(drop(spool, name))
+        assert claim is not None
+        assert claim.name == name
+        assert isinstance(spool.handle(claim, Recorder()), Converted)
+
+    def test_a_claim_path_beyond_the_path_limit_fails_at_the_top_of_failed(
+        self, spool: Spool
+    ) -> None:
+        """An input whose inbox path fits but whose claimed path would not is claimed
+        (through folder descriptors) and failed at the top of failed."""
+        path_max = os.pathconf(spool.inbox, "PC_PATH_MAX")
+        folder = deep_folder(spool.inbox, path_max - 20)
+        source = folder / "case.npy"
+        source.write_bytes(b"deep")
+        relative = source.relative_to(spool.inbox).as_posix()
+        claim = spool.claim(source)
+        assert claim is not None
+        assert claim.relative == PurePosixPath("case.npy")
+        outcome = spool.handle(claim, Recorder())
+        assert isinstance(outcome, Failed)
+        assert outcome.failed_as == spool.failed_folder / "case.npy"
+        assert outcome.record["input"] == relative
+        assert f"shorter than {path_max} bytes" in outcome.record["message"]
+        assert not os.path.lexists(source)
+
+    def test_folders_too_deep_to_mirror_fail(self, spool: Spool) -> None:
+        """Relative paths more folders deep than can be mirrored fail as bad_name."""
+        source = drop(spool, "/".join(["f"] * 300) + "/case.npy")
+        claim = spool.claim(source)
+        assert claim is not None
+        outcome = spool.handle(claim, Recorder())
+        assert isinstance(outcome, Failed)
+        assert outcome.record["error"] == "bad_name"
+        assert "folders deep" in outcome.record["message"]
+
+    def test_a_crash_after_the_bad_name_claim_still_fails_it(
+        self, settings: Settings, spool: Spool
+    ) -> None:
+        """The record is in the claim before the input: recovery fails it, never converts."""
+        name = "case_" + "y" * 246 + ".npy"
+        spool.claim(drop(spool, name))
+        recovered = Spool(settings)
+        (claim,) = recovered.claims()
+        recorder = Recorder()
+        assert isinstance(recovered.handle(claim, recorder), Failed)
+        assert recorder.names == []
+
+
+class TestDiscovery:
+    """Recovery finds every claim, whatever its depth, and never loses one."""
+
+    def test_a_claim_deeper_than_the_recursion_limit_is_found(self, spool: Spool) -> None:
+        """Claim folders are walked by a loop: a deep claimed input is found."""
+        relative = PurePosixPath(*["d"] * 1100, "a.npy")
+        path = spool.claims_folder / "deep"
+        for part in relative.parts:  # one by one: mkdir(parents=True) recurses
+            path.mkdir()
+            path = path / part
+        path.write_bytes(b"deep")
+        try:
+            (claim,) = spool.claims()
+            assert claim.relative == relative
+        finally:
+            path.unlink()
+            while path.parent != spool.claims_folder:
+                path = path.parent
+                path.rmdir()
+
+    def test_an_unreadable_claim_folder_is_kept(
+        self, spool: Spool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A claim folder whose first listing fails (EIO) is neither handled nor removed."""
+        claimed = spool.claim(drop(spool, "sub/a.npy"))
+        assert claimed is not None
+        scandir = os.scandir
+        calls: list[object] = []
+
+        def failing_once(target: Any) -> Any:
+            calls.append(target)
+            if len(calls) == 1:
+                raise OSError(errno.EIO, "injected", str(target))
+            return scandir(target)
+
+        monkeypatch.setattr(os, "scandir", failing_once)
+        assert spool.claims() == []
+        monkeypatch.undo()
+        assert claimed.path.read_bytes() == b"data"
+        assert [claim.path for claim in spool.claims()] == [claimed.path]
 
 
 class TestClaimFolders:
