@@ -31,7 +31,6 @@ from niftidrop import inotify
 from niftidrop.arrays import Readiness, file_kind, readiness
 from niftidrop.library import needs_polling
 from niftidrop.names import Limits
-from niftidrop.observers import folder_identity
 
 if TYPE_CHECKING:
     from watchdog.observers.api import BaseObserver
@@ -175,10 +174,6 @@ class InboxWatcher:
 
     `Seen.FOLDER` means "its content may be new: scan it" (a new subfolder, or the
     kernel's queue overflowed and events were lost).
-
-    The watch is on the folder, not on its path: if the inbox folder is deleted, or
-    renamed away and replaced, `check()` turns false and `rewatch()` watches the
-    folder now at the path.
     """
 
     def __init__(
@@ -202,9 +197,6 @@ class InboxWatcher:
         self._folders_by_wd: dict[int, Path] = {}
         self._stopping = threading.Event()
         self._polling: BaseObserver | None = None
-        self._root_wd: int | None = None
-        self._identity: tuple[int, int] | None = None  # of the folder being watched
-        self._lost = threading.Event()  # the watched folder was deleted or moved
 
     def __repr__(self) -> str:
         return f"InboxWatcher({str(self.folder)!r}, observer={self.kind!r})"
@@ -217,8 +209,6 @@ class InboxWatcher:
         Raises OSError when the folder cannot be watched (it is missing, say).
         """
         self._stopping.clear()
-        self._lost.clear()
-        self._identity = folder_identity(self.folder)
         if self.kind == "polling":
             self._start_polling()
             return
@@ -234,26 +224,6 @@ class InboxWatcher:
         )
         self._thread.start()
 
-    def check(self) -> bool:
-        """Whether the watch is still live on the folder now at `folder`: false once
-        that folder was deleted, or renamed away and replaced (a watch follows the
-        folder it was set on). Cheap: one `stat`."""
-        if self._lost.is_set() or self._identity is None:
-            return False
-        if self._polling is not None and any(
-            emitter.stopped_event.is_set() for emitter in list(self._polling.emitters)
-        ):
-            return False  # the polling emitter stops when its folder goes
-        return folder_identity(self.folder) == self._identity
-
-    def rewatch(self) -> None:
-        """Watch the folder now at `folder` afresh, and report it for a full scan (what
-        arrived while it was not watched has no event). Raises OSError when there is
-        no folder to watch; calling again later is fine."""
-        self.stop()
-        self.start()
-        self._sightings.put((self.folder, Seen.FOLDER))
-
     def stop(self) -> None:
         self._stopping.set()
         if self._inotify is not None:
@@ -265,7 +235,6 @@ class InboxWatcher:
             self._inotify.close()
             self._inotify = None
         self._folders_by_wd.clear()
-        self._root_wd = None
         if self._polling is not None:
             self._polling.stop()
             self._polling.join()
@@ -283,8 +252,6 @@ class InboxWatcher:
                 raise
             return  # removed or replaced meanwhile: the rescan will see it
         self._folders_by_wd[wd] = folder
-        if folder == self.folder:
-            self._root_wd = wd
         if not self._recursive:
             return
         try:
@@ -316,9 +283,6 @@ class InboxWatcher:
         folder = self._folders_by_wd.get(event.wd)
         if folder is None:
             return
-        lost_with = inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF | inotify.IN_IGNORED
-        if event.wd == self._root_wd and event.mask & lost_with:
-            self._lost.set()  # the inbox folder itself went: `check()` says so
         if event.mask & inotify.IN_IGNORED or not event.name:
             if event.mask & (inotify.IN_IGNORED | inotify.IN_DELETE_SELF):
                 self._folders_by_wd.pop(event.wd, None)
