@@ -1,4 +1,4 @@
-"""The public conversion functions (SPEC §3, §8).
+"""The public conversion functions (README: Conversion, Python API).
 
 `convert_file` is what the service and `niftidrop convert` call: one input, the
 settings, a reference (or none), atomic outputs. `numpy_to_nifti` and
@@ -99,7 +99,7 @@ def convert_file(
     OUTPUT_CONFLICT). provenance: extra fields for the sidecar (e.g. {"input": "sub/a.npz",
     "rule": "exact"}). owner: tags the temporary names (see `niftidrop.writer`), so the
     service can find and remove those of a conversion that died. Raises ConversionError
-    for every rejection (SPEC §4 codes; a reference nibabel cannot read is BAD_REFERENCE)
+    for every rejection (the README's error codes; an unreadable reference is BAD_REFERENCE)
     and lets OSError through for environmental problems (disk full, read-only outbox):
     the service retries those."""
     started = time.perf_counter()
@@ -234,7 +234,7 @@ def _sidecar_text(
     return (json.dumps(record, indent=2, default=str) + "\n").encode()
 
 
-# The nidataset-compatible functions (SPEC §8).
+# The nidataset-compatible functions (README: Python API).
 
 
 def _api_settings() -> Settings:
@@ -253,7 +253,7 @@ def numpy_to_nifti(
 
     `reference_nifti` supplies the geometry and overrides `affine`; without either
     the affine is the identity. Raises FileNotFoundError for a missing input and
-    ConversionError (a ValueError) with a SPEC §4 code for a rejected one.
+    ConversionError (a ValueError) with an error code (README, "File protocol") for a rejected one.
     """
     source = Path(npy_path)
     if not source.is_file():

@@ -360,7 +360,7 @@ class Readiness(Enum):
 
 
 def readiness(path: Path) -> Readiness:
-    """Whether `path` is structurally whole (SPEC: the README's "complete").
+    """Whether `path` is structurally whole (the README's "complete").
 
     `.npy`: the header parses and offset + declared array bytes == file size.
     `.npz`: the zip directory reads and every member's declared (compressed) bytes

@@ -1,4 +1,4 @@
-"""The `niftidrop` command line (SPEC §6).
+"""The `niftidrop` command line (README: Running the service).
 
 Every settings field is also a flag (`--inbox`, `--no-fsync`, `--library A
 --library B`, ...), so the settings model stays the single source of truth. The
@@ -252,7 +252,7 @@ def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full parser: global options and one subcommand per SPEC §6 command."""
+    """The full parser: global options and one subcommand per command."""
     flags = _settings_flags()
     parser = argparse.ArgumentParser(
         prog="niftidrop", description="Turn NumPy predictions into NIfTI files."

@@ -1,4 +1,4 @@
-"""Array + reference header -> NIfTI header and data (SPEC §3). No folders here.
+"""Array + reference header -> NIfTI header and data (README: Conversion). No folders here.
 
 `plan_conversion` decides everything up front (output shapes, dtype, headers) and
 `encode_volume` then yields the output file's bytes: the header, then the voxel
@@ -241,7 +241,7 @@ def arrange(
 ) -> Array:
     """A view of `data` shaped S or S+(C,) in x, y, z order (no copy).
 
-    Accepts S, S+(C,), (C,)+S and those with extra singleton axes (SPEC §3).
+    Accepts S, S+(C,), (C,)+S and those with extra singleton axes (README: Conversion).
     """
     if spatial is None:
         spatial = _spatial_without_reference(data.shape, name)
@@ -379,7 +379,7 @@ def plan_conversion(
 def _choose_dtype(
     source: InputArray, arranged: Array, argmax: bool, policy: str, name: str
 ) -> tuple[np.dtype[Any], Callable[[Array], None] | None]:
-    """The output dtype by SPEC §3's policy, and the check an explicit cast needs."""
+    """The output dtype by the README's dtype policy, and the check an explicit cast needs."""
     values_dtype = np.dtype(np.intp) if argmax else source.dtype
     if policy not in ("auto", "keep"):
         target = np.dtype(policy)

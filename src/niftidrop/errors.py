@@ -1,4 +1,4 @@
-"""Errors niftidrop raises, each carrying a stable code (SPEC §4)."""
+"""Errors niftidrop raises, each carrying a stable code (README: error codes)."""
 
 from __future__ import annotations
 

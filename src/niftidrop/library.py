@@ -1,9 +1,10 @@
 """The reference library: an in-memory index of reference scans and the matching rules.
 
-SPEC §2. The library folders are scanned once into a table of keys → paths; every
-lookup after that is a few dict lookups and one bisect in memory, never a disk
-access. While started, a watchdog observer and a periodic rescan (which lists
-again only folders whose mtime changed) keep the table current. One writer at a
+See the README, "Reference matching". The library folders are scanned once into
+a table of keys → paths; every lookup after that is a few dict lookups and one
+bisect in memory, never a disk access. While started, a watchdog observer and a
+periodic rescan (which lists again only folders whose mtime changed) keep the
+table current. One writer at a
 time changes it, under the same lock that lookups take, so a lookup never sees
 half of a change; a full rebuild is swapped in at once.
 """
@@ -150,7 +151,7 @@ class ReferenceLibrary:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ReferenceLibrary:
-        """The library described by `settings` (SPEC §2 and the observer choice of §1.10)."""
+        """The library described by `settings` (its observer chosen as the inbox's is)."""
         return cls(
             settings.library_dirs,
             separators=settings.separators,
@@ -190,7 +191,7 @@ class ReferenceLibrary:
     def rescan(self) -> None:
         """Bring the whole index in line with the disk, listing only changed folders.
 
-        The periodic safety net for lost events (SPEC §1.10): folders whose mtime
+        The periodic safety net for lost events (README: File protocol): folders whose mtime
         has not moved are not listed again, so a rescan of an unchanged library
         costs one `stat` per folder.
         """
@@ -263,7 +264,7 @@ class ReferenceLibrary:
     # Lookups.
 
     def match(self, name: str) -> Match:
-        """The reference for input `name` by the rules of SPEC §2, from memory only.
+        """The reference for input `name` by the README's matching rules, from memory only.
 
         Raises `ConversionError` with `no_reference`, or `ambiguous_reference`
         carrying the equally good candidates.

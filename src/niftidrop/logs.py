@@ -1,4 +1,4 @@
-"""Structured logs (SPEC §7): one JSON object per line on stdout, or a console view.
+"""Structured logs (README: Logs): one JSON object per line on stdout, or a console view.
 
 Every line carries `timestamp` (ISO 8601, UTC), `level` and `event`. With
 `log_format = "auto"` a terminal gets the coloured console renderer and anything

@@ -1,4 +1,4 @@
-"""Prometheus metrics and the `/metrics` + `/healthz` endpoint (SPEC §7).
+"""Prometheus metrics and the `/metrics` + `/healthz` endpoint (README: Metrics).
 
 The service counts what it does through one `Metrics` object; with
 `metrics_address` set it also calls `serve()`, which answers scrapes on a small
@@ -162,7 +162,7 @@ class Metrics:
         self._seconds.observe(seconds)
 
     def observe_failed(self, code: str) -> None:
-        """Count one input rejected with the error `code` (SPEC §4)."""
+        """Count one input rejected with the error `code` (README: error codes)."""
         self._failed.labels(code=code).inc()
 
     def set_queue_depth(self, depth: int) -> None:

@@ -1,4 +1,4 @@
-"""Choosing a watchdog observer for a folder (SPEC §1.10), and keeping its watches.
+"""Choosing a watchdog observer for a folder (README: File protocol), and keeping its watches.
 
 inotify reports changes made on this machine; on network and FUSE file systems
 (nfs, cifs/smb, fuse, 9p) changes made elsewhere are never reported, so those are

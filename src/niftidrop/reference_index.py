@@ -1,9 +1,9 @@
 """What is on disk, as keys: reference file names, their keys, and the key index.
 
-SPEC §2. A reference's key is its file name without `.nii`/`.nii.gz` (any case),
-or the `key` group of `key_pattern`. `ReferenceScanner` finds the references of a
-folder tree; `ReferenceIndex` holds them so that every matching rule is a dict
-lookup or a bisect, never a walk.
+See the README, "Reference matching". A reference's key is its file name without
+`.nii`/`.nii.gz` (any case), or the `key` group of `key_pattern`.
+`ReferenceScanner` finds the references of a folder tree; `ReferenceIndex` holds
+them so that every matching rule is a dict lookup or a bisect, never a walk.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The service (SPEC §1, §7): `startup()` → `main_loop()` → `shutdown()`.
+"""The service (README: File protocol, Logs): `startup()` → `main_loop()` → `shutdown()`.
 
 The main thread owns every decision: it reads sightings from the inbox watcher,
 asks the readiness tracker which files may be read, rescans, retries, writes the

@@ -1,4 +1,4 @@
-"""The one settings model (SPEC §5): defaults < TOML file < environment < flags."""
+"""The one settings model (README: Configuration): defaults < TOML file < environment < flags."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
-    # Folders (SPEC §1). Relative paths are resolved against `root`.
+    # Folders (README: File protocol). Relative paths are resolved against `root`.
     root: Path = Field(default=Path(), description="base of relative folder paths")
     inbox: Path = Field(default=Path("inbox"), description="where producers drop inputs")
     outbox: Path = Field(default=Path("outbox"), description="where NIfTI outputs appear")
@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     )
     state_dir: Path | None = Field(default=None, description="work files; <inbox>/.niftidrop")
 
-    # The file protocol (SPEC §1).
+    # The file protocol (README: File protocol).
     settle_seconds: float = Field(default=1.0, ge=0, description="quiet time before a read")
     incomplete_timeout: float = Field(default=600.0, gt=0, description="then: truncated")
     fsync: bool = Field(default=True, description="fsync outputs and folders")
@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     observer: Literal["auto", "inotify", "polling"] = Field(default="auto")
     poll_interval: float = Field(default=1.0, gt=0, description="polling observer period")
 
-    # Reference matching (SPEC §2).
+    # Reference matching (README: Reference matching).
     separators: str = Field(default="_-.", min_length=1, description="key token separators")
     key_pattern: str | None = Field(default=None, description="regex with a group named key")
     reference_wait: float = Field(default=0.0, ge=0, description="wait for a late reference")
@@ -89,7 +89,7 @@ class Settings(BaseSettings):
         default=None, description="4x4 affine used by missing_reference=identity"
     )
 
-    # Conversion (SPEC §3).
+    # Conversion (README: Conversion).
     npz_key: str | None = Field(default=None, description=".npz member to convert")
     compress: bool = Field(default=True, description="write .nii.gz (else .nii)")
     on_conflict: Literal["overwrite", "rename", "fail"] = Field(default="overwrite")
@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     compression_threads: int = Field(default=0, ge=0, description="0: one per CPU")
     sidecar: bool = Field(default=False, description="write <stem>.json provenance")
 
-    # Service (SPEC §5, §7).
+    # Service (README: Configuration, Logs).
     workers: int = Field(default_factory=_default_workers, ge=1)
     shutdown_timeout: float = Field(default=30.0, ge=0)
     log_format: Literal["auto", "json", "console"] = Field(default="auto")

@@ -1,4 +1,4 @@
-"""The file protocol (SPEC §1.2-5, §4): inbox → claimed → outbox + archive, or failed.
+"""The file protocol (README: File protocol): inbox → claimed → outbox + archive, or failed.
 
 Layout of the state folder:
 
@@ -178,7 +178,7 @@ Converter = Callable[[Claim], dict[str, Any]]
 
 
 def error_record(claim: Claim, error: ConversionError) -> dict[str, Any]:
-    """The `.error.json` content for a rejected input (SPEC §4)."""
+    """The `.error.json` content for a rejected input (README: error codes)."""
     record: dict[str, Any] = {
         "input": str(claim.relative),
         "error": error.code.value,

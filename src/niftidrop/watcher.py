@@ -1,4 +1,4 @@
-"""Watching the inbox (SPEC §1.1, §1.9-11): which files are candidates, and when
+"""Watching the inbox (README: File protocol): which files are candidates, and when
 each one is ready to be read.
 
 Three pieces, each small:
@@ -66,7 +66,7 @@ _LIST_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class CandidateFilter:
-    """Whether a file name is a niftidrop input (SPEC §1.1): `*.npy`/`*.npz` in any
+    """Whether a file name is a niftidrop input (README: File protocol): `*.npy`/`*.npz` in any
     case, never hidden, never a temporary or partial download name."""
 
     def __init__(
@@ -390,7 +390,7 @@ class Verdicts:
 
 
 class ReadinessTracker:
-    """When may a candidate be read? (SPEC §1.1, §1.12)
+    """When may a candidate be read? (README: File protocol)
 
     Ready: structurally complete (`arrays.readiness`) and either its last event
     was a close-after-write or a rename into the inbox, or its size and mtime have

@@ -1,4 +1,4 @@
-"""Atomic, durable output files with fast multi-threaded gzip (SPEC §1.3, §3).
+"""Atomic, durable output files with fast multi-threaded gzip (README: File protocol, Conversion).
 
 A file is written under a hidden temporary name in its target folder, flushed
 and fsync'ed, then renamed to its final name and the folder fsync'ed, so a reader
