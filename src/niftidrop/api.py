@@ -39,8 +39,10 @@ from niftidrop.writer import (
     commit,
     discard,
     fsync_folder,
+    is_temp_name,
     withdraw,
     write_file,
+    write_json_atomic,
     write_temp,
 )
 
@@ -89,6 +91,7 @@ def convert_file(
     affine: npt.NDArray[Any] | None = None,
     provenance: Mapping[str, object] | None = None,
     owner: str = "",
+    journal: Path | None = None,
 ) -> ConversionResult:
     """Convert one .npy/.npz into out_dir/<stem>.nii.gz (.nii if not settings.compress;
     <stem>_c<N>.nii.gz per channel with channels="split"; optional <stem>.json sidecar
@@ -101,7 +104,10 @@ def convert_file(
     service can find and remove those of a conversion that died. Raises ConversionError
     for every rejection (the README's error codes; an unreadable reference is BAD_REFERENCE)
     and lets OSError through for environmental problems (disk full, read-only outbox):
-    the service retries those."""
+    the service retries those. journal (on_conflict rename or fail only): a file in
+    which the inodes of the outputs are recorded before they get their names, so a
+    redo after a crash recognises its own outputs instead of adding a second name or
+    reporting a conflict with them."""
     started = time.perf_counter()
     source = Path(source)
     stem = stem or input_stem(source)
@@ -118,17 +124,25 @@ def convert_file(
         version=_version(),
     )
     finals = [out_dir / f"{stem}{volume.suffix}{extension}" for volume in plan.volumes]
+    # None with overwrite: a redo writes the same bytes under the same names.
+    journal = journal if settings.on_conflict != "overwrite" else None
+    recorded = _read_journal(journal)
+    # Outputs a crashed earlier run of this conversion placed already: kept as they are.
+    done = {final: _find_own(final, recorded.get(final.name)) for final in finals}
     if settings.on_conflict == "fail":
-        _check_free(source.name, finals)  # before the work; checked again once it is done
+        # Before the work; checked again once it is done.
+        _check_free(source.name, [final for final in finals if done[final] is None])
     temps: list[Temporary] = []
     placed: list[tuple[Path, Temporary]] = []
+    outputs_found: dict[Path, Path] = {}
     try:
         # All or nothing: every output is complete on disk and every final name is
         # checked before the first one is given; a failure takes back what this
         # call placed.
+        outputs_found.update({final: path for final, path in done.items() if path is not None})
         for volume, final in zip(plan.volumes, finals, strict=True):
-            temps.append(
-                write_temp(
+            if final not in outputs_found:
+                temp = write_temp(
                     final,
                     encode_volume(volume, array),
                     compress=settings.compress,
@@ -138,26 +152,32 @@ def convert_file(
                     size=volume.data_bytes,
                     owner=owner,
                 )
-            )
+                temps.append(temp)
+                recorded[final.name] = _identity(temp)
+        pending = [final for final in finals if final not in outputs_found]
         if settings.on_conflict == "fail":
-            _check_free(source.name, finals)
+            _check_free(source.name, pending)
+        if journal is not None and pending:
+            _write_journal(journal, recorded, durable=settings.fsync, owner=owner)
         # The folder is fsync'ed once, after the last name is given.
-        for temp, final in zip(temps, finals, strict=True):
-            placed.append((_commit(temp, final, settings=settings, input_name=source.name), temp))
-        outputs = tuple(output for output, _ in placed)
-        if settings.sidecar:
-            sidecar = out_dir / f"{stem}.json"
-            text = _sidecar_text(
-                source=source, reference=ref, plan=plan, outputs=outputs, provenance=provenance
-            )
-            temp = write_temp(
-                sidecar, [text], compress=False, fsync=settings.fsync, owner=owner, kind="sidecar"
-            )
-            temps.append(temp)
-            given = commit(
-                temp, sidecar, on_conflict=settings.on_conflict, fsync=False, kind="sidecar"
-            )
+        for temp, final in zip(temps, pending, strict=True):
+            given = _commit(temp, final, settings=settings, input_name=source.name)
             placed.append((given, temp))
+            outputs_found[final] = given
+        outputs = tuple(outputs_found[final] for final in finals)
+        if settings.sidecar:
+            _place_sidecar(
+                out_dir / f"{stem}.json",
+                _sidecar_text(
+                    source=source, reference=ref, plan=plan, outputs=outputs, provenance=provenance
+                ),
+                settings=settings,
+                owner=owner,
+                journal=journal,
+                recorded=recorded,
+                temps=temps,
+                placed=placed,
+            )
         if settings.fsync:
             fsync_folder(out_dir)
     except BaseException:
@@ -177,9 +197,80 @@ def convert_file(
         dtype_out=plan.dtype_out.name,
         bytes_in=source.stat().st_size,
         # From the temporaries' descriptors: a consumer may have taken the outputs away.
-        bytes_out=sum(temp.size for temp in temps[: len(finals)]),
+        bytes_out=sum(recorded[final.name][2] for final in finals),
         seconds=time.perf_counter() - started,
     )
+
+
+def _place_sidecar(
+    sidecar: Path,
+    text: bytes,
+    *,
+    settings: Settings,
+    owner: str,
+    journal: Path | None,
+    recorded: dict[str, list[int]],
+    temps: list[Temporary],
+    placed: list[tuple[Path, Temporary]],
+) -> None:
+    """Write and name the provenance sidecar, unless a crashed run placed it already."""
+    if _find_own(sidecar, recorded.get(sidecar.name)) is not None:
+        return
+    temp = write_temp(
+        sidecar, [text], compress=False, fsync=settings.fsync, owner=owner, kind="sidecar"
+    )
+    temps.append(temp)
+    recorded[sidecar.name] = _identity(temp)
+    if journal is not None:
+        _write_journal(journal, recorded, durable=settings.fsync, owner=owner)
+    given = commit(temp, sidecar, on_conflict=settings.on_conflict, fsync=False, kind="sidecar")
+    placed.append((given, temp))
+
+
+def _identity(temp: Temporary) -> list[int]:
+    """What recognises a committed file: its inode (kept by link and rename), and size."""
+    return [*temp.inode, temp.size]
+
+
+def _read_journal(journal: Path | None) -> dict[str, list[int]]:
+    """Final name → identity of the file placed (or about to be) under it or a suffixed one."""
+    if journal is None:
+        return {}
+    try:
+        data = json.loads(journal.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(name): list(value) for name, value in data.items() if isinstance(value, list)}
+
+
+def _write_journal(
+    journal: Path, recorded: Mapping[str, list[int]], *, durable: bool, owner: str
+) -> None:
+    write_json_atomic(journal, recorded, durable=durable, owner=owner, kind="commit_record")
+
+
+def _find_own(final: Path, identity: list[int] | None) -> Path | None:
+    """The name in `final`'s folder under which a crashed run placed the file `identity`
+    describes (`final` or a `unique_name` of it); None if there is none."""
+    if identity is None or len(identity) != 3:
+        return None
+    try:
+        names = [entry.name for entry in os.scandir(final.parent)]
+    except OSError:
+        return None
+    # Any name will do: the inode and size are this run's file, whatever `rename` chose.
+    for name in names:
+        if is_temp_name(name):
+            continue
+        try:
+            info = (final.parent / name).lstat()
+        except FileNotFoundError:
+            continue
+        if [info.st_dev, info.st_ino, info.st_size] == identity:
+            return final.parent / name
+    return None
 
 
 def _check_free(input_name: str, finals: list[Path]) -> None:

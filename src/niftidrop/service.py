@@ -32,7 +32,7 @@ from niftidrop import __version__
 from niftidrop.errors import ConversionError, ErrorCode, ServiceError
 from niftidrop.logs import get_logger
 from niftidrop.processes import ConversionCrashed, ConversionProcess
-from niftidrop.spool import LOCK, Claim, Converted, Converter, Failed, Spool
+from niftidrop.spool import COMMIT_RECORD, LOCK, Claim, Converted, Converter, Failed, Spool
 from niftidrop.systemd import SystemdNotifier
 from niftidrop.watcher import (
     InboxWatcher,
@@ -84,6 +84,7 @@ class ConvertFile(Protocol):
         affine: np.ndarray[Any, Any] | None = None,
         provenance: Mapping[str, object] | None = None,
         owner: str = "",
+        journal: Path | None = None,
     ) -> Any: ...
 
 
@@ -802,6 +803,8 @@ class Service:
             affine=affine,
             provenance={"input": str(claim.relative), "rule": match.rule},
             owner=self.spool.owner_for(claim),  # its temporaries: removed if it dies
+            # With rename or fail: what a redo after a crash recognises as its own.
+            journal=claim.folder / COMMIT_RECORD if self.spool.remember_conversions else None,
         )
         outputs = [str(path) for path in result.outputs]
         return {

@@ -6,6 +6,7 @@ Layout of the state folder:
     <state>/claimed/<token>/.converted.json  its output is durable (summary)
     <state>/claimed/<token>/.failure.json    it was rejected (the error record)
     <state>/claimed/<token>/.moving.json     where in archive or failed it is going
+    <state>/claimed/<token>/.committing.json the inodes of its outputs (rename, fail)
     <state>/heartbeat.json, <state>/lock
     <state>/owner                            this state folder's id (temporary names)
 
@@ -20,7 +21,10 @@ removed.
 
 `.converted.json` spares a redo after a crash. It is written (durably) only when
 a redo would not be idempotent (`on_conflict` `rename` or `fail`); with
-`overwrite` the redo writes the same bytes under the same name.
+`overwrite` the redo writes the same bytes under the same name. A crash between
+the outputs' names and `.converted.json` is covered by `.committing.json`, written
+by the conversion before it names its outputs: their inodes, by which a redo
+recognises what it placed already (see `niftidrop.api.convert_file`).
 
 Inputs leave the claim folder by `link()` + `unlink()`, never by `rename()`:
 `link()` refuses to replace an existing name (archive and failed are never
@@ -75,6 +79,7 @@ CLAIMS: Final = "claimed"
 CONVERTED_MARKER: Final = ".converted.json"
 FAILURE_MARKER: Final = ".failure.json"
 MOVE_RECORD: Final = ".moving.json"
+COMMIT_RECORD: Final = ".committing.json"
 OWNER_FILE: Final = "owner"
 ARCHIVE: Final = "archive"
 FAILED: Final = "failed"
@@ -213,6 +218,10 @@ class Spool:
         self.remember_conversions = settings.on_conflict != "overwrite"
         self._settings = settings  # its output settings decide the names outputs get
         self._known_limits: dict[Path, names.Limits] = {}
+        # The records a claim folder may hold (no `.committing.json` with overwrite).
+        self._markers = (MOVE_RECORD, CONVERTED_MARKER, FAILURE_MARKER) + (
+            (COMMIT_RECORD,) if self.remember_conversions else ()
+        )
         self._lock_file: IO[bytes] | None = None
         self._spare_folders: list[Path] = []
         self._spare_lock = threading.Lock()
@@ -481,7 +490,7 @@ class Spool:
         # it directly is much cheaper than rmtree's walk; rmtree handles the rest.
         try:
             step("release")
-            for marker in (MOVE_RECORD, CONVERTED_MARKER, FAILURE_MARKER):
+            for marker in self._markers:
                 with contextlib.suppress(FileNotFoundError):
                     (claim.folder / marker).unlink()
             for folder in [claim.subfolder, *claim.subfolder.parents][:-1]:  # deepest first

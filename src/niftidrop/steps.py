@@ -20,6 +20,7 @@ WRITE_PHASES: Final = ("create", "write", "fsync", "commit")
 WRITTEN: Final = (
     "output",  # a NIfTI output in the outbox
     "sidecar",  # its provenance `<stem>.json`
+    "commit_record",  # `.committing.json` in the claim folder: the outputs' inodes
     "converted_record",  # `.converted.json` in the claim folder
     "failure_record",  # `.failure.json` in the claim folder
     "move_record",  # `.moving.json` in the claim folder: where the input goes

@@ -26,7 +26,7 @@ from niftidrop import api
 from niftidrop.errors import ConversionError
 from niftidrop.service import Service
 from niftidrop.settings import Settings, load_settings
-from niftidrop.spool import Claim, Spool
+from niftidrop.spool import COMMIT_RECORD, Claim, Spool
 from niftidrop.steps import hooked
 from niftidrop.watcher import scan_inbox
 from niftidrop.writer import is_temp_name
@@ -152,6 +152,7 @@ def converter(spool: Spool, settings: Settings) -> Callable[[Claim], dict[str, A
             reference=reference,
             stem=claim.stem,
             owner=spool.owner_for(claim),
+            journal=claim.folder / COMMIT_RECORD if spool.remember_conversions else None,
         )
         return {"input": str(claim.relative), "output": [str(p) for p in result.outputs]}
 

@@ -402,3 +402,71 @@ class TestRoundTripProperty:
         assert back.get_data_dtype() == np.dtype(dtype)
         np.testing.assert_array_equal(np.asanyarray(back.dataobj), data)
         np.testing.assert_array_equal(back.affine, nib.load(original).affine)
+
+
+class TestRedoAfterACrash:
+    """With rename or fail, the journal lets a redo recognise the outputs it placed."""
+
+    @pytest.mark.parametrize("on_conflict", ["rename", "fail"])
+    def test_a_redo_keeps_the_outputs_already_named(
+        self, tmp_path: Path, make_reference: MakeReference, on_conflict: str
+    ) -> None:
+        """Converted again with its journal: the same names, no `-1` copy, no conflict."""
+        reference = make_reference(shape=(4, 5, 6))
+        source = _saved(tmp_path / "p.npy", np.ones((2, 4, 5, 6), np.float32))
+        out, journal = tmp_path / "out", tmp_path / "journal.json"
+        settings = _settings(channels="split", sidecar=True, on_conflict=on_conflict)
+        first = convert_file(source, out, settings=settings, reference=reference, journal=journal)
+        again = convert_file(source, out, settings=settings, reference=reference, journal=journal)
+        assert again.outputs == first.outputs
+        assert again.bytes_out == first.bytes_out
+        assert sorted(path.name for path in out.iterdir()) == [
+            "p.json",
+            "p_c0.nii.gz",
+            "p_c1.nii.gz",
+        ]
+
+    def test_a_redo_after_a_crash_between_two_names_places_only_the_rest(
+        self, tmp_path: Path, make_reference: MakeReference, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Stopped after the first channel got its name: the redo adds only the second."""
+        from niftidrop.steps import hooked
+
+        reference = make_reference(shape=(4, 5, 6))
+        source = _saved(tmp_path / "p.npy", np.ones((2, 4, 5, 6), np.float32))
+        out, journal = tmp_path / "out", tmp_path / "journal.json"
+        settings = _settings(channels="split", on_conflict="rename")
+        commits = []
+
+        def crash_at_second_commit(name: str) -> None:
+            if name == "output_commit":
+                commits.append(name)
+                if len(commits) == 2:
+                    raise SystemExit("killed")  # like a kill: nothing is taken back
+
+        first_output = out / "p_c0.nii.gz"
+        monkeypatch.setattr(niftidrop.api, "withdraw", lambda *args: None)
+        with hooked(crash_at_second_commit), pytest.raises(SystemExit):
+            convert_file(source, out, settings=settings, reference=reference, journal=journal)
+        monkeypatch.undo()
+        assert first_output.exists()
+        inode = first_output.stat().st_ino
+        again = convert_file(source, out, settings=settings, reference=reference, journal=journal)
+        assert [path.name for path in again.outputs] == ["p_c0.nii.gz", "p_c1.nii.gz"]
+        assert first_output.stat().st_ino == inode
+        assert sorted(path.name for path in out.iterdir() if not path.name.startswith(".")) == [
+            "p_c0.nii.gz",
+            "p_c1.nii.gz",
+        ]
+
+    def test_overwrite_writes_no_journal(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """The default needs no record: a redo writes the same bytes under the same name."""
+        reference = make_reference(shape=(4, 5, 6))
+        source = _saved(tmp_path / "p.npy", np.ones((4, 5, 6), np.float32))
+        journal = tmp_path / "journal.json"
+        convert_file(
+            source, tmp_path / "out", settings=_settings(), reference=reference, journal=journal
+        )
+        assert not journal.exists()

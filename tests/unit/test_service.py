@@ -84,6 +84,7 @@ class FakeConverter:
         affine: np.ndarray[Any, Any] | None = None,
         provenance: Mapping[str, object] | None = None,
         owner: str = "",
+        journal: Path | None = None,
     ) -> ConversionResult:
         self.release.wait()
         self.calls += 1

@@ -16,6 +16,7 @@ from niftidrop.errors import ConfigError, ConversionError, ErrorCode
 from niftidrop.settings import Settings, load_settings
 from niftidrop.spool import (
     CLAIMS,
+    COMMIT_RECORD,
     CONVERTED_MARKER,
     FAILURE_MARKER,
     SPARE_FOLDERS,
@@ -382,6 +383,20 @@ class TestClaimFolders:
         assert len(list(spool.claims_folder.iterdir())) == SPARE_FOLDERS
         spool.remove_spare_folders()
         assert list(spool.claims_folder.iterdir()) == []
+
+    def test_the_commit_record_leaves_with_the_claim(self, tmp_path: Path) -> None:
+        """With rename, a claim's `.committing.json` does not pass to the next claim."""
+        spool = Spool(load_settings(root=tmp_path, fsync=False, on_conflict="rename"))
+        spool.create_folders()
+        claim = spool.claim(drop(spool, "a.npy"))
+        assert claim is not None
+
+        def convert_with_record(claim: Claim) -> dict[str, Any]:
+            (claim.folder / COMMIT_RECORD).write_text("{}")
+            return converted(claim)
+
+        spool.handle(claim, convert_with_record)
+        assert files_under(spool.claims_folder) == []
 
     def test_a_folder_still_holding_its_input_is_not_released(self, spool: Spool) -> None:
         """Releasing a claim whose input is still there is a bug: refused, input kept."""
