@@ -1,4 +1,4 @@
-"""Tests of the systemd notification protocol (SPEC §7)."""
+"""Tests of the systemd notification protocol (README: Running the service)."""
 
 from __future__ import annotations
 
@@ -40,3 +40,16 @@ class TestNotifier:
         assert mine.watchdog_interval == 1.0
         other = SystemdNotifier({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"})
         assert other.watchdog_interval is None
+
+    def test_a_reader_that_falls_behind_never_blocks_the_sender(self, tmp_path: Path) -> None:
+        """A full notify socket (its reader stopped reading) makes notify() give up after
+        its timeout and return False, instead of blocking the main loop for ever."""
+        address = str(tmp_path / "notify.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+            receiver.bind(address)
+            notifier = SystemdNotifier({"NOTIFY_SOCKET": address}, timeout=0.05)
+            results = [notifier.notify("WATCHDOG=1") for _ in range(30)]
+            assert not all(results)  # the queue filled up: later messages were dropped
+            assert receiver.recv(100) == b"WATCHDOG=1"
+            assert notifier.notify("STOPPING=1")  # room again once the reader reads
+            notifier.close()
