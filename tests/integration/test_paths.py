@@ -123,11 +123,8 @@ class TestFileTypes:
         self, root: Path, start_service: Callable[..., ThreadedService]
     ) -> None:
         """FIFOs, a socket, a character device and a folder named `*.npy`: good inputs
-        around them are converted, nothing hangs, and the service stops cleanly.
-
-        (Leaving the special files in the inbox, logged once as input_ignored, is the
-        readiness check's part; here each is in exactly one place and never opened.)
-        """
+        around them are converted, nothing hangs, the service stops cleanly, and each
+        special file is left in the inbox, logged once as input_ignored."""
         inbox = root / "inbox"
         (inbox / "sub").mkdir()
         specials = [inbox / "case_fifo.npy", inbox / "sub" / "case_fifo.npz"]
@@ -159,8 +156,10 @@ class TestFileTypes:
                 for folder in (inbox, root / "failed", root / "archive")
                 if os.path.lexists(folder / relative)
             ]
-            assert len(places) == 1, special
-            assert not stat.S_ISREG(places[0].lstat().st_mode)
+            assert places == [special], special
+            assert not stat.S_ISREG(special.lstat().st_mode)
+        ignored = sorted(event["input"] for event in service.events("input_ignored"))
+        assert ignored == sorted(str(special.relative_to(inbox)) for special in specials)
         assert not list((root / "outbox").glob("case_fifo*"))
         assert files_in(inbox / ".niftidrop" / "claimed") == []
 
