@@ -60,6 +60,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, Final
 
 from niftidrop import __version__, names
+from niftidrop.arrays import file_kind
 from niftidrop.errors import ConfigError, ConversionError, ErrorCode
 from niftidrop.settings import Settings
 from niftidrop.steps import step
@@ -573,7 +574,7 @@ class Spool:
                 error = ConversionError(
                     ErrorCode.UNSAFE_INPUT,
                     f"{claim.relative}: expected a regular file, found a "
-                    f"{_file_kind(info.st_mode)}; it is not followed",
+                    f"{file_kind(info.st_mode)}; it is not followed",
                 )
                 return self.fail(claim, error_record(claim, error))
             try:
@@ -993,13 +994,3 @@ def _mtime_ns(path: Path) -> int:
         return path.lstat().st_mtime_ns
     except OSError:
         return 0  # first in line: the claim is handled, and its trouble shows then
-
-
-def _file_kind(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "symbolic link"
-    if stat.S_ISFIFO(mode):
-        return "named pipe"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    return "device or special file"
