@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import signal
@@ -23,6 +22,8 @@ from support import (
     write_reference,
 )
 
+from fifos import wait_for_reader
+
 FAST = ["--settle-seconds", "0.3", "--heartbeat-interval", "0.5"]
 INPUT_EVENTS = ("input_converted", "input_failed", "input_retrying", "input_deferred")
 
@@ -40,18 +41,6 @@ def fifo_reference(root: Path) -> Path:
 def make_fifo(target: Path) -> None:
     target.unlink()
     os.mkfifo(target)
-
-
-def wait_for_reader(fifo: Path, timeout: float = 30.0) -> int:
-    """Open `fifo` for writing once a conversion opened it for reading; the descriptor."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as error:  # ENXIO: no reader yet
-            if error.errno != errno.ENXIO or time.monotonic() > deadline:
-                raise
-        time.sleep(0.02)
 
 
 def reader_of(fifo: Path, timeout: float = 30.0) -> int:

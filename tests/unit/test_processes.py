@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fifos import wait_for_reader
 from niftidrop import ConversionError, ErrorCode, convert_file
 from niftidrop.processes import ConversionCrashed, ConversionProcess
 from niftidrop.settings import Settings
@@ -41,18 +41,6 @@ def gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return state in ("Z", "X")
-
-
-def wait_for_reader(fifo: Path, timeout: float = 20.0) -> int:
-    """Open `fifo` for writing as soon as someone opens it for reading; the descriptor."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as error:  # ENXIO: no reader yet
-            if error.errno != errno.ENXIO or time.monotonic() > deadline:
-                raise
-        time.sleep(0.02)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -126,7 +114,9 @@ class TestLifecycle:
 
         caller = threading.Thread(target=call)
         caller.start()
-        writer = wait_for_reader(blocking)  # the child is in the call, reading the reference
+        writer = wait_for_reader(
+            blocking, timeout=20.0
+        )  # the child is in the call, reading the reference
         os.kill(first, signal.SIGKILL)
         caller.join(timeout=20)
         os.close(writer)
@@ -321,7 +311,9 @@ def interrupted_call(
 
     caller = threading.Thread(target=call)
     caller.start()
-    writer = wait_for_reader(blocking)  # the child is in the call, reading the reference
+    writer = wait_for_reader(
+        blocking, timeout=20.0
+    )  # the child is in the call, reading the reference
     pid = process.pid
     assert pid is not None
     interrupt(pid)
