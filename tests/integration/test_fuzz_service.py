@@ -49,11 +49,16 @@ def drop_bytes(inbox: Path, name: str, content: bytes) -> None:
 
 
 def landed(folder: Path) -> Counter[str]:
-    """Input names in archive or failed (suffixed copies counted under their own name)."""
+    """Input names in archive or failed (suffixed copies counted under their own name).
+
+    Hidden names are the service's temporaries (an error record being written), not
+    inputs: counting them would end the wait before the last input has landed."""
     return Counter(
         path.name
         for path in folder.rglob("*")
-        if path.is_file() and not path.name.endswith(".error.json")
+        if path.is_file()
+        and not path.name.endswith(".error.json")
+        and not path.name.startswith(".")
     )
 
 
