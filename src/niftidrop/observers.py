@@ -67,12 +67,20 @@ def needs_polling(path: str | Path, mountinfo: Path = MOUNTINFO) -> bool:
     return fs_type is not None and fs_type.split(".")[0] in POLLED_FILE_SYSTEMS
 
 
+def choose_observer(kind: str, *folders: str | Path) -> str:
+    """`inotify` or `polling` for `observer = kind` (`auto`: polling when one of
+    `folders` is on a network or FUSE file system)."""
+    if kind == "auto":
+        return "polling" if any(needs_polling(folder) for folder in folders) else "inotify"
+    return kind
+
+
 def make_observer(kind: str, poll_interval: float, folders: Iterable[str | Path]) -> BaseObserver:
     """A watchdog observer: `polling`, `inotify` (the native one), or `auto`."""
     from watchdog.observers import Observer
     from watchdog.observers.polling import PollingObserver
 
-    if kind == "polling" or (kind == "auto" and any(needs_polling(f) for f in folders)):
+    if choose_observer(kind, *folders) == "polling":
         return PollingObserver(timeout=poll_interval)
     return Observer()
 

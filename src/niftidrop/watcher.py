@@ -29,7 +29,6 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from niftidrop import inotify
 from niftidrop.arrays import Readiness, file_kind, readiness
-from niftidrop.library import needs_polling
 from niftidrop.names import Limits
 
 if TYPE_CHECKING:
@@ -160,13 +159,6 @@ def _list_folder(folder: Path, identity: tuple[int, int] | None) -> list[_Entry]
         return []
     finally:
         os.close(descriptor)
-
-
-def choose_observer(kind: str, folder: Path) -> str:
-    """`inotify` or `polling` for `observer = kind` (`auto`: polling on network/FUSE)."""
-    if kind == "auto":
-        return "polling" if needs_polling(folder) else "inotify"
-    return kind
 
 
 class InboxWatcher:

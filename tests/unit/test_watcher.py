@@ -25,7 +25,6 @@ from niftidrop.watcher import (
     ReadinessTracker,
     Seen,
     Sighting,
-    choose_observer,
     is_candidate,
     scan_inbox,
 )
@@ -162,12 +161,6 @@ class TestScan:
             names.update(path.name for path in scan_inbox(inbox, recursive=True))
         assert names
         assert all(name.startswith("inside") for name in names)
-
-    def test_observer_choice(self, tmp_path: Path) -> None:
-        """Forced observers are kept; auto picks inotify on a local file system."""
-        assert choose_observer("polling", tmp_path) == "polling"
-        assert choose_observer("inotify", tmp_path) == "inotify"
-        assert choose_observer("auto", tmp_path) in ("inotify", "polling")
 
 
 class Scene:
