@@ -29,13 +29,10 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from niftidrop import inotify
 from niftidrop.arrays import Readiness, file_kind, readiness
-from niftidrop.names import Limits
+from niftidrop.names import Limits, is_candidate
 
 if TYPE_CHECKING:
     from watchdog.observers.api import BaseObserver
-
-INPUT_SUFFIXES: Final = (".npy", ".npz")
-IGNORED_ENDINGS: Final = (".tmp", ".part", ".partial", ".crdownload", "~")
 
 # What the inbox watch asks inotify for. IN_MODIFY is left out on purpose: a
 # finished write is IN_CLOSE_WRITE, and quiet-time checks use stat(), so one
@@ -62,36 +59,6 @@ Sighting = tuple[Path, Seen]
 # An entry of a folder listing: name, whether it is a folder, its (device, inode).
 _Entry = tuple[str, bool, tuple[int, int] | None]
 _LIST_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class CandidateFilter:
-    """Whether a file name is a niftidrop input (README: File protocol): `*.npy`/`*.npz` in any
-    case, never hidden, never a temporary or partial download name."""
-
-    def __init__(
-        self,
-        suffixes: tuple[str, ...] = INPUT_SUFFIXES,
-        ignored_endings: tuple[str, ...] = IGNORED_ENDINGS,
-    ) -> None:
-        self.suffixes = tuple(suffix.lower() for suffix in suffixes)
-        self.ignored_endings = tuple(ending.lower() for ending in ignored_endings)
-
-    def __call__(self, name: str) -> bool:
-        lowered = name.lower()
-        return (
-            not name.startswith(".")
-            and lowered.endswith(self.suffixes)
-            and not lowered.endswith(self.ignored_endings)
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"CandidateFilter(suffixes={list(self.suffixes)}, "
-            f"hidden=False, ignored_endings={list(self.ignored_endings)})"
-        )
-
-
-is_candidate = CandidateFilter()
 
 
 def scan_inbox(

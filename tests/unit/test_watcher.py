@@ -20,12 +20,10 @@ import pytest
 from niftidrop import inotify
 from niftidrop.arrays import Readiness, readiness
 from niftidrop.watcher import (
-    CandidateFilter,
     InboxWatcher,
     ReadinessTracker,
     Seen,
     Sighting,
-    is_candidate,
     scan_inbox,
 )
 
@@ -36,37 +34,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class TestCandidateFilter:
-    @pytest.mark.parametrize("name", ["a.npy", "A.NPZ", "case_1.Npy", "x.y.npz"])
-    def test_accepts_inputs_in_any_case(self, name: str) -> None:
-        """*.npy and *.npz are candidates whatever the case of the extension."""
-        assert is_candidate(name)
-
-    @pytest.mark.parametrize(
-        "name",
-        [
-            ".a.npy",
-            "a.npy.tmp",
-            "a.npy.part",
-            "a.npz.partial",
-            "a.npy.crdownload",
-            "a.npy~",
-            "a.nii.gz",
-            "a.txt",
-            "npy",
-        ],
-    )
-    def test_refuses_hidden_temporary_and_other_names(self, name: str) -> None:
-        """Hidden, temporary, partial-download and non-array names are never touched."""
-        assert not is_candidate(name)
-
-    def test_repr_shows_the_rules(self) -> None:
-        """The filter's repr says what it accepts."""
-        text = repr(CandidateFilter())
-        assert ".npz" in text
-        assert ".crdownload" in text
 
 
 @contextlib.contextmanager
