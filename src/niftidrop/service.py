@@ -34,9 +34,10 @@ from niftidrop.listing import scan_inbox
 from niftidrop.logs import get_logger
 from niftidrop.observers import choose_observer
 from niftidrop.processes import ConversionCrashed, ConversionProcess
+from niftidrop.readiness import ReadinessTracker
 from niftidrop.spool import COMMIT_RECORD, LOCK, Claim, Converted, Converter, Failed, Spool
 from niftidrop.systemd import SystemdNotifier
-from niftidrop.watcher import InboxWatcher, ReadinessTracker, Seen, Sighting
+from niftidrop.watcher import InboxWatcher, Seen, Sighting
 
 if TYPE_CHECKING:
     import numpy as np
