@@ -68,15 +68,16 @@ class InboxWatcher:
     ) -> None:
         self.folder = folder
         self.kind = observer
-        self._sightings = sightings
         self._recursive = recursive
         self._poll_interval = poll_interval
+        self._polling: BaseObserver | None = None
+        # What the event thread uses: where sightings go, which names count, when to stop.
+        self._sightings = sightings
         self._accept = accept
+        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._inotify: inotify.Inotify | None = None
         self._folders_by_wd: dict[int, Path] = {}
-        self._stopping = threading.Event()
-        self._polling: BaseObserver | None = None
 
     def __repr__(self) -> str:
         return f"InboxWatcher({str(self.folder)!r}, observer={self.kind!r})"
