@@ -3,6 +3,8 @@
 inotify reports changes made on this machine; on network and FUSE file systems
 (nfs, cifs/smb, fuse, 9p) changes made elsewhere are never reported, so those are
 polled. The file system of a folder is read from /proc/self/mountinfo.
+`choose_observer` is that choice for the inbox (whose inotify reader is
+niftidrop's own) and for the library (`make_observer`) alike.
 
 A watch is set on a folder, not on a path: when the folder is deleted the watch
 ends, when it is renamed away the watch follows it, and a folder made again at
