@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
+# Events a watch asks for.
 IN_MODIFY: Final = 0x00000002
 IN_CLOSE_WRITE: Final = 0x00000008
 IN_MOVED_FROM: Final = 0x00000040
@@ -28,13 +29,15 @@ IN_CREATE: Final = 0x00000100
 IN_DELETE: Final = 0x00000200
 IN_DELETE_SELF: Final = 0x00000400
 IN_MOVE_SELF: Final = 0x00000800
-IN_Q_OVERFLOW: Final = 0x00004000
-IN_IGNORED: Final = 0x00008000
-IN_ONLYDIR: Final = 0x01000000
-IN_DONT_FOLLOW: Final = 0x02000000
-IN_ISDIR: Final = 0x40000000
+# Flags of inotify_init1 and of inotify_add_watch.
 _IN_NONBLOCK: Final = os.O_NONBLOCK
 _IN_CLOEXEC: Final = os.O_CLOEXEC
+IN_ONLYDIR: Final = 0x01000000
+IN_DONT_FOLLOW: Final = 0x02000000
+# Set by the kernel in the events it reports.
+IN_Q_OVERFLOW: Final = 0x00004000
+IN_IGNORED: Final = 0x00008000
+IN_ISDIR: Final = 0x40000000
 
 _EVENT_HEADER: Final = struct.Struct("iIII")  # wd, mask, cookie, len (struct inotify_event)
 _READ_BYTES: Final = 64 * 1024

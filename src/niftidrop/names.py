@@ -118,3 +118,39 @@ def shortened(stem: str, extension: str, size: int) -> str:
         with contextlib.suppress(UnicodeDecodeError):
             return raw[:cut].decode("utf-8") + extension
     return os.fsdecode(raw) + extension
+
+
+# Which names are inputs (README: File protocol).
+
+INPUT_SUFFIXES: Final = (".npy", ".npz")
+IGNORED_ENDINGS: Final = (".tmp", ".part", ".partial", ".crdownload", "~")
+
+
+class CandidateFilter:
+    """Whether a file name is a niftidrop input (README: File protocol): `*.npy`/`*.npz` in any
+    case, never hidden, never a temporary or partial download name."""
+
+    def __init__(
+        self,
+        suffixes: tuple[str, ...] = INPUT_SUFFIXES,
+        ignored_endings: tuple[str, ...] = IGNORED_ENDINGS,
+    ) -> None:
+        self.suffixes = tuple(suffix.lower() for suffix in suffixes)
+        self.ignored_endings = tuple(ending.lower() for ending in ignored_endings)
+
+    def __call__(self, name: str) -> bool:
+        lowered = name.lower()
+        return (
+            not name.startswith(".")
+            and lowered.endswith(self.suffixes)
+            and not lowered.endswith(self.ignored_endings)
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"CandidateFilter(suffixes={list(self.suffixes)}, "
+            f"hidden=False, ignored_endings={list(self.ignored_endings)})"
+        )
+
+
+is_candidate = CandidateFilter()

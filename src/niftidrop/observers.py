@@ -3,6 +3,8 @@
 inotify reports changes made on this machine; on network and FUSE file systems
 (nfs, cifs/smb, fuse, 9p) changes made elsewhere are never reported, so those are
 polled. The file system of a folder is read from /proc/self/mountinfo.
+`choose_observer` is that choice for the inbox (whose inotify reader is
+niftidrop's own) and for the library (`make_observer`) alike.
 
 A watch is set on a folder, not on a path: when the folder is deleted the watch
 ends, when it is renamed away the watch follows it, and a folder made again at
@@ -67,12 +69,20 @@ def needs_polling(path: str | Path, mountinfo: Path = MOUNTINFO) -> bool:
     return fs_type is not None and fs_type.split(".")[0] in POLLED_FILE_SYSTEMS
 
 
+def choose_observer(kind: str, *folders: str | Path) -> str:
+    """`inotify` or `polling` for `observer = kind` (`auto`: polling when one of
+    `folders` is on a network or FUSE file system)."""
+    if kind == "auto":
+        return "polling" if any(needs_polling(folder) for folder in folders) else "inotify"
+    return kind
+
+
 def make_observer(kind: str, poll_interval: float, folders: Iterable[str | Path]) -> BaseObserver:
     """A watchdog observer: `polling`, `inotify` (the native one), or `auto`."""
     from watchdog.observers import Observer
     from watchdog.observers.polling import PollingObserver
 
-    if kind == "polling" or (kind == "auto" and any(needs_polling(f) for f in folders)):
+    if choose_observer(kind, *folders) == "polling":
         return PollingObserver(timeout=poll_interval)
     return Observer()
 

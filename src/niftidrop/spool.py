@@ -62,9 +62,10 @@ from typing import IO, Any, Final
 from niftidrop import __version__, names
 from niftidrop.arrays import file_kind
 from niftidrop.errors import ConfigError, ConversionError, ErrorCode
+from niftidrop.listing import scan_inbox
+from niftidrop.names import is_candidate
 from niftidrop.settings import Settings
 from niftidrop.steps import step
-from niftidrop.watcher import is_candidate, scan_inbox
 from niftidrop.writer import (
     NO_HARD_LINKS,
     discard,

@@ -27,7 +27,7 @@ from support import (
     write_reference,
 )
 
-from niftidrop.watcher import scan_inbox
+from niftidrop.listing import scan_inbox
 
 INPUTS = 240
 KILLS = 8

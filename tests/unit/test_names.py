@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
+import pytest
+
 from niftidrop import names
 from niftidrop.names import Destination, Limits
 
@@ -75,3 +77,34 @@ class TestShortening:
         made = names.temporary_name("a.nii.gz")
         assert made.startswith(".a.nii.gz")
         assert made.endswith(".tmp")
+
+
+class TestCandidateFilter:
+    @pytest.mark.parametrize("name", ["a.npy", "A.NPZ", "case_1.Npy", "x.y.npz"])
+    def test_accepts_inputs_in_any_case(self, name: str) -> None:
+        """*.npy and *.npz are candidates whatever the case of the extension."""
+        assert names.is_candidate(name)
+
+    @pytest.mark.parametrize(
+        "name",
+        [
+            ".a.npy",
+            "a.npy.tmp",
+            "a.npy.part",
+            "a.npz.partial",
+            "a.npy.crdownload",
+            "a.npy~",
+            "a.nii.gz",
+            "a.txt",
+            "npy",
+        ],
+    )
+    def test_refuses_hidden_temporary_and_other_names(self, name: str) -> None:
+        """Hidden, temporary, partial-download and non-array names are never touched."""
+        assert not names.is_candidate(name)
+
+    def test_repr_shows_the_rules(self) -> None:
+        """The filter's repr says what it accepts."""
+        text = repr(names.CandidateFilter())
+        assert ".npz" in text
+        assert ".crdownload" in text

@@ -15,6 +15,7 @@ from watchdog.observers.polling import PollingObserver
 
 from niftidrop.observers import (
     FolderWatches,
+    choose_observer,
     file_system_type,
     folder_identity,
     is_within,
@@ -67,6 +68,12 @@ class TestObserverChoice:
         """Without a readable mountinfo the type is unknown and inotify is kept."""
         assert file_system_type("/", tmp_path / "absent") is None
         assert not needs_polling("/", tmp_path / "absent")
+
+    def test_observer_choice(self, tmp_path: Path) -> None:
+        """Forced observers are kept; auto picks inotify on a local file system."""
+        assert choose_observer("polling", tmp_path) == "polling"
+        assert choose_observer("inotify", tmp_path) == "inotify"
+        assert choose_observer("auto", tmp_path) in ("inotify", "polling")
 
     def test_forced_observer_kinds(self, tmp_path: Path) -> None:
         """`polling` forces a polling observer and `inotify` the native one."""
