@@ -62,17 +62,18 @@ from typing import IO, Any, Final
 from niftidrop import __version__, names
 from niftidrop.arrays import file_kind
 from niftidrop.errors import ConfigError, ConversionError, ErrorCode
+from niftidrop.names import is_owned_by, is_temp_name, temp_path_for
 from niftidrop.settings import Settings
 from niftidrop.steps import step
 from niftidrop.watcher import is_candidate, scan_inbox
 from niftidrop.writer import (
     NO_HARD_LINKS,
+    copy_file,
     discard,
     fsync_folder,
-    is_owned_by,
-    is_temp_name,
+    link_exclusive,
+    link_unique,
     make_folders,
-    temp_path_for,
     write_json_atomic,
 )
 
@@ -87,37 +88,15 @@ FAILED: Final = "failed"
 ERROR_SUFFIX: Final = ".error.json"
 HEARTBEAT: Final = "heartbeat.json"
 LOCK: Final = "lock"
-INPUT_SUFFIXES: Final = (".npy", ".npz")
 # Empty token folders kept for the next claims; more than that (after a burst of
 # retried claims) are removed.
 SPARE_FOLDERS: Final = 64
 STATE_ID_BYTES: Final = 4
-COPY_CHUNK_BYTES: Final = 1 << 20
 
 
 def now_iso() -> str:
     """The current time, ISO 8601 in UTC."""
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """`name` as (stem, extension) where the extension is `.npy`/`.npz` in any case."""
-    lowered = name.lower()
-    for suffix in INPUT_SUFFIXES:
-        if lowered.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)], name[-len(suffix) :]
-    stem, dot, extension = name.rpartition(".")
-    return (stem, dot + extension) if stem else (name, "")
-
-
-def unique_names(name: str) -> Iterator[str]:
-    """`name`, then `<stem>-1<ext>`, `<stem>-2<ext>`, ... (the suffix before the extension)."""
-    yield name
-    stem, extension = split_name(name)
-    number = 1
-    while True:
-        yield f"{stem}-{number}{extension}"
-        number += 1
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -153,7 +132,7 @@ class Claim:
 
     @property
     def stem(self) -> str:
-        return split_name(self.relative.name)[0]
+        return names.input_stem(self.relative.name)
 
     @property
     def subfolder(self) -> PurePosixPath:
@@ -337,7 +316,7 @@ class Spool:
         why = names.problem(relative, self._destinations(folder, relative.name))
         if why is None:
             return relative, None
-        stem, extension = split_name(relative.name)
+        stem, extension = names.split_name(relative.name)
         destinations = self._destinations(folder, relative.name, failing=True)
         short = names.shortened(stem, extension, names.room(relative.name, destinations))
         for subfolder in (relative.parent, PurePosixPath()):
@@ -354,7 +333,7 @@ class Spool:
         """Every name the spool makes from an input `name` claimed into `folder`, by
         the folder it is made in (only those of failing it, with `failing`)."""
         temporary = names.temporary_name
-        unique = f"{split_name(name)[0]}{names.UNIQUE_ROOM}{split_name(name)[1]}"
+        unique = names.suffixed(name, names.UNIQUE_ROOM)
         found = [
             names.Destination(folder, self._limits(self.state), (name,)),
             names.Destination(
@@ -376,7 +355,7 @@ class Spool:
 
     def _outputs(self, name: str) -> tuple[str, ...]:
         """The temporary names of the longest outputs of input `name` (see api.convert_file)."""
-        stem = split_name(name)[0]
+        stem = names.input_stem(name)
         if self._settings.on_conflict == "rename":
             stem += names.UNIQUE_ROOM
         extension = ".nii.gz" if self._settings.compress else ".nii"
@@ -640,7 +619,7 @@ class Spool:
         make_folders(folder, fsync=self.durable)
         # A copy left by an earlier try may be partial: it is made again.
         self._drop_copy(claim, read_json(claim.folder / MOVE_RECORD))
-        for candidate in unique_names(claim.name):
+        for candidate in names.unique_names(claim.name):
             target = folder / candidate
             if os.path.lexists(target) or (
                 companion and os.path.lexists(folder / (candidate + companion))
@@ -678,7 +657,7 @@ class Spool:
             move["copy"] = copy.name
             self._write_record(claim.folder / MOVE_RECORD, move, "move_record")
             # Recorded once complete: a copy without its inode in the record is redone.
-            move["inode"] = _copy_file(claim.path, copy, fsync=self.durable)
+            move["inode"] = copy_file(claim.path, copy, fsync=self.durable)
             self._write_record(claim.folder / MOVE_RECORD, move, "move_record")
         step("copy_link")
         os.link(target.with_name(move["copy"]), target, follow_symlinks=False)
@@ -760,39 +739,6 @@ class Spool:
             return Converted(claim, summary, twin)
         return None
 
-    def _link_unique(
-        self, source: Path, folder: Path, *, name: str = "", companion: str = ""
-    ) -> Path:
-        """Give `source` a new name in `folder` (`name` or a suffixed variant) that no
-        file has, nor `<new name><companion>` (for `retry`)."""
-        make_folders(folder, fsync=self.durable)
-        linked = source
-        copy: Path | None = None
-        try:
-            for candidate in unique_names(name or source.name):
-                target = folder / candidate
-                if companion and target.with_name(candidate + companion).exists():
-                    continue
-                try:
-                    os.link(linked, target, follow_symlinks=False)
-                except FileExistsError:
-                    continue
-                except OSError as error:
-                    if copy is not None or error.errno not in NO_HARD_LINKS:
-                        raise
-                    copy = temp_path_for(target)
-                    _copy_file(source, copy, fsync=self.durable)
-                    linked = copy
-                    if not _link_if_free(copy, target):
-                        continue
-                if self.durable:
-                    fsync_folder(folder)
-                return target
-            raise AssertionError("unreachable: unique_names never ends")
-        finally:
-            if copy is not None:
-                discard(copy)
-
     # Commands: retry, status, heartbeat.
 
     def failed_inputs(self) -> list[Path]:
@@ -817,8 +763,8 @@ class Spool:
             original = (read_json(error_path) or {}).get("input")
             if isinstance(original, str) and _is_safe_relative(original):
                 relative = PurePosixPath(original)
-            target = self._link_unique(
-                failed_input, self.inbox / relative.parent, name=relative.name
+            target = link_unique(
+                failed_input, self.inbox / relative.parent, name=relative.name, fsync=self.durable
             )
             failed_input.unlink()
             with contextlib.suppress(FileNotFoundError):
@@ -882,7 +828,7 @@ def _folder_descriptor(
 
 def _find_link(folder: Path, name: str, info: os.stat_result) -> Path | None:
     """The file in `folder` named like `name` (see `unique_names`) that is `info`'s inode."""
-    stem, extension = split_name(name)
+    stem, extension = names.split_name(name, names.KNOWN_EXTENSIONS)
     try:
         entries = list(os.scandir(folder))
     except OSError:
@@ -899,30 +845,6 @@ def _find_link(folder: Path, name: str, info: os.stat_result) -> Path | None:
     return None
 
 
-def _copy_file(source: Path, copy: Path, *, fsync: bool) -> list[int]:
-    """Copy `source` (a file, or a symlink: not followed) to the new name `copy` with
-    its mode and times; returns the copy's [st_dev, st_ino]. Nothing is left of the
-    copy if any step fails."""
-    step("copy_create")
-    try:
-        if source.is_symlink():
-            copy.symlink_to(source.readlink())
-        else:
-            with source.open("rb") as original, copy.open("xb") as duplicate:
-                step("copy_write")
-                shutil.copyfileobj(original, duplicate, COPY_CHUNK_BYTES)
-                duplicate.flush()
-                shutil.copystat(source, copy)
-                if fsync:
-                    step("copy_fsync")
-                    os.fsync(duplicate.fileno())
-        info = copy.lstat()
-    except BaseException:
-        discard(copy)
-        raise
-    return [info.st_dev, info.st_ino]
-
-
 def _state_id(path: Path) -> str:
     """The id kept in `path`, made (once, race free) if there is none."""
     with contextlib.suppress(FileNotFoundError):
@@ -933,39 +855,18 @@ def _state_id(path: Path) -> str:
     temporary = temp_path_for(path)
     temporary.write_text(made + "\n")
     try:
-        _link_or_rename(temporary, path)  # never replaces an id another start made
-    except FileExistsError:
-        found = path.read_text().strip()
-        if _is_state_id(found):
-            return found
-        temporary.replace(path)  # an unreadable id (a torn write): this one instead
+        if not link_exclusive(temporary, path):  # never replaces an id another start made
+            found = path.read_text().strip()
+            if _is_state_id(found):
+                return found
+            temporary.replace(path)  # an unreadable id (a torn write): this one instead
     finally:
         discard(temporary)
     return made
 
 
-def _link_or_rename(source: Path, target: Path) -> None:
-    """Give `source` the name `target` unless it exists (FileExistsError)."""
-    try:
-        os.link(source, target)
-    except OSError as error:
-        if error.errno not in NO_HARD_LINKS:
-            raise
-        if os.path.lexists(target):  # no hard links here: a small race remains
-            raise FileExistsError(errno.EEXIST, "File exists", str(target)) from None
-        source.rename(target)
-
-
 def _is_state_id(text: str) -> bool:
     return len(text) == 2 * STATE_ID_BYTES and all(char in "0123456789abcdef" for char in text)
-
-
-def _link_if_free(source: Path, target: Path) -> bool:
-    try:
-        os.link(source, target, follow_symlinks=False)
-    except FileExistsError:
-        return False
-    return True
 
 
 def _is_safe_relative(path: str) -> bool:

@@ -24,12 +24,12 @@ from support import save_npy, write_reference
 
 from niftidrop import api
 from niftidrop.errors import ConversionError
+from niftidrop.names import is_temp_name
 from niftidrop.service import Service
 from niftidrop.settings import Settings, load_settings
 from niftidrop.spool import COMMIT_RECORD, Claim, Spool
 from niftidrop.steps import hooked
 from niftidrop.watcher import scan_inbox
-from niftidrop.writer import is_temp_name
 
 ERRNOS = (
     errno.ENOSPC,

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from niftidrop.errors import ConfigError, ConversionError, ErrorCode
+from niftidrop.names import temp_path_for
 from niftidrop.settings import Settings, load_settings
 from niftidrop.spool import (
     CLAIMS,
@@ -25,11 +26,8 @@ from niftidrop.spool import (
     Failed,
     Spool,
     error_record,
-    split_name,
-    unique_names,
 )
 from niftidrop.steps import hooked
-from niftidrop.writer import temp_path_for
 
 
 @pytest.fixture
@@ -80,18 +78,6 @@ def files_under(folder: Path) -> list[str]:
 def scan_inbox_names(spool: Spool) -> list[str]:
     """The inbox's files outside the state folder (which holds the owner id)."""
     return [name for name in files_under(spool.inbox) if not name.startswith(".niftidrop/")]
-
-
-class TestNames:
-    def test_split_name_keeps_dots_in_the_stem(self) -> None:
-        """Only the final .npy/.npz (any case) is the extension."""
-        assert split_name("case.1.NPZ") == ("case.1", ".NPZ")
-        assert split_name("a.npy") == ("a", ".npy")
-
-    def test_unique_names_suffix_before_the_extension(self) -> None:
-        """Taken names get -1, -2, ... before the extension."""
-        names = unique_names("scan.npz")
-        assert [next(names) for _ in range(3)] == ["scan.npz", "scan-1.npz", "scan-2.npz"]
 
 
 class TestSetUp:

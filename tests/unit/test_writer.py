@@ -14,14 +14,10 @@ import pytest
 
 from niftidrop import writer
 from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.names import is_temp_name
 from niftidrop.steps import WRITE_PHASES, hooked
 from niftidrop.writer import (
-    TEMP_EXTRA_CHARS,
     commit,
-    is_owned_by,
-    is_temp_name,
-    temp_path_for,
-    unique_name,
     write_file,
     write_json_atomic,
     write_temp,
@@ -148,27 +144,6 @@ class TestAtomicJson:
         assert [entry.name for entry in tmp_path.iterdir()] == ["record.json"]
 
 
-class TestOwners:
-    def test_owned_temporaries_are_told_apart(self, tmp_path: Path) -> None:
-        """An owner's names, and its parts', are its own; others' and untagged ones are not."""
-        mine = temp_path_for(tmp_path / "a.nii.gz", "0a1b2c3d").name
-        part = temp_path_for(tmp_path / "a.nii.gz", "0a1b2c3d-tok3n").name
-        theirs = temp_path_for(tmp_path / "a.nii.gz", "ffffffff").name
-        untagged = temp_path_for(tmp_path / "a.nii.gz").name
-        assert is_owned_by(mine, "0a1b2c3d")
-        assert is_owned_by(part, "0a1b2c3d")
-        assert not is_owned_by(part, "0a1b2c3d-other")
-        assert not is_owned_by(theirs, "0a1b2c3d")
-        assert not is_owned_by(untagged, "0a1b2c3d")
-        assert not is_owned_by("a.nii.gz", "0a1b2c3d")
-        assert len(mine) <= len("a.nii.gz") + TEMP_EXTRA_CHARS
-
-    def test_an_owner_with_a_dot_is_refused(self, tmp_path: Path) -> None:
-        """The owner part is found by its dots: it cannot hold one."""
-        with pytest.raises(ValueError, match="owner"):
-            temp_path_for(tmp_path / "a", "x.y")
-
-
 class TestConflicts:
     def test_overwrite_replaces(self, tmp_path: Path) -> None:
         """overwrite replaces an existing file atomically."""
@@ -216,11 +191,3 @@ class TestConflicts:
         assert temp.size == 1
         assert commit(temp, tmp_path / "a.nii", on_conflict="fail") == tmp_path / "a.nii"
         assert not temp.path.exists()
-
-    @pytest.mark.parametrize(
-        ("name", "expected"),
-        [("a.nii.gz", "a-3.nii.gz"), ("a.nii", "a-3.nii"), ("a", "a-3"), (".x", ".x-3")],
-    )
-    def test_unique_name(self, name: str, expected: str) -> None:
-        """The suffix goes before the whole extension."""
-        assert unique_name(Path(name), 3) == Path(expected)
