@@ -29,10 +29,11 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from niftidrop import __version__
+from niftidrop.claims import COMMIT_RECORD, LOCK, Claim, Converted, Converter, Failed
 from niftidrop.errors import ConversionError, ErrorCode, ServiceError
 from niftidrop.logs import get_logger
 from niftidrop.processes import ConversionCrashed, ConversionProcess
-from niftidrop.spool import COMMIT_RECORD, LOCK, Claim, Converted, Converter, Failed, Spool
+from niftidrop.spool import Spool
 from niftidrop.systemd import SystemdNotifier
 from niftidrop.watcher import (
     InboxWatcher,

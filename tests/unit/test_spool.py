@@ -12,10 +12,7 @@ from typing import Any
 
 import pytest
 
-from niftidrop.errors import ConfigError, ConversionError, ErrorCode
-from niftidrop.names import temp_path_for
-from niftidrop.settings import Settings, load_settings
-from niftidrop.spool import (
+from niftidrop.claims import (
     CLAIMS,
     COMMIT_RECORD,
     CONVERTED_MARKER,
@@ -24,9 +21,12 @@ from niftidrop.spool import (
     Claim,
     Converted,
     Failed,
-    Spool,
     error_record,
 )
+from niftidrop.errors import ConfigError, ConversionError, ErrorCode
+from niftidrop.names import temp_path_for
+from niftidrop.settings import Settings, load_settings
+from niftidrop.spool import Spool
 from niftidrop.steps import hooked
 
 
