@@ -17,7 +17,10 @@ from niftidrop.errors import ConversionError, ErrorCode
 from niftidrop.names import is_temp_name
 from niftidrop.steps import WRITE_PHASES, hooked
 from niftidrop.writer import (
+    check_free,
     commit,
+    link_exclusive,
+    link_unique,
     write_file,
     write_json_atomic,
     write_temp,
@@ -191,3 +194,53 @@ class TestConflicts:
         assert temp.size == 1
         assert commit(temp, tmp_path / "a.nii", on_conflict="fail") == tmp_path / "a.nii"
         assert not temp.path.exists()
+
+
+class TestLinks:
+    def test_link_exclusive_never_replaces(self, tmp_path: Path) -> None:
+        """A taken name is refused and kept; a free one gets the same inode."""
+        (tmp_path / "a").write_bytes(b"a")
+        (tmp_path / "b").write_bytes(b"b")
+        assert not link_exclusive(tmp_path / "a", tmp_path / "b")
+        assert (tmp_path / "b").read_bytes() == b"b"
+        assert link_exclusive(tmp_path / "a", tmp_path / "c")
+        assert (tmp_path / "c").stat().st_ino == (tmp_path / "a").stat().st_ino
+
+    def test_link_unique_suffixes_a_taken_name(self, tmp_path: Path) -> None:
+        """A name taken in the folder gets -1 before its extension."""
+        source = tmp_path / "a.npy"
+        source.write_bytes(b"new")
+        folder = tmp_path / "inbox"
+        folder.mkdir()
+        (folder / "a.npy").write_bytes(b"old")
+        assert link_unique(source, folder, fsync=False) == folder / "a-1.npy"
+        assert (folder / "a-1.npy").stat().st_ino == source.stat().st_ino
+
+    def test_link_unique_copies_where_links_are_refused(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Where the source cannot be linked (another file system) a copy is linked."""
+        source = tmp_path / "a.npy"
+        source.write_bytes(b"data")
+        real_link = os.link
+
+        def cross_device(src: Path, dst: Path, **kwargs: bool) -> None:
+            if Path(src) == source:
+                raise OSError(18, "Invalid cross-device link")
+            real_link(src, dst, **kwargs)
+
+        monkeypatch.setattr(os, "link", cross_device)
+        placed = link_unique(source, tmp_path / "other", fsync=False)
+        assert placed.read_bytes() == b"data"
+        assert placed.stat().st_ino != source.stat().st_ino
+        assert [path.name for path in placed.parent.iterdir()] == ["a.npy"]
+
+    def test_check_free_names_the_input_and_the_output(self, tmp_path: Path) -> None:
+        """on_conflict = fail: a taken output name is OUTPUT_CONFLICT naming both."""
+        taken = tmp_path / "a.nii.gz"
+        check_free([taken], "a.npy")
+        taken.write_bytes(b"")
+        with pytest.raises(ConversionError) as caught:
+            check_free([taken], "a.npy")
+        assert caught.value.code is ErrorCode.OUTPUT_CONFLICT
+        assert caught.value.message.startswith(f"a.npy: expected no file at output {taken}")
