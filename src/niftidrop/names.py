@@ -5,7 +5,7 @@ An input's stem is its name without `.npy`/`.npz` (any case); a reference's key
 is its name without `.nii`/`.nii.gz`. A taken name in archive, failed or (with
 `on_conflict = "rename"`) the outbox gets a unique suffix `-1`, `-2`, ... before
 its extension. Files are first written under a hidden temporary name
-(`.<name>.<owner>.<random>.tmp`, see `niftidrop.writer`).
+(`.<name>.<owner>.<random>.tmp`), which `niftidrop.writer` writes.
 
 An input keeps its name and its relative path everywhere it goes: the claim folder,
 the outbox (`<stem>.nii.gz`, `<stem>_c<N>.nii.gz`, `<stem>.json`, each first written

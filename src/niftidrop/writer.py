@@ -8,8 +8,14 @@ otherwise vanish although each file was fsync'ed.
 
 Temporary names are `.<name>.<owner>.<random>.tmp`. The owner part says whose
 the file is, so that a service sharing outbox, archive or failed with others
-removes only its own leftovers (`is_owned_by`); files written without an owner
-(the CLI, the Python API) are `.<name>.<random>.tmp`.
+removes only its own leftovers (`niftidrop.names.is_owned_by`, where that rule
+lives); files written without an owner (the CLI, the Python API) are
+`.<name>.<random>.tmp`.
+
+A name is never taken from another file except with `on_conflict = "overwrite"`:
+names are given by `link()`, which refuses an existing one (`link_exclusive`,
+`link_unique`, with a unique suffix from `niftidrop.names`); where links are
+refused (`NO_HARD_LINKS`) a rename after a check, or a copy, stands in.
 
 Compression uses ISA-L's igzip, threaded for large outputs: a standard gzip
 stream, with a fixed header (no name, mtime 0) so the same input always gives the
