@@ -33,13 +33,15 @@ from niftidrop.conversion import (
     reference_sha256,
 )
 from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.names import input_stem, is_temp_name, nifti_prefix
 from niftidrop.settings import Settings
 from niftidrop.writer import (
     Temporary,
+    check_free,
     commit,
     discard,
     fsync_folder,
-    is_temp_name,
+    output_conflict,
     withdraw,
     write_file,
     write_json_atomic,
@@ -47,9 +49,6 @@ from niftidrop.writer import (
 )
 
 logger = logging.getLogger("niftidrop")
-
-INPUT_SUFFIXES = (".npy", ".npz")
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 @dataclass(frozen=True)
@@ -71,14 +70,6 @@ def _version() -> str:
     from niftidrop import __version__
 
     return __version__
-
-
-def input_stem(path: Path) -> str:
-    """The name without its `.npy` / `.npz` extension (any case)."""
-    name = path.name
-    if name.lower().endswith(INPUT_SUFFIXES):
-        return name[:-4]
-    return path.stem
 
 
 def convert_file(
@@ -110,7 +101,7 @@ def convert_file(
     reporting a conflict with them."""
     started = time.perf_counter()
     source = Path(source)
-    stem = stem or input_stem(source)
+    stem = stem or input_stem(source.name)
     extension = ".nii.gz" if settings.compress else ".nii"
     ref = read_reference(reference, input_name=source.name) if reference is not None else None
     array = open_input(source, npz_key=settings.npz_key, max_input_bytes=settings.max_input_bytes)
@@ -131,7 +122,7 @@ def convert_file(
     done = {final: _find_own(final, recorded.get(final.name)) for final in finals}
     if settings.on_conflict == "fail":
         # Before the work; checked again once it is done.
-        _check_free(source.name, [final for final in finals if done[final] is None])
+        check_free([final for final in finals if done[final] is None], source.name)
     temps: list[Temporary] = []
     placed: list[tuple[Path, Temporary]] = []
     outputs_found: dict[Path, Path] = {}
@@ -156,7 +147,7 @@ def convert_file(
                 recorded[final.name] = _identity(temp)
         pending = [final for final in finals if final not in outputs_found]
         if settings.on_conflict == "fail":
-            _check_free(source.name, pending)
+            check_free(pending, source.name)
         if journal is not None and pending:
             _write_journal(journal, recorded, durable=settings.fsync, owner=owner)
         # The folder is fsync'ed once, after the last name is given.
@@ -273,20 +264,6 @@ def _find_own(final: Path, identity: list[int] | None) -> Path | None:
     return None
 
 
-def _check_free(input_name: str, finals: list[Path]) -> None:
-    """OUTPUT_CONFLICT unless every name in `finals` is free (on_conflict = fail)."""
-    for final in finals:
-        if os.path.lexists(final):
-            raise _output_conflict(input_name, final)
-
-
-def _output_conflict(input_name: str, final: Path) -> ConversionError:
-    return ConversionError(
-        ErrorCode.OUTPUT_CONFLICT,
-        f"{input_name}: expected no file at output {final} (on_conflict = fail), found one",
-    )
-
-
 def _commit(temp: Temporary, final: Path, *, settings: Settings, input_name: str) -> Path:
     """`commit` without the folder fsync (done once for all outputs), with an output
     conflict (a file that appeared since the check) naming the input too."""
@@ -295,7 +272,7 @@ def _commit(temp: Temporary, final: Path, *, settings: Settings, input_name: str
     except ConversionError as error:
         if error.code is not ErrorCode.OUTPUT_CONFLICT:
             raise
-        raise _output_conflict(input_name, final) from None
+        raise output_conflict(final, input_name) from None
 
 
 def _sidecar_text(
@@ -381,20 +358,13 @@ def nifti_to_numpy(
     out_dir.mkdir(parents=True, exist_ok=True)
     image = nib.load(source)
     data = np.asanyarray(image.dataobj)  # unscaled images keep their on-disk dtype
-    prefix = _nifti_prefix(source.name)
+    prefix = nifti_prefix(source.name)
     final = out_dir / f"{prefix}{'.npz' if compressed else '.npy'}"
     chunks = _npz_bytes(data) if compressed else _npy_bytes(data)
     written = str(write_file(final, chunks, compress=False, on_conflict="overwrite"))
     if debug:
         logger.info("NumPy file saved at: '%s'", written)
     return written
-
-
-def _nifti_prefix(name: str) -> str:
-    for suffix in NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 def _npy_bytes(data: npt.NDArray[Any]) -> Iterator[bytes]:

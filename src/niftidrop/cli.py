@@ -159,7 +159,7 @@ def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 def _service_state(spool: Spool) -> str | None:
     """What the last heartbeat says: "running", "stopped", or None (no heartbeat)."""
-    from niftidrop.spool import read_json
+    from niftidrop.claims import read_json
 
     heartbeat = read_json(spool.heartbeat_path)
     if heartbeat is None:

@@ -35,13 +35,13 @@ from watchdog.events import (
 )
 
 from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.names import input_key
 from niftidrop.observers import FolderWatches, is_within, make_observer, needs_polling
 from niftidrop.reference_index import (
     FolderSnapshot,
     ReferenceIndex,
     ReferenceKeys,
     ReferenceScanner,
-    input_key,
     pattern_key,
 )
 

@@ -1,4 +1,11 @@
-"""Whether an input's name can be carried through the spool (README: "Names").
+"""The rules on names (README: File protocol): stems, keys, suffixes, temporary
+and unique names, and whether an input's name can be carried through the spool.
+
+An input's stem is its name without `.npy`/`.npz` (any case); a reference's key
+is its name without `.nii`/`.nii.gz`. A taken name in archive, failed or (with
+`on_conflict = "rename"`) the outbox gets a unique suffix `-1`, `-2`, ... before
+its extension. Files are first written under a hidden temporary name
+(`.<name>.<owner>.<random>.tmp`), which `niftidrop.writer` writes.
 
 An input keeps its name and its relative path everywhere it goes: the claim folder,
 the outbox (`<stem>.nii.gz`, `<stem>_c<N>.nii.gz`, `<stem>.json`, each first written
@@ -14,13 +21,24 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable
+import secrets
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Final
 
-from niftidrop.writer import OWNER_MAX_CHARS, temp_path_for
-
+INPUT_SUFFIXES: Final = (".npy", ".npz")
+NIFTI_SUFFIXES: Final = (".nii.gz", ".nii")  # longest first: ".nii.gz" ends in neither
+# The extensions a unique suffix goes before (longest first); other names get it
+# before their last dot.
+KNOWN_EXTENSIONS: Final = (*NIFTI_SUFFIXES, *INPUT_SUFFIXES, ".json")
+TEMP_PREFIX: Final = "."
+TEMP_SUFFIX: Final = ".tmp"
+# Characters a temporary name adds to the final name at most, for an owner of up
+# to OWNER_MAX_CHARS: the dot before the name, the owner's and the random part's
+# dots, 12 random hex digits and the suffix.
+OWNER_MAX_CHARS: Final = 24
+TEMP_EXTRA_CHARS: Final = len(TEMP_PREFIX) + 1 + OWNER_MAX_CHARS + 1 + 12 + len(TEMP_SUFFIX)
 DEFAULT_NAME_MAX: Final = 255
 DEFAULT_PATH_MAX: Final = 4096
 # Room kept for a unique suffix (`-1` ... `-9999`): archive and failed never
@@ -38,6 +56,96 @@ _SHORTEST_STEM: Final = 8
 def byte_length(name: str | Path | PurePosixPath) -> int:
     """The length of `name` as the file system sees it (bytes, not characters)."""
     return len(os.fsencode(name))
+
+
+def known_suffix(name: str, suffixes: Iterable[str]) -> str:
+    """The one of `suffixes` (lower case, longest first) that `name` ends in, in any
+    case and after at least one other character, as spelled in `name`; "" if none."""
+    lowered = name.lower()
+    for suffix in suffixes:
+        if lowered.endswith(suffix) and len(name) > len(suffix):
+            return name[-len(suffix) :]
+    return ""
+
+
+def split_name(name: str, extensions: Iterable[str] = INPUT_SUFFIXES) -> tuple[str, str]:
+    """`name` as (stem, extension) where the extension is one of `extensions` in any
+    case (`.npy`/`.npz` unless told), else what follows the last dot."""
+    extension = known_suffix(name, extensions)
+    if extension:
+        return name[: -len(extension)], extension
+    stem, dot, extension = name.rpartition(".")
+    return (stem, dot + extension) if stem else (name, "")
+
+
+def input_stem(name: str) -> str:
+    """An input's name without its `.npy` / `.npz` extension (any case): what its
+    outputs are named after."""
+    return split_name(name)[0]
+
+
+def input_key(name: str) -> str:
+    """The key of an input name: its file name without `.npy`/`.npz` (any case)."""
+    base = name.rpartition("/")[2]  # not Path(name).name: this runs on every lookup
+    extension = known_suffix(base, INPUT_SUFFIXES)
+    return base[: -len(extension)] if extension else base
+
+
+def reference_key(name: str) -> str | None:
+    """The key of a reference file name (stem before `.nii`/`.nii.gz`), None if not one."""
+    extension = known_suffix(name, NIFTI_SUFFIXES)
+    return name[: -len(extension)] if extension else None
+
+
+def nifti_prefix(name: str) -> str:
+    """A NIfTI file's name without `.nii`/`.nii.gz` (any case): what
+    `nifti_to_numpy` names its output after."""
+    return split_name(name, NIFTI_SUFFIXES)[0]
+
+
+def suffixed(name: str, suffix: str) -> str:
+    """`name` with `suffix` before its extension (a known one, else after the last dot)."""
+    stem, extension = split_name(name, KNOWN_EXTENSIONS)
+    return f"{stem}{suffix}{extension}"
+
+
+def unique_name(final: Path, number: int) -> Path:
+    """`final` with `-<number>` before its extension (`a.nii.gz` -> `a-2.nii.gz`)."""
+    return final.with_name(suffixed(final.name, f"-{number}"))
+
+
+def unique_names(name: str) -> Iterator[str]:
+    """`name`, then `<stem>-1<ext>`, `<stem>-2<ext>`, ... (the suffix before the extension)."""
+    yield name
+    number = 1
+    while True:
+        yield suffixed(name, f"-{number}")
+        number += 1
+
+
+def temp_path_for(final: Path, owner: str = "") -> Path:
+    """A fresh hidden temporary name next to `final`, tagged with `owner` if given."""
+    if owner and ("." in owner or "/" in owner or len(owner) > OWNER_MAX_CHARS):
+        raise ValueError(f"owner: expected at most {OWNER_MAX_CHARS} characters, no dot or /")
+    tag = f"{owner}." if owner else ""
+    return final.with_name(f"{TEMP_PREFIX}{final.name}.{tag}{secrets.token_hex(6)}{TEMP_SUFFIX}")
+
+
+def is_temp_name(name: str) -> bool:
+    """True for names `temp_path_for` makes (and producers' hidden `.tmp` files)."""
+    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
+
+
+def is_owned_by(name: str, owner: str) -> bool:
+    """Whether `name` is a temporary name `temp_path_for` made for `owner` or for a part
+    of it (`<owner>-<part>`): the one rule for what a service may tidy away."""
+    if not owner or not is_temp_name(name):
+        return False
+    parts = name[len(TEMP_PREFIX) : -len(TEMP_SUFFIX)].rsplit(".", 2)
+    if len(parts) != 3 or not parts[0]:
+        return False
+    tag = parts[1]
+    return tag == owner or tag.startswith(owner + "-")
 
 
 def temporary_name(name: str) -> str:
@@ -122,7 +230,6 @@ def shortened(stem: str, extension: str, size: int) -> str:
 
 # Which names are inputs (README: File protocol).
 
-INPUT_SUFFIXES: Final = (".npy", ".npz")
 IGNORED_ENDINGS: Final = (".tmp", ".part", ".partial", ".crdownload", "~")
 
 

@@ -16,31 +16,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Final, NamedTuple
 
-INPUT_EXTENSIONS: Final = (".npy", ".npz")
-REFERENCE_EXTENSIONS: Final = (".nii.gz", ".nii")  # longest first: ".nii.gz" ends in neither
+from niftidrop.names import reference_key
+
 # Folder mtimes advance by coarse clock ticks, so a change made just after a listing
 # can leave the mtime as it was: only a folder listed this long after its last
 # change is trusted to be unchanged while its mtime is.
 MTIME_SLACK_NS: Final = 2_000_000_000
-
-
-def input_key(name: str) -> str:
-    """The key of an input name: its file name without `.npy`/`.npz` (any case)."""
-    base = name.rpartition("/")[2]  # not Path(name).name: this runs on every lookup
-    lowered = base.lower()
-    for extension in INPUT_EXTENSIONS:
-        if lowered.endswith(extension):
-            return base[: -len(extension)]
-    return base
-
-
-def reference_key(name: str) -> str | None:
-    """The key of a reference file name (stem before `.nii`/`.nii.gz`), None if not one."""
-    lowered = name.lower()
-    for extension in REFERENCE_EXTENSIONS:
-        if lowered.endswith(extension) and len(name) > len(extension):
-            return name[: -len(extension)]
-    return None
 
 
 class ReferenceIndex:

@@ -29,13 +29,14 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from niftidrop import __version__
+from niftidrop.claims import COMMIT_RECORD, LOCK, Claim, Converted, Converter, Failed
 from niftidrop.errors import ConversionError, ErrorCode, ServiceError
 from niftidrop.listing import scan_inbox
 from niftidrop.logs import get_logger
 from niftidrop.observers import choose_observer
 from niftidrop.processes import ConversionCrashed, ConversionProcess
 from niftidrop.readiness import ReadinessTracker
-from niftidrop.spool import COMMIT_RECORD, LOCK, Claim, Converted, Converter, Failed, Spool
+from niftidrop.spool import Spool
 from niftidrop.systemd import SystemdNotifier
 from niftidrop.watcher import InboxWatcher, Seen, Sighting
 

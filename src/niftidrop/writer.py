@@ -8,8 +8,14 @@ otherwise vanish although each file was fsync'ed.
 
 Temporary names are `.<name>.<owner>.<random>.tmp`. The owner part says whose
 the file is, so that a service sharing outbox, archive or failed with others
-removes only its own leftovers (`is_owned_by`); files written without an owner
-(the CLI, the Python API) are `.<name>.<random>.tmp`.
+removes only its own leftovers (`niftidrop.names.is_owned_by`, where that rule
+lives); files written without an owner (the CLI, the Python API) are
+`.<name>.<random>.tmp`.
+
+A name is never taken from another file except with `on_conflict = "overwrite"`:
+names are given by `link()`, which refuses an existing one (`link_exclusive`,
+`link_unique`, with a unique suffix from `niftidrop.names`); where links are
+refused (`NO_HARD_LINKS`) a rename after a check, or a copy, stands in.
 
 Compression uses ISA-L's igzip, threaded for large outputs: a standard gzip
 stream, with a fixed header (no name, mtime 0) so the same input always gives the
@@ -23,35 +29,30 @@ import contextlib
 import errno
 import json
 import os
-import secrets
+import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final, Literal
+from typing import IO, Any, Final, Literal, TypedDict, Unpack
 
 import isal.igzip
 import isal.igzip_threaded
 
 from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.names import temp_path_for, unique_name, unique_names
 from niftidrop.steps import step
 
 # isal's functions carry no annotations.
 igzip: Any = isal.igzip
 igzip_threaded: Any = isal.igzip_threaded
 Chunk = bytes | memoryview
-TEMP_PREFIX: Final = "."
-TEMP_SUFFIX: Final = ".tmp"
-# Characters a temporary name adds to the final name at most, for an owner of up
-# to OWNER_MAX_CHARS: the dot before the name, the owner's and the random part's
-# dots, 12 random hex digits and the suffix.
-OWNER_MAX_CHARS: Final = 24
-TEMP_EXTRA_CHARS: Final = len(TEMP_PREFIX) + 1 + OWNER_MAX_CHARS + 1 + 12 + len(TEMP_SUFFIX)
 # igzip compresses blocks of this size on each thread (each primed with the 32 KiB
 # before it); small blocks keep the queues, and so the memory, small.
 GZIP_BLOCK_BYTES = 256 * 1024
 # Below this many uncompressed bytes one thread compresses faster than a pool.
 THREADED_GZIP_MIN_BYTES = 4 * 1024 * 1024
 OnConflict = Literal["overwrite", "rename", "fail"]
+COPY_CHUNK_BYTES: Final = 1 << 20
 # Errors of link() that mean "no hard link here" rather than a failure.
 NO_HARD_LINKS: Final = frozenset(
     {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
@@ -67,31 +68,6 @@ class Temporary:
     path: Path
     size: int
     inode: tuple[int, int]  # (st_dev, st_ino)
-
-
-def temp_path_for(final: Path, owner: str = "") -> Path:
-    """A fresh hidden temporary name next to `final`, tagged with `owner` if given."""
-    if owner and ("." in owner or "/" in owner or len(owner) > OWNER_MAX_CHARS):
-        raise ValueError(f"owner: expected at most {OWNER_MAX_CHARS} characters, no dot or /")
-    tag = f"{owner}." if owner else ""
-    return final.with_name(f"{TEMP_PREFIX}{final.name}.{tag}{secrets.token_hex(6)}{TEMP_SUFFIX}")
-
-
-def is_temp_name(name: str) -> bool:
-    """True for names `temp_path_for` makes (and producers' hidden `.tmp` files)."""
-    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
-
-
-def is_owned_by(name: str, owner: str) -> bool:
-    """Whether `name` is a temporary name `temp_path_for` made for `owner` or for a part
-    of it (`<owner>-<part>`): the one rule for what a service may tidy away."""
-    if not owner or not is_temp_name(name):
-        return False
-    parts = name[len(TEMP_PREFIX) : -len(TEMP_SUFFIX)].rsplit(".", 2)
-    if len(parts) != 3 or not parts[0]:
-        return False
-    tag = parts[1]
-    return tag == owner or tag.startswith(owner + "-")
 
 
 def fsync_folder(folder: Path) -> None:
@@ -185,15 +161,6 @@ def discard(temp: Path) -> None:
         temp.unlink()
 
 
-def unique_name(final: Path, number: int) -> Path:
-    """`final` with `-<number>` before its extension (`a.nii.gz` -> `a-2.nii.gz`)."""
-    name = final.name
-    stem, dot, extension = name.partition(".")
-    if not stem:  # a name starting with a dot has no stem before its first dot
-        stem, dot, extension = name, "", ""
-    return final.with_name(f"{stem}-{number}{dot}{extension}")
-
-
 def commit(
     temp: Temporary,
     final: Path,
@@ -238,19 +205,34 @@ def _place_new(temp: Path, final: Path, on_conflict: OnConflict) -> Path:
     number = 0
     while True:
         candidate = final if number == 0 else unique_name(final, number)
-        if _link_exclusive(temp, candidate):
+        if link_exclusive(temp, candidate):
             discard(temp)
             return candidate
         if on_conflict == "fail":
-            raise ConversionError(
-                ErrorCode.OUTPUT_CONFLICT,
-                f"{final}: expected no file under this name (on_conflict = fail), found one",
-            )
+            raise output_conflict(final)
         number += 1
 
 
-def _link_exclusive(temp: Path, candidate: Path) -> bool:
-    """Give `temp` the name `candidate` unless that name exists (race free with links)."""
+def check_free(finals: Iterable[Path], input_name: str = "") -> None:
+    """OUTPUT_CONFLICT unless every name in `finals` is free (on_conflict = fail)."""
+    for final in finals:
+        if os.path.lexists(final):
+            raise output_conflict(final, input_name)
+
+
+def output_conflict(final: Path, input_name: str = "") -> ConversionError:
+    """The OUTPUT_CONFLICT of `on_conflict = fail` at `final`, naming the input whose
+    output it is when given."""
+    if input_name:
+        found = f"{input_name}: expected no file at output {final}"
+    else:
+        found = f"{final}: expected no file under this name"
+    return ConversionError(ErrorCode.OUTPUT_CONFLICT, f"{found} (on_conflict = fail), found one")
+
+
+def link_exclusive(temp: Path, candidate: Path) -> bool:
+    """Give `temp` the name `candidate` unless that name exists (race free with links);
+    on file systems without hard links `temp` is renamed instead. False if it exists."""
     try:
         os.link(temp, candidate)
     except FileExistsError:
@@ -265,33 +247,92 @@ def _link_exclusive(temp: Path, candidate: Path) -> bool:
     return True
 
 
+def link_unique(source: Path, folder: Path, *, name: str = "", fsync: bool = True) -> Path:
+    """Give `source` a new name in `folder` (`name` or a suffixed variant) that no
+    file has; where links are refused, a copy of it gets that name."""
+    make_folders(folder, fsync=fsync)
+    linked = source
+    copy: Path | None = None
+    try:
+        for candidate in unique_names(name or source.name):
+            target = folder / candidate
+            try:
+                os.link(linked, target, follow_symlinks=False)
+            except FileExistsError:
+                continue
+            except OSError as error:
+                if copy is not None or error.errno not in NO_HARD_LINKS:
+                    raise
+                copy = temp_path_for(target)
+                copy_file(source, copy, fsync=fsync)
+                linked = copy
+                if not _link_if_free(copy, target):
+                    continue
+            if fsync:
+                fsync_folder(folder)
+            return target
+        raise AssertionError("unreachable: unique_names never ends")
+    finally:
+        if copy is not None:
+            discard(copy)
+
+
+def _link_if_free(source: Path, target: Path) -> bool:
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except FileExistsError:
+        return False
+    return True
+
+
+def copy_file(source: Path, copy: Path, *, fsync: bool) -> list[int]:
+    """Copy `source` (a file, or a symlink: not followed) to the new name `copy` with
+    its mode and times; returns the copy's [st_dev, st_ino]. Nothing is left of the
+    copy if any step fails."""
+    step("copy_create")
+    try:
+        if source.is_symlink():
+            copy.symlink_to(source.readlink())
+        else:
+            with source.open("rb") as original, copy.open("xb") as duplicate:
+                step("copy_write")
+                shutil.copyfileobj(original, duplicate, COPY_CHUNK_BYTES)
+                duplicate.flush()
+                shutil.copystat(source, copy)
+                if fsync:
+                    step("copy_fsync")
+                    os.fsync(duplicate.fileno())
+        info = copy.lstat()
+    except BaseException:
+        discard(copy)
+        raise
+    return [info.st_dev, info.st_ino]
+
+
+class WriteOptions(TypedDict, total=False):
+    """The keyword arguments of `write_temp` that `write_file` passes on (same defaults)."""
+
+    level: int
+    threads: int
+    fsync: bool
+    size: int | None
+    owner: str
+    kind: str
+    make_parents: bool
+
+
 def write_file(
     final: Path,
     chunks: Iterable[Chunk],
     *,
     compress: bool,
     on_conflict: OnConflict = "overwrite",
-    level: int = 1,
-    threads: int = 1,
-    fsync: bool = True,
-    size: int | None = None,
-    owner: str = "",
-    kind: str = "output",
-    make_parents: bool = True,
+    **options: Unpack[WriteOptions],
 ) -> Path:
-    """Write `chunks` to `final` atomically; returns the final name used."""
-    temp = write_temp(
-        final,
-        chunks,
-        compress=compress,
-        level=level,
-        threads=threads,
-        fsync=fsync,
-        size=size,
-        owner=owner,
-        kind=kind,
-        make_parents=make_parents,
-    )
+    """Write `chunks` to `final` atomically (`write_temp`, then `commit`); returns the
+    final name used."""
+    temp = write_temp(final, chunks, compress=compress, **options)
+    fsync, kind = options.get("fsync", True), options.get("kind", "output")
     return commit(temp, final, on_conflict=on_conflict, fsync=fsync, kind=kind)
 
 

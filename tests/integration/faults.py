@@ -23,13 +23,14 @@ import numpy as np
 from support import save_npy, write_reference
 
 from niftidrop import api
+from niftidrop.claims import COMMIT_RECORD, Claim
 from niftidrop.errors import ConversionError
 from niftidrop.listing import scan_inbox
+from niftidrop.names import is_temp_name
 from niftidrop.service import Service
 from niftidrop.settings import Settings, load_settings
-from niftidrop.spool import COMMIT_RECORD, Claim, Spool
+from niftidrop.spool import Spool
 from niftidrop.steps import hooked
-from niftidrop.writer import is_temp_name
 
 ERRNOS = (
     errno.ENOSPC,

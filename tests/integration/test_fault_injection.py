@@ -37,9 +37,9 @@ from faults import (
     retry,
 )
 
+from niftidrop.names import is_temp_name
 from niftidrop.spool import Spool
 from niftidrop.steps import STEPS, hooked
-from niftidrop.writer import is_temp_name
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
 HEARTBEAT_STEPS = {name for name in STEPS if name.startswith("heartbeat_")}

@@ -21,7 +21,7 @@ from support import (
     write_reference,
 )
 
-from niftidrop.writer import is_temp_name
+from niftidrop.names import is_temp_name
 
 INPUTS = 30
 

@@ -7,7 +7,20 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from niftidrop import names
-from niftidrop.names import Destination, Limits
+from niftidrop.names import (
+    TEMP_EXTRA_CHARS,
+    Destination,
+    Limits,
+    input_key,
+    input_stem,
+    is_owned_by,
+    nifti_prefix,
+    reference_key,
+    split_name,
+    temp_path_for,
+    unique_name,
+    unique_names,
+)
 
 
 def outbox(*made: str, name_max: int = 255, path_max: int = 4096) -> Destination:
@@ -108,3 +121,85 @@ class TestCandidateFilter:
         text = repr(names.CandidateFilter())
         assert ".npz" in text
         assert ".crdownload" in text
+
+
+class TestKeys:
+    def test_input_key_strips_numpy_extensions_any_case(self) -> None:
+        """Input keys drop .npy/.npz whatever their case, and any folder part."""
+        assert input_key("case001.npz") == "case001"
+        assert input_key("sub/case001_pred.NPY") == "case001_pred"
+        assert input_key("case001") == "case001"
+
+    def test_reference_key_strips_nifti_extensions_any_case(self) -> None:
+        """Reference keys drop .nii/.nii.gz whatever their case; other names are not references."""
+        assert reference_key("case001.nii.gz") == "case001"
+        assert reference_key("Case001.NII.GZ") == "Case001"
+        assert reference_key("case001.Nii") == "case001"
+        assert reference_key("case001.npz") is None
+        assert reference_key("case001.nii.gz.part") is None
+        assert reference_key(".nii.gz") is None
+
+    def test_stems_drop_the_input_or_nifti_extension(self) -> None:
+        """Outputs are named after the name without .npy/.npz, or .nii/.nii.gz."""
+        assert input_stem("case.1.NPZ") == "case.1"
+        assert input_stem("data.bin") == "data"
+        assert nifti_prefix("Case001.NII.GZ") == "Case001"
+        assert nifti_prefix("case001.img") == "case001"
+
+
+class TestUniqueNames:
+    def test_split_name_keeps_dots_in_the_stem(self) -> None:
+        """Only the final .npy/.npz (any case) is the extension."""
+        assert split_name("case.1.NPZ") == ("case.1", ".NPZ")
+        assert split_name("a.npy") == ("a", ".npy")
+
+    def test_unique_names_suffix_before_the_extension(self) -> None:
+        """Taken names get -1, -2, ... before the extension."""
+        names = unique_names("scan.npz")
+        assert [next(names) for _ in range(3)] == ["scan.npz", "scan-1.npz", "scan-2.npz"]
+
+    @pytest.mark.parametrize(
+        ("name", "expected"),
+        [("a.nii.gz", "a-3.nii.gz"), ("a.nii", "a-3.nii"), ("a", "a-3"), (".x", ".x-3")],
+    )
+    def test_unique_name(self, name: str, expected: str) -> None:
+        """The suffix goes before the whole extension."""
+        assert unique_name(Path(name), 3) == Path(expected)
+
+    @pytest.mark.parametrize(
+        ("name", "expected"),
+        [
+            ("case.v2.nii.gz", "case.v2-1.nii.gz"),
+            ("case.v2.npy", "case.v2-1.npy"),
+            ("case.v2.json", "case.v2-1.json"),
+            ("Scan.NPZ", "Scan-1.NPZ"),
+            ("a.tar.gz", "a.tar-1.gz"),
+            (".npy", ".npy-1"),
+        ],
+    )
+    def test_one_rule_for_outputs_archive_and_failed(self, name: str, expected: str) -> None:
+        """The suffix goes before a known extension (any case), else before the last dot."""
+        assert unique_name(Path(name), 1) == Path(expected)
+        made = unique_names(name)
+        assert [next(made), next(made)] == [name, expected]
+
+
+class TestOwners:
+    def test_owned_temporaries_are_told_apart(self, tmp_path: Path) -> None:
+        """An owner's names, and its parts', are its own; others' and untagged ones are not."""
+        mine = temp_path_for(tmp_path / "a.nii.gz", "0a1b2c3d").name
+        part = temp_path_for(tmp_path / "a.nii.gz", "0a1b2c3d-tok3n").name
+        theirs = temp_path_for(tmp_path / "a.nii.gz", "ffffffff").name
+        untagged = temp_path_for(tmp_path / "a.nii.gz").name
+        assert is_owned_by(mine, "0a1b2c3d")
+        assert is_owned_by(part, "0a1b2c3d")
+        assert not is_owned_by(part, "0a1b2c3d-other")
+        assert not is_owned_by(theirs, "0a1b2c3d")
+        assert not is_owned_by(untagged, "0a1b2c3d")
+        assert not is_owned_by("a.nii.gz", "0a1b2c3d")
+        assert len(mine) <= len("a.nii.gz") + TEMP_EXTRA_CHARS
+
+    def test_an_owner_with_a_dot_is_refused(self, tmp_path: Path) -> None:
+        """The owner part is found by its dots: it cannot hold one."""
+        with pytest.raises(ValueError, match="owner"):
+            temp_path_for(tmp_path / "a", "x.y")

@@ -12,28 +12,11 @@ from niftidrop.reference_index import (
     ReferenceIndex,
     ReferenceKeys,
     ReferenceScanner,
-    input_key,
     pattern_key,
-    reference_key,
 )
 
 
 class TestKeys:
-    def test_input_key_strips_numpy_extensions_any_case(self) -> None:
-        """Input keys drop .npy/.npz whatever their case, and any folder part."""
-        assert input_key("case001.npz") == "case001"
-        assert input_key("sub/case001_pred.NPY") == "case001_pred"
-        assert input_key("case001") == "case001"
-
-    def test_reference_key_strips_nifti_extensions_any_case(self) -> None:
-        """Reference keys drop .nii/.nii.gz whatever their case; other names are not references."""
-        assert reference_key("case001.nii.gz") == "case001"
-        assert reference_key("Case001.NII.GZ") == "Case001"
-        assert reference_key("case001.Nii") == "case001"
-        assert reference_key("case001.npz") is None
-        assert reference_key("case001.nii.gz.part") is None
-        assert reference_key(".nii.gz") is None
-
     def test_pattern_key(self) -> None:
         """The key group of the pattern is the key; no match or an empty group is no key."""
         pattern = re.compile(r"(?P<key>case\d*)")

@@ -14,14 +14,13 @@ import pytest
 
 from niftidrop import writer
 from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.names import is_temp_name
 from niftidrop.steps import WRITE_PHASES, hooked
 from niftidrop.writer import (
-    TEMP_EXTRA_CHARS,
+    check_free,
     commit,
-    is_owned_by,
-    is_temp_name,
-    temp_path_for,
-    unique_name,
+    link_exclusive,
+    link_unique,
     write_file,
     write_json_atomic,
     write_temp,
@@ -148,27 +147,6 @@ class TestAtomicJson:
         assert [entry.name for entry in tmp_path.iterdir()] == ["record.json"]
 
 
-class TestOwners:
-    def test_owned_temporaries_are_told_apart(self, tmp_path: Path) -> None:
-        """An owner's names, and its parts', are its own; others' and untagged ones are not."""
-        mine = temp_path_for(tmp_path / "a.nii.gz", "0a1b2c3d").name
-        part = temp_path_for(tmp_path / "a.nii.gz", "0a1b2c3d-tok3n").name
-        theirs = temp_path_for(tmp_path / "a.nii.gz", "ffffffff").name
-        untagged = temp_path_for(tmp_path / "a.nii.gz").name
-        assert is_owned_by(mine, "0a1b2c3d")
-        assert is_owned_by(part, "0a1b2c3d")
-        assert not is_owned_by(part, "0a1b2c3d-other")
-        assert not is_owned_by(theirs, "0a1b2c3d")
-        assert not is_owned_by(untagged, "0a1b2c3d")
-        assert not is_owned_by("a.nii.gz", "0a1b2c3d")
-        assert len(mine) <= len("a.nii.gz") + TEMP_EXTRA_CHARS
-
-    def test_an_owner_with_a_dot_is_refused(self, tmp_path: Path) -> None:
-        """The owner part is found by its dots: it cannot hold one."""
-        with pytest.raises(ValueError, match="owner"):
-            temp_path_for(tmp_path / "a", "x.y")
-
-
 class TestConflicts:
     def test_overwrite_replaces(self, tmp_path: Path) -> None:
         """overwrite replaces an existing file atomically."""
@@ -217,10 +195,52 @@ class TestConflicts:
         assert commit(temp, tmp_path / "a.nii", on_conflict="fail") == tmp_path / "a.nii"
         assert not temp.path.exists()
 
-    @pytest.mark.parametrize(
-        ("name", "expected"),
-        [("a.nii.gz", "a-3.nii.gz"), ("a.nii", "a-3.nii"), ("a", "a-3"), (".x", ".x-3")],
-    )
-    def test_unique_name(self, name: str, expected: str) -> None:
-        """The suffix goes before the whole extension."""
-        assert unique_name(Path(name), 3) == Path(expected)
+
+class TestLinks:
+    def test_link_exclusive_never_replaces(self, tmp_path: Path) -> None:
+        """A taken name is refused and kept; a free one gets the same inode."""
+        (tmp_path / "a").write_bytes(b"a")
+        (tmp_path / "b").write_bytes(b"b")
+        assert not link_exclusive(tmp_path / "a", tmp_path / "b")
+        assert (tmp_path / "b").read_bytes() == b"b"
+        assert link_exclusive(tmp_path / "a", tmp_path / "c")
+        assert (tmp_path / "c").stat().st_ino == (tmp_path / "a").stat().st_ino
+
+    def test_link_unique_suffixes_a_taken_name(self, tmp_path: Path) -> None:
+        """A name taken in the folder gets -1 before its extension."""
+        source = tmp_path / "a.npy"
+        source.write_bytes(b"new")
+        folder = tmp_path / "inbox"
+        folder.mkdir()
+        (folder / "a.npy").write_bytes(b"old")
+        assert link_unique(source, folder, fsync=False) == folder / "a-1.npy"
+        assert (folder / "a-1.npy").stat().st_ino == source.stat().st_ino
+
+    def test_link_unique_copies_where_links_are_refused(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Where the source cannot be linked (another file system) a copy is linked."""
+        source = tmp_path / "a.npy"
+        source.write_bytes(b"data")
+        real_link = os.link
+
+        def cross_device(src: Path, dst: Path, **kwargs: bool) -> None:
+            if Path(src) == source:
+                raise OSError(18, "Invalid cross-device link")
+            real_link(src, dst, **kwargs)
+
+        monkeypatch.setattr(os, "link", cross_device)
+        placed = link_unique(source, tmp_path / "other", fsync=False)
+        assert placed.read_bytes() == b"data"
+        assert placed.stat().st_ino != source.stat().st_ino
+        assert [path.name for path in placed.parent.iterdir()] == ["a.npy"]
+
+    def test_check_free_names_the_input_and_the_output(self, tmp_path: Path) -> None:
+        """on_conflict = fail: a taken output name is OUTPUT_CONFLICT naming both."""
+        taken = tmp_path / "a.nii.gz"
+        check_free([taken], "a.npy")
+        taken.write_bytes(b"")
+        with pytest.raises(ConversionError) as caught:
+            check_free([taken], "a.npy")
+        assert caught.value.code is ErrorCode.OUTPUT_CONFLICT
+        assert caught.value.message.startswith(f"a.npy: expected no file at output {taken}")
