@@ -22,17 +22,9 @@ import numpy as np
 import numpy.typing as npt
 
 from niftidrop.arrays import open_input
-from niftidrop.conversion import (
-    Plan,
-    Reference,
-    encode_volume,
-    file_sha256,
-    nib,
-    plan_conversion,
-    read_reference,
-    reference_sha256,
-)
+from niftidrop.conversion import Plan, encode_volume, plan_conversion
 from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.reference import Reference, file_sha256, nib, read_reference, reference_sha256
 from niftidrop.settings import Settings
 from niftidrop.writer import (
     Temporary,
