@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Final
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from niftidrop import inotify
-from niftidrop.arrays import Readiness, file_kind, readiness
+from niftidrop.arrays import file_kind
 from niftidrop.library import needs_polling
 from niftidrop.names import Limits
+from niftidrop.readiness import Readiness, readiness
 
 if TYPE_CHECKING:
     from watchdog.observers.api import BaseObserver

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from niftidrop import inotify
-from niftidrop.arrays import Readiness, readiness
+from niftidrop.readiness import Readiness, readiness
 from niftidrop.watcher import (
     CandidateFilter,
     InboxWatcher,
