@@ -1,11 +1,11 @@
 """Loading and validating input arrays (`.npy`, `.npz`) without trusting them.
 
-Everything that reads a file from the inbox opens it here: the
-readiness check (`niftidrop.readiness`: cheap, never raises) and the conversion
-(`open_input`). Both open files the same way (`open_regular`: never following
-a symlink, never blocking on a FIFO, regular files only) and both read `.npy`
-headers with one reader (`niftidrop.npy_header`), so no header can be harmless
-to one and fatal to the other.
+Everything that reads a file from the inbox opens it here: the readiness check
+(`niftidrop.readiness`: cheap, never raises) and the conversion (`open_input`).
+Both open files the same way (`open_regular`: never following a symlink, never
+blocking on a FIFO, regular files only) and both read `.npy` headers with one
+reader (`niftidrop.npy_header`), so no header can be harmless to one and fatal
+to the other.
 
 `.npy` files are never read whole: their header is parsed (directly when it is
 exactly as numpy writes it, else with `numpy.lib.format`) and the data is
