@@ -1,4 +1,4 @@
-"""`.npy` / `.npz` inputs for the tests of arrays, npy_header and readiness."""
+"""`.npy` / `.npz` inputs for the tests of arrays, npy_header and completeness."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Loading and validating input arrays (`.npy`, `.npz`) without trusting them.
 
 Everything that reads a file from the inbox opens it here: the readiness check
-(`niftidrop.readiness`: cheap, never raises) and the conversion (`open_input`).
+(`niftidrop.completeness`: cheap, never raises) and the conversion (`open_input`).
 Both open files the same way (`open_regular`: never following a symlink, never
 blocking on a FIFO, regular files only) and both read `.npy` headers with one
 reader (`niftidrop.npy_header`), so no header can be harmless to one and fatal

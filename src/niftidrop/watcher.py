@@ -29,9 +29,9 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from niftidrop import inotify
 from niftidrop.arrays import file_kind
+from niftidrop.completeness import Readiness, readiness
 from niftidrop.library import needs_polling
 from niftidrop.names import Limits
-from niftidrop.readiness import Readiness, readiness
 
 if TYPE_CHECKING:
     from watchdog.observers.api import BaseObserver

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from niftidrop.arrays import open_input
+from niftidrop.completeness import Readiness, is_complete, readiness
 from niftidrop.errors import ErrorCode
 from niftidrop.npy_header import MAX_DIMS
-from niftidrop.readiness import Readiness, is_complete, readiness
 from npy_inputs import LIMIT, header_bytes, npy_bytes, rejection
 
 
@@ -304,7 +304,7 @@ class TestOpening:
         script = (
             "import sys; from pathlib import Path\n"
             "from niftidrop.arrays import open_input\n"
-            "from niftidrop.readiness import readiness\n"
+            "from niftidrop.completeness import readiness\n"
             "path = Path(sys.argv[1])\n"
             "print(readiness(path).value)\n"
             "try:\n"

@@ -39,8 +39,8 @@ from hypothesis import strategies as st
 import fuzzing
 from niftidrop.api import convert_file
 from niftidrop.arrays import open_input
+from niftidrop.completeness import Readiness, readiness
 from niftidrop.errors import ConversionError, ErrorCode
-from niftidrop.readiness import Readiness, readiness
 from niftidrop.settings import Settings, load_settings
 
 T = TypeVar("T")

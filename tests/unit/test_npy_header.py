@@ -15,9 +15,9 @@ from hypothesis.extra import numpy as hnp
 
 from niftidrop import npy_header
 from niftidrop.arrays import open_input
+from niftidrop.completeness import is_complete
 from niftidrop.errors import ConversionError, ErrorCode
 from niftidrop.npy_header import MAX_DIMS, MAX_HEADER_BYTES
-from niftidrop.readiness import is_complete
 from npy_inputs import LIMIT, header_bytes, rejection
 
 VERSIONS = [(1, 0), (2, 0), (3, 0)]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from niftidrop import inotify
-from niftidrop.readiness import Readiness, readiness
+from niftidrop.completeness import Readiness, readiness
 from niftidrop.watcher import (
     CandidateFilter,
     InboxWatcher,

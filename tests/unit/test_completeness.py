@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from niftidrop.completeness import Readiness, is_complete, readiness
 from niftidrop.errors import ErrorCode
-from niftidrop.readiness import Readiness, is_complete, readiness
 from npy_inputs import npy_bytes, rejection
 
 
