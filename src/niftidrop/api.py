@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -22,18 +21,11 @@ import numpy as np
 import numpy.typing as npt
 
 from niftidrop.arrays import open_input
-from niftidrop.conversion import (
-    Plan,
-    Reference,
-    encode_volume,
-    file_sha256,
-    nib,
-    plan_conversion,
-    read_reference,
-    reference_sha256,
-)
+from niftidrop.conversion import Plan, encode_volume, plan_conversion
 from niftidrop.errors import ConversionError, ErrorCode
-from niftidrop.names import input_stem, is_temp_name, nifti_prefix
+from niftidrop.journal import find_own, identity_of, read_journal, write_journal
+from niftidrop.names import input_stem, nifti_prefix
+from niftidrop.reference import Reference, file_sha256, nib, read_reference, reference_sha256
 from niftidrop.settings import Settings
 from niftidrop.writer import (
     Temporary,
@@ -44,7 +36,6 @@ from niftidrop.writer import (
     output_conflict,
     withdraw,
     write_file,
-    write_json_atomic,
     write_temp,
 )
 
@@ -117,9 +108,9 @@ def convert_file(
     finals = [out_dir / f"{stem}{volume.suffix}{extension}" for volume in plan.volumes]
     # None with overwrite: a redo writes the same bytes under the same names.
     journal = journal if settings.on_conflict != "overwrite" else None
-    recorded = _read_journal(journal)
+    recorded = read_journal(journal)
     # Outputs a crashed earlier run of this conversion placed already: kept as they are.
-    done = {final: _find_own(final, recorded.get(final.name)) for final in finals}
+    done = {final: find_own(final, recorded.get(final.name)) for final in finals}
     if settings.on_conflict == "fail":
         # Before the work; checked again once it is done.
         check_free([final for final in finals if done[final] is None], source.name)
@@ -144,12 +135,12 @@ def convert_file(
                     owner=owner,
                 )
                 temps.append(temp)
-                recorded[final.name] = _identity(temp)
+                recorded[final.name] = identity_of(temp)
         pending = [final for final in finals if final not in outputs_found]
         if settings.on_conflict == "fail":
             check_free(pending, source.name)
         if journal is not None and pending:
-            _write_journal(journal, recorded, durable=settings.fsync, owner=owner)
+            write_journal(journal, recorded, durable=settings.fsync, owner=owner)
         # The folder is fsync'ed once, after the last name is given.
         for temp, final in zip(temps, pending, strict=True):
             given = _commit(temp, final, settings=settings, input_name=source.name)
@@ -205,63 +196,17 @@ def _place_sidecar(
     placed: list[tuple[Path, Temporary]],
 ) -> None:
     """Write and name the provenance sidecar, unless a crashed run placed it already."""
-    if _find_own(sidecar, recorded.get(sidecar.name)) is not None:
+    if find_own(sidecar, recorded.get(sidecar.name)) is not None:
         return
     temp = write_temp(
         sidecar, [text], compress=False, fsync=settings.fsync, owner=owner, kind="sidecar"
     )
     temps.append(temp)
-    recorded[sidecar.name] = _identity(temp)
+    recorded[sidecar.name] = identity_of(temp)
     if journal is not None:
-        _write_journal(journal, recorded, durable=settings.fsync, owner=owner)
+        write_journal(journal, recorded, durable=settings.fsync, owner=owner)
     given = commit(temp, sidecar, on_conflict=settings.on_conflict, fsync=False, kind="sidecar")
     placed.append((given, temp))
-
-
-def _identity(temp: Temporary) -> list[int]:
-    """What recognises a committed file: its inode (kept by link and rename), and size."""
-    return [*temp.inode, temp.size]
-
-
-def _read_journal(journal: Path | None) -> dict[str, list[int]]:
-    """Final name → identity of the file placed (or about to be) under it or a suffixed one."""
-    if journal is None:
-        return {}
-    try:
-        data = json.loads(journal.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {str(name): list(value) for name, value in data.items() if isinstance(value, list)}
-
-
-def _write_journal(
-    journal: Path, recorded: Mapping[str, list[int]], *, durable: bool, owner: str
-) -> None:
-    write_json_atomic(journal, recorded, durable=durable, owner=owner, kind="commit_record")
-
-
-def _find_own(final: Path, identity: list[int] | None) -> Path | None:
-    """The name in `final`'s folder under which a crashed run placed the file `identity`
-    describes (`final` or a `unique_name` of it); None if there is none."""
-    if identity is None or len(identity) != 3:
-        return None
-    try:
-        names = [entry.name for entry in os.scandir(final.parent)]
-    except OSError:
-        return None
-    # Any name will do: the inode and size are this run's file, whatever `rename` chose.
-    for name in names:
-        if is_temp_name(name):
-            continue
-        try:
-            info = (final.parent / name).lstat()
-        except FileNotFoundError:
-            continue
-        if [info.st_dev, info.st_ino, info.st_size] == identity:
-            return final.parent / name
-    return None
 
 
 def _commit(temp: Temporary, final: Path, *, settings: Settings, input_name: str) -> Path:

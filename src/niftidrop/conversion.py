@@ -5,160 +5,29 @@
 data in Fortran order, slab by slab along the slowest output axis, each slab cast
 (and checked) on its own. For a memory-mapped `.npy` the pages read are dropped
 after each piece, so resident memory stays near one slab whatever the layout.
+The reference's header comes from `niftidrop.reference`; the slabs are cut and
+filled by `niftidrop.slabs`.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
-import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final, Literal
+from typing import Any, Literal
 
-import isal.igzip
-import nibabel
 import numpy as np
 import numpy.typing as npt
 
 from niftidrop.arrays import InputArray
 from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.reference import SPATIAL, NiftiHeader, Reference, nib
+from niftidrop.slabs import copy_in_tiles, slabs_of
 
-# nibabel's functions carry no annotations; its objects are handled as Any here.
-nib: Any = nibabel
-igzip: Any = isal.igzip  # isal's functions carry no annotations either
-isal_zlib: Any = isal.isal_zlib
-GZIP_MAGIC = b"\x1f\x8b"
-NiftiHeader = Any  # a nibabel Nifti1Header or Nifti2Header
 Array = npt.NDArray[Any]
-
-# Slabs of a few MiB keep the compressor fed without holding much in memory.
-SLAB_BYTES = 4 * 1024 * 1024
-# Non-sequential layouts touch the whole file once per slab, so their slabs are
-# larger (an eighth of the input, capped) and copied in pieces along the input's
-# slowest axis, dropping the pages after each piece.
-TRANSPOSE_SLAB_FRACTION = 8
-TRANSPOSE_SLAB_CAP = 1024 * 1024 * 1024
-PIECE_BYTES = 4 * 1024 * 1024
-SPATIAL = 3
-
-
-# The reference.
-
-
-@dataclass(frozen=True)
-class Reference:
-    """A reference image's header (little-endian) and its spatial shape.
-
-    The header is cached and shared: it is never changed (`output_header` copies it).
-    """
-
-    path: Path
-    header: NiftiHeader
-    shape: tuple[int, ...]
-
-    @property
-    def spatial_shape(self) -> tuple[int, int, int]:
-        padded = (*self.shape[:SPATIAL], 1, 1, 1)
-        return (padded[0], padded[1], padded[2])
-
-
-def read_reference(path: Path, *, input_name: str | None = None) -> Reference:
-    """The reference at `path`, cached while the file is unchanged.
-
-    Raises ConversionError BAD_REFERENCE when nibabel cannot read it as NIfTI; the
-    message names `input_name` too, the input the reference was wanted for.
-    """
-    subject = f"{input_name}: reference {path}" if input_name else str(path)
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        raise ConversionError(
-            ErrorCode.BAD_REFERENCE,
-            f"{subject}: expected a reference NIfTI file, found nothing",
-            reference=path,
-        ) from None
-    try:
-        return _read_reference_cached(path, stat.st_mtime_ns, stat.st_size, stat.st_ino)
-    except _UNREADABLE as exc:
-        raise ConversionError(
-            ErrorCode.BAD_REFERENCE,
-            f"{subject}: expected a readable NIfTI-1 or NIfTI-2 file, found {exc}",
-            reference=path,
-        ) from None
-    except OSError as exc:
-        if isinstance(exc, PermissionError):
-            raise  # transient: the service retries it
-        raise ConversionError(
-            ErrorCode.BAD_REFERENCE,
-            f"{subject}: expected a readable file, found an error reading it ({exc})",
-            reference=path,
-        ) from None
-
-
-# What nibabel and the gzip reader raise for bytes that are no NIfTI file.
-_UNREADABLE: Final = (
-    nib.filebasedimages.ImageFileError,
-    ValueError,
-    TypeError,
-    EOFError,
-    isal_zlib.error,
-)
-
-
-@functools.lru_cache(maxsize=256)
-def _read_reference_cached(path: Path, mtime_ns: int, size: int, inode: int) -> Reference:
-    """Failures are raised as they come (lru_cache keeps no exceptions)."""
-    del mtime_ns, size, inode  # only part of the cache key
-    header = _read_header(path)
-    shape = tuple(int(n) for n in header.get_data_shape())
-    header = header.as_byteswapped("<") if header.endianness == ">" else header
-    return Reference(path=path, header=header, shape=shape)
-
-
-def _read_header(path: Path) -> NiftiHeader:
-    """The header (and extensions) of a single-file NIfTI-1 or NIfTI-2, gzipped or not.
-
-    The file is opened once and only its header is read (`nib.load` opens it
-    twice and builds an image around it): with one reference per input, this
-    runs for almost every conversion. Scaling and `vox_offset` stay as stored;
-    `output_header` resets them.
-    """
-    with path.open("rb") as raw:
-        gzipped = raw.read(2) == GZIP_MAGIC
-        raw.seek(0)
-        stream: IO[bytes] = igzip.IGzipFile(filename="", mode="rb", fileobj=raw) if gzipped else raw
-        with stream:
-            block = stream.read(nib.Nifti2Header.template_dtype.itemsize)
-            for kind in (nib.Nifti1Header, nib.Nifti2Header):
-                if kind.may_contain_header(block):
-                    stream.seek(0)
-                    return kind.from_fileobj(stream, check=True)
-    raise TypeError("neither a NIfTI-1 nor a NIfTI-2 header")
-
-
-@functools.lru_cache(maxsize=256)
-def _sha256_cached(path: Path, mtime_ns: int, size: int) -> str:
-    del mtime_ns, size
-    return file_sha256(path)
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while block := stream.read(1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def reference_sha256(path: Path) -> str:
-    """The reference's SHA-256, cached while the file is unchanged."""
-    stat = path.stat()
-    return _sha256_cached(path, stat.st_mtime_ns, stat.st_size)
 
 
 # dtype policy.
@@ -396,7 +265,7 @@ def value_range(view: Array, source: InputArray) -> tuple[int, int]:
     """Smallest and largest value of `view`, read in a streamed pass."""
     low: int | None = None
     high: int | None = None
-    for _, pieces in _slabs_of(view, False, source):
+    for _, pieces in slabs_of(view, False, source):
         for _, values in pieces:
             piece_low, piece_high = int(values.min()), int(values.max())
             low = piece_low if low is None else min(low, piece_low)
@@ -481,7 +350,7 @@ def encode_volume(volume: Volume, source: InputArray) -> Iterator[memoryview | b
         and volume.source.dtype.kind != "b"
     )
     storage: Array | None = None
-    for slab_shape, pieces in _slabs_of(volume.source, volume.argmax, source):
+    for slab_shape, pieces in slabs_of(volume.source, volume.argmax, source):
         count = int(np.prod(slab_shape, dtype=np.int64))
         if storage is None or storage.size < count:
             storage = np.empty(count, dtype=volume.dtype)
@@ -497,112 +366,3 @@ def encode_volume(volume: Volume, source: InputArray) -> Iterator[memoryview | b
             copy_in_tiles(buffer if index is None else buffer[index], values)
         yield buffer.reshape(-1, order="F").view(np.uint8).data
         source.release_pages()
-
-
-Index = tuple[slice | int, ...]
-# A transposing copy is cache-friendly in tiles this long along the axes that
-# are fastest in the source and in the target, and this long along a third axis.
-TILE_FAST = 64
-TILE_OTHER = 8
-
-
-def copy_in_tiles(target: Array, values: Array) -> None:
-    """`target[...] = values` (cast unchecked), in cache-sized tiles when transposing.
-
-    `target` is Fortran-ordered. When `values` runs fastest along another axis,
-    a plain copy strides through memory on one side; tiles keep both in cache.
-    """
-    sizes = [(abs(stride), axis) for axis, stride in enumerate(values.strides)]
-    moving = [(stride, axis) for stride, axis in sizes if values.shape[axis] > 1]
-    source_fast = min(moving)[1] if moving else 0
-    target_fast = next((a for a in range(target.ndim) if target.shape[a] > 1), 0)
-    if source_fast == target_fast or target.size <= TILE_FAST * TILE_FAST * TILE_OTHER:
-        np.copyto(target, values, casting="unsafe")
-        return
-    others = [a for a in range(target.ndim) if a not in (source_fast, target_fast)]
-    third = max(others, key=lambda a: target.shape[a]) if others else None
-    steps = {source_fast: TILE_FAST, target_fast: TILE_FAST}
-    if third is not None:
-        steps[third] = TILE_OTHER
-    ranges = [
-        [slice(start, start + steps[axis]) for start in range(0, target.shape[axis], steps[axis])]
-        if axis in steps
-        else [slice(None)]
-        for axis in range(target.ndim)
-    ]
-    for tile in itertools.product(*ranges):
-        np.copyto(target[tile], values[tile], casting="unsafe")
-
-
-def _slabs_of(
-    view: Array, argmax: bool, source: InputArray
-) -> Iterator[tuple[tuple[int, ...], Iterator[tuple[Index | None, Array]]]]:
-    """Output slabs in Fortran order, each as (its output shape, pieces of values).
-
-    A piece's index is None when it is the whole slab. Pages of a mapped input
-    are released after every piece.
-    """
-    shape = view.shape[:-1] if argmax else view.shape
-    per_voxel = view.dtype.itemsize * (view.shape[-1] if argmax else 1)
-    sequential = _reads_sequentially(view, len(shape))
-    target = SLAB_BYTES
-    if source.mapping is not None and not sequential:
-        share = source.data.nbytes // TRANSPOSE_SLAB_FRACTION
-        target = max(SLAB_BYTES, min(TRANSPOSE_SLAB_CAP, share))
-    for slab in slab_indices(shape, per_voxel, target):
-        part = view[slab]
-        slab_shape = part.shape[:-1] if argmax else part.shape
-        if source.mapping is None or sequential:
-            yield slab_shape, _whole(part, argmax)
-        else:
-            yield slab_shape, _pieces(part, argmax, source)
-
-
-def _whole(part: Array, argmax: bool) -> Iterator[tuple[Index | None, Array]]:
-    yield None, (np.argmax(part, axis=-1) if argmax else part)
-
-
-def _pieces(part: Array, argmax: bool, source: InputArray) -> Iterator[tuple[Index | None, Array]]:
-    """`part` cut along its axis that is slowest in the file, so pages can be dropped."""
-    spatial = part.ndim - 1 if argmax else part.ndim
-    sizes = [(abs(part.strides[a]), a) for a in range(spatial) if part.shape[a] > 1]
-    if not sizes:
-        yield from _whole(part, argmax)
-        return
-    stride, axis = max(sizes)
-    # With argmax every step along `axis` reads each channel's stretch of the file.
-    span = max(stride, 1) * (part.shape[-1] if argmax else 1)
-    step = max(1, PIECE_BYTES // span)
-    for start in range(0, part.shape[axis], step):
-        index = (slice(None),) * axis + (slice(start, start + step),)
-        values = part[index]
-        yield index, (np.argmax(values, axis=-1) if argmax else values)
-        source.release_pages()
-
-
-def _reads_sequentially(view: Array, spatial_axes: int) -> bool:
-    """True when the output's Fortran order walks the file forwards (F-like strides)."""
-    strides = [view.strides[a] for a in range(spatial_axes) if view.shape[a] > 1]
-    return all(0 < a < b for a, b in itertools.pairwise(strides))
-
-
-def slab_indices(shape: tuple[int, ...], itemsize: int, target: int) -> Iterator[Index]:
-    """Indices of consecutive Fortran-order slabs of about `target` bytes.
-
-    Leading axes are taken whole while they fit; the next axis is cut into runs;
-    the remaining (slower) axes are iterated one index at a time.
-    """
-    inner, split = itemsize, 0
-    while split < len(shape) and inner * shape[split] <= target:
-        inner *= shape[split]
-        split += 1
-    if split == len(shape):
-        yield (slice(None),) * len(shape)
-        return
-    step = max(1, target // inner)
-    head: Index = (slice(None),) * split
-    # np.ndindex counts like C order; reversed axes make the first one fastest (F order).
-    for reversed_outer in np.ndindex(*shape[split + 1 :][::-1]):
-        outer = reversed_outer[::-1]
-        for start in range(0, shape[split], step):
-            yield (*head, slice(start, min(start + step, shape[split])), *outer)

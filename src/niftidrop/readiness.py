@@ -2,7 +2,7 @@
 
 `ReadinessTracker` decides, from sightings and `stat`, when a candidate is
 complete and quiet (ready), or has been incomplete for too long (truncated); the
-file itself is judged by `arrays.readiness`.
+file itself is judged by `completeness.readiness`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from niftidrop.arrays import Readiness, file_kind, readiness
+from niftidrop.arrays import file_kind
+from niftidrop.completeness import Readiness, readiness
 
 # The file's identity for the readiness check's memo: a change of any of these
 # means its bytes may have changed.
@@ -51,7 +52,7 @@ class Verdicts:
 class ReadinessTracker:
     """When may a candidate be read? (README: File protocol)
 
-    Ready: structurally complete (`arrays.readiness`) and either its last event
+    Ready: structurally complete (`completeness.readiness`) and either its last event
     was a close-after-write or a rename into the inbox, or its size and mtime have
     not changed for `settle_seconds`. Truncated: still incomplete and unchanged
     after `incomplete_timeout`. A quiet file that can never become complete (not a

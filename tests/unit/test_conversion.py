@@ -13,20 +13,18 @@ import pytest
 import SimpleITK as sitk
 from nibabel.testing import data_path
 
-from niftidrop import conversion
+from niftidrop import conversion, slabs
 from niftidrop.arrays import InputArray, open_input
 from niftidrop.conversion import (
     Plan,
     arrange,
-    copy_in_tiles,
     encode_volume,
     header_bytes,
     narrowest_integer,
     plan_conversion,
-    read_reference,
-    slab_indices,
 )
 from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.reference import _read_header, read_reference
 
 MakeReference = Callable[..., Path]
 NIBABEL_DATA = Path(data_path)
@@ -412,22 +410,13 @@ class TestShapes:
 
 
 class TestStreaming:
-    def test_slab_indices_cover_fortran_order_once(self) -> None:
-        """Slabs are consecutive Fortran-order runs that cover every voxel once."""
-        shape = (3, 4, 5, 2)
-        order = np.arange(int(np.prod(shape))).reshape(shape, order="F")
-        seen = np.concatenate(
-            [order[index].ravel(order="F") for index in slab_indices(shape, 1, 7)]
-        )
-        np.testing.assert_array_equal(seen, np.arange(order.size))
-
     @pytest.mark.parametrize("layout", ["C", "F", "zyx"])
     def test_large_npy_is_streamed_in_slabs(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
     ) -> None:
         """A mapped .npy is written in many slabs, pages dropped, values exact."""
-        monkeypatch.setattr(conversion, "SLAB_BYTES", 4096)
-        monkeypatch.setattr(conversion, "PIECE_BYTES", 1024)
+        monkeypatch.setattr(slabs, "SLAB_BYTES", 4096)
+        monkeypatch.setattr(slabs, "PIECE_BYTES", 1024)
         data = np.random.default_rng(7).random((32, 24, 20)).astype(np.float32)
         stored = np.ascontiguousarray(data.transpose(2, 1, 0)) if layout == "zyx" else data
         path = tmp_path / "a.npy"
@@ -441,24 +430,13 @@ class TestStreaming:
         chunks = [bytes(chunk) for chunk in encode_volume(plan.volumes[0], source)]
         assert len(chunks) > 5
         # Sequential layouts use small slabs; C order re-reads the file, so larger ones.
-        slab = 4096 if layout != "C" else data.nbytes // conversion.TRANSPOSE_SLAB_FRACTION
+        slab = 4096 if layout != "C" else data.nbytes // slabs.TRANSPOSE_SLAB_FRACTION
         assert max(len(memoryview(chunk)) for chunk in chunks[1:]) <= slab
         assert len(released) >= len(chunks) - 1
         body = b"".join(chunks[1:])
         np.testing.assert_array_equal(
             np.frombuffer(body, "<f4").reshape(data.shape, order="F"), data
         )
-
-    @pytest.mark.parametrize("axes", [(0, 1, 2), (2, 1, 0), (1, 2, 0), (0, 2, 1, 3), (3, 2, 1, 0)])
-    def test_tiled_copy_equals_plain_copy(self, axes: tuple[int, ...]) -> None:
-        """The cache-tiled transposing copy writes exactly what a plain copy would."""
-        shape = (70, 33, 150, 2)[: len(axes)]
-        stored = np.random.default_rng(4).random([shape[a] for a in axes]).astype(np.float32)
-        values = stored.transpose(np.argsort(axes))
-        assert values.shape == shape
-        target = np.zeros(shape, np.float64, order="F")
-        copy_in_tiles(target, values)
-        np.testing.assert_array_equal(target, values)
 
     def test_int64_range_pass_then_narrow_output(self, tmp_path: Path) -> None:
         """auto on a mapped int64 label map scans the values first, then writes uint8."""
@@ -475,7 +453,7 @@ class TestStreaming:
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """A value that does not fit, in a late slab, still raises DTYPE_OVERFLOW."""
-        monkeypatch.setattr(conversion, "SLAB_BYTES", 64)
+        monkeypatch.setattr(slabs, "SLAB_BYTES", 64)
         data = np.zeros((4, 4, 8))
         data[..., -1] = 1000
         source = _memory_input(data)
@@ -485,34 +463,7 @@ class TestStreaming:
                 pass
 
 
-class TestReference:
-    def test_unreadable_reference(self, tmp_path: Path) -> None:
-        """Garbage, a missing file, or a non-NIfTI image are BAD_REFERENCE."""
-        garbage = tmp_path / "g.nii.gz"
-        garbage.write_bytes(gzip.compress(b"x" * 400))
-        for path in (garbage, tmp_path / "missing.nii"):
-            with pytest.raises(ConversionError) as caught:
-                read_reference(path)
-            assert caught.value.code is ErrorCode.BAD_REFERENCE
-            assert caught.value.reference == path
-
-    def test_messages_name_the_input_when_given(self, tmp_path: Path) -> None:
-        """BAD_REFERENCE names the input the reference was wanted for, and the reference."""
-        garbage = tmp_path / "g.nii.gz"
-        garbage.write_bytes(gzip.compress(b"x" * 400))
-        for path in (garbage, tmp_path / "missing.nii"):
-            with pytest.raises(ConversionError) as caught:
-                read_reference(path, input_name="case3.npy")
-            assert caught.value.message.startswith(f"case3.npy: reference {path}: expected")
-
-    def test_cache_follows_changes(self, tmp_path: Path, make_reference: MakeReference) -> None:
-        """The cached header is re-read when the reference file changes."""
-        path = make_reference("r.nii", shape=(2, 2, 2))
-        assert read_reference(path).shape == (2, 2, 2)
-        assert read_reference(path) is read_reference(path)
-        nib.save(nib.Nifti1Image(np.zeros((3, 3, 3, 3), np.uint8), np.eye(4)), path)
-        assert read_reference(path).shape == (3, 3, 3, 3)
-
+class TestCachedReference:
     def test_planning_leaves_the_cached_header_alone(self) -> None:
         """Building an output header never changes the cached reference header."""
         reference = read_reference(NIBABEL_DATA / "example4d.nii.gz")
@@ -528,7 +479,7 @@ class TestReference:
         """Two conversions against one cached reference match and leave its header as read."""
         path = NIBABEL_DATA / name
         reference = read_reference(path)
-        as_stored = conversion._read_header(path)
+        as_stored = _read_header(path)
         spatial = reference.spatial_shape
         source = _memory_input(np.arange(np.prod(spatial), dtype=np.int16).reshape(spatial))
         outputs = []

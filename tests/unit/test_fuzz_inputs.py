@@ -38,7 +38,8 @@ from hypothesis import strategies as st
 
 import fuzzing
 from niftidrop.api import convert_file
-from niftidrop.arrays import Readiness, open_input, readiness
+from niftidrop.arrays import open_input
+from niftidrop.completeness import Readiness, readiness
 from niftidrop.errors import ConversionError, ErrorCode
 from niftidrop.settings import Settings, load_settings
 

@@ -1,0 +1,138 @@
+"""Walking an output volume in Fortran-order slabs, and copying values into them.
+
+The output file wants voxels in Fortran order; the input may lie in any order
+(C, Fortran, reversed axes, channels last). `slab_indices` cuts the output
+into consecutive slabs of a few MiB, `slabs_of` gives each slab's values (in
+pieces along the input's slowest axis for a mapped `.npy` read out of order, so
+its pages can be dropped), and `copy_in_tiles` copies them cache-friendly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from niftidrop.arrays import InputArray
+
+Array = npt.NDArray[Any]
+
+# Slabs of a few MiB keep the compressor fed without holding much in memory.
+SLAB_BYTES = 4 * 1024 * 1024
+# Non-sequential layouts touch the whole file once per slab, so their slabs are
+# larger (an eighth of the input, capped) and copied in pieces along the input's
+# slowest axis, dropping the pages after each piece.
+TRANSPOSE_SLAB_FRACTION = 8
+TRANSPOSE_SLAB_CAP = 1024 * 1024 * 1024
+PIECE_BYTES = 4 * 1024 * 1024
+
+Index = tuple[slice | int, ...]
+# A transposing copy is cache-friendly in tiles this long along the axes that
+# are fastest in the source and in the target, and this long along a third axis.
+TILE_FAST = 64
+TILE_OTHER = 8
+
+
+def copy_in_tiles(target: Array, values: Array) -> None:
+    """`target[...] = values` (cast unchecked), in cache-sized tiles when transposing.
+
+    `target` is Fortran-ordered. When `values` runs fastest along another axis,
+    a plain copy strides through memory on one side; tiles keep both in cache.
+    """
+    sizes = [(abs(stride), axis) for axis, stride in enumerate(values.strides)]
+    moving = [(stride, axis) for stride, axis in sizes if values.shape[axis] > 1]
+    source_fast = min(moving)[1] if moving else 0
+    target_fast = next((a for a in range(target.ndim) if target.shape[a] > 1), 0)
+    if source_fast == target_fast or target.size <= TILE_FAST * TILE_FAST * TILE_OTHER:
+        np.copyto(target, values, casting="unsafe")
+        return
+    others = [a for a in range(target.ndim) if a not in (source_fast, target_fast)]
+    third = max(others, key=lambda a: target.shape[a]) if others else None
+    steps = {source_fast: TILE_FAST, target_fast: TILE_FAST}
+    if third is not None:
+        steps[third] = TILE_OTHER
+    ranges = [
+        [slice(start, start + steps[axis]) for start in range(0, target.shape[axis], steps[axis])]
+        if axis in steps
+        else [slice(None)]
+        for axis in range(target.ndim)
+    ]
+    for tile in itertools.product(*ranges):
+        np.copyto(target[tile], values[tile], casting="unsafe")
+
+
+def slabs_of(
+    view: Array, argmax: bool, source: InputArray
+) -> Iterator[tuple[tuple[int, ...], Iterator[tuple[Index | None, Array]]]]:
+    """Output slabs in Fortran order, each as (its output shape, pieces of values).
+
+    A piece's index is None when it is the whole slab. Pages of a mapped input
+    are released after every piece.
+    """
+    shape = view.shape[:-1] if argmax else view.shape
+    per_voxel = view.dtype.itemsize * (view.shape[-1] if argmax else 1)
+    sequential = _reads_sequentially(view, len(shape))
+    target = SLAB_BYTES
+    if source.mapping is not None and not sequential:
+        share = source.data.nbytes // TRANSPOSE_SLAB_FRACTION
+        target = max(SLAB_BYTES, min(TRANSPOSE_SLAB_CAP, share))
+    for slab in slab_indices(shape, per_voxel, target):
+        part = view[slab]
+        slab_shape = part.shape[:-1] if argmax else part.shape
+        if source.mapping is None or sequential:
+            yield slab_shape, _whole(part, argmax)
+        else:
+            yield slab_shape, _pieces(part, argmax, source)
+
+
+def _whole(part: Array, argmax: bool) -> Iterator[tuple[Index | None, Array]]:
+    yield None, (np.argmax(part, axis=-1) if argmax else part)
+
+
+def _pieces(part: Array, argmax: bool, source: InputArray) -> Iterator[tuple[Index | None, Array]]:
+    """`part` cut along its axis that is slowest in the file, so pages can be dropped."""
+    spatial = part.ndim - 1 if argmax else part.ndim
+    sizes = [(abs(part.strides[a]), a) for a in range(spatial) if part.shape[a] > 1]
+    if not sizes:
+        yield from _whole(part, argmax)
+        return
+    stride, axis = max(sizes)
+    # With argmax every step along `axis` reads each channel's stretch of the file.
+    span = max(stride, 1) * (part.shape[-1] if argmax else 1)
+    step = max(1, PIECE_BYTES // span)
+    for start in range(0, part.shape[axis], step):
+        index = (slice(None),) * axis + (slice(start, start + step),)
+        values = part[index]
+        yield index, (np.argmax(values, axis=-1) if argmax else values)
+        source.release_pages()
+
+
+def _reads_sequentially(view: Array, spatial_axes: int) -> bool:
+    """True when the output's Fortran order walks the file forwards (F-like strides)."""
+    strides = [view.strides[a] for a in range(spatial_axes) if view.shape[a] > 1]
+    return all(0 < a < b for a, b in itertools.pairwise(strides))
+
+
+def slab_indices(shape: tuple[int, ...], itemsize: int, target: int) -> Iterator[Index]:
+    """Indices of consecutive Fortran-order slabs of about `target` bytes.
+
+    Leading axes are taken whole while they fit; the next axis is cut into runs;
+    the remaining (slower) axes are iterated one index at a time.
+    """
+    inner, split = itemsize, 0
+    while split < len(shape) and inner * shape[split] <= target:
+        inner *= shape[split]
+        split += 1
+    if split == len(shape):
+        yield (slice(None),) * len(shape)
+        return
+    step = max(1, target // inner)
+    head: Index = (slice(None),) * split
+    # np.ndindex counts like C order; reversed axes make the first one fastest (F order).
+    for reversed_outer in np.ndindex(*shape[split + 1 :][::-1]):
+        outer = reversed_outer[::-1]
+        for start in range(0, shape[split], step):
+            yield (*head, slice(start, min(start + step, shape[split])), *outer)
