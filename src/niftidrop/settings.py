@@ -219,9 +219,7 @@ class Settings(BaseSettings):
     def _host_port(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"expected host:port, found {value!r}")
+        parse_address(value, lowest_port=1)  # port 0 would pick one nobody knows
         return value
 
     # Resolved folders.
@@ -340,6 +338,17 @@ def _overlap(inner: _Placed, outer: _Placed, recursive: bool) -> str | None:
         f"{inner} is inside {outer}: {_WHY_NOT_INSIDE[outer.name]}; move it out, "
         f"or into a hidden folder there (a name starting with '.')"
     )
+
+
+def parse_address(address: str, *, lowest_port: int = 0) -> tuple[str, int]:
+    """`"host:port"` (IPv6 hosts in brackets, `[::1]:9464`) as `(host, port)`; a port
+    below `lowest_port` (0: any free port) is refused as a ValueError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not lowest_port <= int(port) < 65536:
+        raise ValueError(f"expected host:port, found {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
 
 
 def find_config_file(explicit: Path | None = None) -> Path | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from niftidrop.errors import ConfigError
-from niftidrop.settings import Settings, find_config_file, load_settings
+from niftidrop.settings import Settings, find_config_file, load_settings, parse_address
 
 
 class TestDefaults:
@@ -103,6 +103,27 @@ class TestValidation:
         assert load_settings(workers=most).workers == most
         with pytest.raises(ConfigError, match=rf"workers: .*expected at most {most}: each worker"):
             load_settings(workers=most + 1)
+
+
+class TestParseAddress:
+    def test_ipv4(self) -> None:
+        """host:port splits into host and integer port."""
+        assert parse_address("127.0.0.1:9464") == ("127.0.0.1", 9464)
+
+    def test_ipv6_in_brackets(self) -> None:
+        """An IPv6 host loses its brackets."""
+        assert parse_address("[::1]:9464") == ("::1", 9464)
+
+    @pytest.mark.parametrize("address", ["9464", ":9464", "localhost:", "host:http", "h:70000"])
+    def test_rejects_malformed(self, address: str) -> None:
+        """Anything but host:port with a port number is refused, quoting the address."""
+        with pytest.raises(ValueError, match="expected host:port"):
+            parse_address(address)
+
+    def test_the_setting_needs_a_port_of_its_own(self) -> None:
+        """`metrics_address` refuses port 0 (a free port nobody would know to scrape)."""
+        with pytest.raises(ConfigError, match="metrics_address"):
+            load_settings(metrics_address="127.0.0.1:0")
 
 
 class TestFolderOverlaps:
