@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, NamedTuple
+from typing import Annotated, Any, ClassVar, Final, Literal, NamedTuple
 
 import numpy as np
 from pydantic import Field, ValidationError, field_validator
@@ -46,6 +46,19 @@ def _default_max_memory() -> int:
     from niftidrop.resources import available_memory
 
     return available_memory() // 4
+
+
+class _Resolved:
+    """A folder setting made absolute against `root` (`Settings.resolve`), read-only."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def __repr__(self) -> str:
+        return f"_Resolved({self.field!r})"
+
+    def __get__(self, settings: Settings, owner: type[Settings] | None = None) -> Path:
+        return settings.resolve(getattr(settings, self.field))
 
 
 class Settings(BaseSettings):
@@ -229,21 +242,10 @@ class Settings(BaseSettings):
         path = path.expanduser()
         return path if path.is_absolute() else (self.root.expanduser().absolute() / path)
 
-    @property
-    def inbox_dir(self) -> Path:
-        return self.resolve(self.inbox)
-
-    @property
-    def outbox_dir(self) -> Path:
-        return self.resolve(self.outbox)
-
-    @property
-    def archive_dir(self) -> Path:
-        return self.resolve(self.archive)
-
-    @property
-    def failed_dir(self) -> Path:
-        return self.resolve(self.failed)
+    inbox_dir: ClassVar[_Resolved] = _Resolved("inbox")
+    outbox_dir: ClassVar[_Resolved] = _Resolved("outbox")
+    archive_dir: ClassVar[_Resolved] = _Resolved("archive")
+    failed_dir: ClassVar[_Resolved] = _Resolved("failed")
 
     @property
     def library_dirs(self) -> list[Path]:

@@ -18,6 +18,16 @@ class TestDefaults:
         assert settings.library_dirs == [tmp_path / "library"]
         assert settings.state_path == tmp_path / "inbox" / ".niftidrop"
 
+    def test_every_folder_resolves_against_root_and_is_no_field(self, tmp_path: Path) -> None:
+        """inbox_dir, outbox_dir, archive_dir and failed_dir are their settings made
+        absolute; they are not settings themselves (not dumped, not flags)."""
+        settings = load_settings(root=tmp_path, archive="/srv/archive")
+        assert settings.outbox_dir == tmp_path / "outbox"
+        assert settings.archive_dir == Path("/srv/archive")
+        assert settings.failed_dir == tmp_path / "failed"
+        dumped = settings.model_dump()
+        assert not [name for name in dumped if name.endswith("_dir") and name != "state_dir"]
+
     def test_contract_defaults(self) -> None:
         """The defaults are the ones SPEC.md promises."""
         settings = Settings()
