@@ -87,7 +87,7 @@ def _cmd_check(settings: Settings, args: argparse.Namespace) -> int:
         if not folder.is_dir():
             problems.append(f"library: {folder} is not a folder")
     problems.extend(settings.folder_overlaps())
-    effective = settings.model_dump(mode="json")
+    effective = settings.for_service().model_dump(mode="json")  # as `run` uses them
     print(json.dumps(effective, indent=2, sort_keys=True))
     for problem in problems:
         print(f"niftidrop: {problem}", file=sys.stderr)

@@ -158,11 +158,7 @@ class Service:
             from niftidrop.metrics import Metrics
 
             metrics = Metrics()
-        if settings.compression_threads == 0:
-            # Workers already keep every CPU busy on a backlog, and starting a thread
-            # pool per file costs more than it saves on small outputs: share the CPUs.
-            per_worker = max(1, (os.cpu_count() or 1) // settings.workers)
-            settings = settings.model_copy(update={"compression_threads": per_worker})
+        settings = settings.for_service()
         self.settings = settings
         self.spool = Spool(settings)
         self.library = library

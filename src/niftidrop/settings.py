@@ -301,6 +301,16 @@ class Settings(BaseSettings):
         """Compression threads, `compression_threads` or one per CPU."""
         return self.compression_threads or (os.cpu_count() or 1)
 
+    def for_service(self) -> Settings:
+        """These settings as `run` uses them (and `check` prints them): with
+        `compression_threads` 0, the service's workers share the CPUs."""
+        if self.compression_threads:
+            return self
+        # Workers already keep every CPU busy on a backlog, and starting a thread
+        # pool per file costs more than it saves on small outputs: share the CPUs.
+        per_worker = max(1, (os.cpu_count() or 1) // self.workers)
+        return self.model_copy(update={"compression_threads": per_worker})
+
 
 class _Placed(NamedTuple):
     """A folder setting: its name, its path as configured, and its real path."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,24 @@ class TestParseAddress:
         """`metrics_address` refuses port 0 (a free port nobody would know to scrape)."""
         with pytest.raises(ConfigError, match="metrics_address"):
             load_settings(metrics_address="127.0.0.1:0")
+
+
+class TestForService:
+    def test_zero_compression_threads_share_the_cpus_among_workers(self) -> None:
+        """compression_threads 0 becomes the CPUs per worker, at least 1; the rest stays."""
+        settings = load_settings(workers=1, compression_threads=0)
+        resolved = settings.for_service()
+        assert resolved.compression_threads == (os.cpu_count() or 1)
+        assert resolved.model_dump(exclude={"compression_threads"}) == settings.model_dump(
+            exclude={"compression_threads"}
+        )
+        many = Settings.model_construct(**{**settings.model_dump(), "workers": 10_000})
+        assert many.for_service().compression_threads == 1
+
+    def test_a_given_number_is_kept(self) -> None:
+        """A non-zero compression_threads is used as it is."""
+        settings = load_settings(compression_threads=2)
+        assert settings.for_service() is settings
 
 
 class TestFolderOverlaps:
