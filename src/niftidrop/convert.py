@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, Unpack
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,6 +40,14 @@ class ConvertFile(Protocol):
     ) -> Any: ...
 
 
+class ClaimedOptions(TypedDict, total=False):
+    """What the service passes on for a claimed input (see `convert_file`)."""
+
+    stem: str | None  # the original name's stem: the claimed file may have another
+    owner: str  # tags its temporary files
+    journal: Path | None
+
+
 def convert_input(
     source: Path,
     out_dir: Path,
@@ -47,10 +55,8 @@ def convert_input(
     *,
     settings: Settings,
     convert_file: ConvertFile | None = None,
-    stem: str | None = None,
     provenance: Mapping[str, object] | None = None,
-    owner: str = "",
-    journal: Path | None = None,
+    **claimed: Unpack[ClaimedOptions],
 ) -> ConversionResult:
     """Convert `source` into `out_dir` against `reference`: the library's `Match` for
     its name, or a reference file given for it. The other arguments are those of
@@ -74,10 +80,8 @@ def convert_input(
         out_dir,
         settings=settings,
         reference=path,
-        stem=stem,
         affine=affine,
         provenance=provenance,
-        owner=owner,
-        journal=journal,
+        **claimed,
     )
     return result
