@@ -54,7 +54,7 @@ class TestConvertInput:
             convert_file=recorder,
             provenance={"input": "case1.npy"},
         )
-        assert result == "result"
+        assert str(result) == "result"
         (call,) = recorder.calls
         assert (call["reference"], call["affine"]) == (reference, None)
         assert call["provenance"] == {"input": "case1.npy", "rule": "exact"}
