@@ -1,4 +1,4 @@
-"""The jobs of the service's workers (README: Workers): what one is, how it is run.
+"""The jobs of the service's workers (README: Running the service): what one is, how it runs.
 
 A job is an input to take to its end: claimed from the inbox first, or claimed
 already. `JobRunner` finishes a claim through the spool, converting it with the

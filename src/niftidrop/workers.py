@@ -1,4 +1,4 @@
-"""The worker pool of the service (README: Workers): threads, queue, conversion processes.
+"""The service's worker pool (README: Running the service): threads, queue, processes.
 
 Worker threads take jobs from one priority queue ordered by modification time,
 so a backlog goes oldest first; an inbox path waits in it once. Each worker
