@@ -198,7 +198,7 @@ class Service:
             self.library.build()
         else:
             self.library.start()  # watch first, then walk: nothing added meanwhile is missed
-        self._library_indexed()
+        _library_indexed(self.library, self.metrics, self.settings.library_dirs)
         self._pool.recover()
         if observer is not None:
             self._watcher = self._intake.watcher(observer)
@@ -217,17 +217,6 @@ class Service:
 
             self._pool.progress = tqdm(
                 total=self._pool.outstanding + len(self._intake), unit="file", file=sys.stderr
-            )
-
-    def _library_indexed(self) -> None:
-        size = len(self.library)
-        self.metrics.set_library_size(size)
-        log.info("library_indexed", references=size)
-        if size == 0:
-            log.warning(
-                "library_empty",
-                library=[str(folder) for folder in self.settings.library_dirs],
-                message="no reference NIfTI files: inputs will fail as no_reference",
             )
 
     def main_loop(self) -> None:
@@ -270,7 +259,7 @@ class Service:
         if self._rescan_requested:
             self._rescan_requested = False
             self.library.build()
-            self._library_indexed()
+            _library_indexed(self.library, self.metrics, self.settings.library_dirs)
         self._intake.rescan()
 
     def _beat(self) -> None:
@@ -360,3 +349,16 @@ def _create_library_folders(folders: list[Path]) -> None:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             log.warning("library_unavailable", folder=str(folder), error=str(error))
+
+
+def _library_indexed(library: Library, metrics: Metrics, folders: list[Path]) -> None:
+    """Count and log the references indexed; warn when there are none."""
+    size = len(library)
+    metrics.set_library_size(size)
+    log.info("library_indexed", references=size)
+    if size == 0:
+        log.warning(
+            "library_empty",
+            library=[str(folder) for folder in folders],
+            message="no reference NIfTI files: inputs will fail as no_reference",
+        )
