@@ -87,7 +87,7 @@ def _cmd_check(settings: Settings, args: argparse.Namespace) -> int:
         if not folder.is_dir():
             problems.append(f"library: {folder} is not a folder")
     problems.extend(settings.folder_overlaps())
-    effective = settings.model_dump(mode="json")
+    effective = settings.for_service().model_dump(mode="json")  # as `run` uses them
     print(json.dumps(effective, indent=2, sort_keys=True))
     for problem in problems:
         print(f"niftidrop: {problem}", file=sys.stderr)
@@ -203,10 +203,9 @@ def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
     With `--reference` every input uses it; otherwise the library is indexed once
     and each input's reference found by the matching rules.
     """
-    import numpy as np
     from tqdm import tqdm
 
-    from niftidrop.api import convert_file
+    from niftidrop.convert import convert_input
     from niftidrop.errors import ConversionError
 
     out_dir: Path = args.output_dir or settings.outbox_dir
@@ -217,9 +216,6 @@ def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
 
         library = ReferenceLibrary.from_settings(settings)
         library.build()
-    default_affine = (
-        np.asarray(settings.default_affine, dtype=np.float64) if settings.default_affine else None
-    )
     show_bar = len(inputs) > 1 and sys.stderr.isatty()
     failed = 0
     with tqdm(total=len(inputs), unit="file", file=sys.stderr, disable=not show_bar) as bar:
@@ -227,19 +223,8 @@ def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
             try:
                 if not source.is_file():
                     raise FileNotFoundError(f"{source}: no such file")
-                if library is None:
-                    reference, provenance = args.reference, None
-                else:
-                    match = library.resolve(source.name)
-                    reference, provenance = match.reference, {"rule": match.rule}
-                result = convert_file(
-                    source,
-                    out_dir,
-                    settings=settings,
-                    reference=reference,
-                    affine=default_affine if reference is None else None,
-                    provenance=provenance,
-                )
+                reference = args.reference if library is None else library.resolve(source.name)
+                result = convert_input(source, out_dir, reference, settings=settings)
                 bar.write(f"{source} -> {', '.join(str(path) for path in result.outputs)}")
             except ConversionError as error:
                 failed += 1

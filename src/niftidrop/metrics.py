@@ -27,6 +27,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 
+from niftidrop.settings import parse_address
+
 # Conversion times range from a few milliseconds (small label maps) to minutes
 # (multi-gigabyte probability maps), so the buckets span that whole range.
 CONVERSION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -34,16 +36,6 @@ CONVERSION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 
 METRICS_PATH = "/metrics"
 HEALTH_PATH = "/healthz"
 SHUTDOWN_POLL_SECONDS = 0.1
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """`"host:port"` (IPv6 hosts in brackets, `[::1]:9464`) as `(host, port)`."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"metrics address: expected host:port, found {address!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
 
 
 class _MetricsServer(ThreadingHTTPServer):

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, NamedTuple
+from typing import Annotated, Any, ClassVar, Final, Literal, NamedTuple
 
 import numpy as np
 from pydantic import Field, ValidationError, field_validator
@@ -46,6 +46,19 @@ def _default_max_memory() -> int:
     from niftidrop.resources import available_memory
 
     return available_memory() // 4
+
+
+class _Resolved:
+    """A folder setting made absolute against `root` (`Settings.resolve`), read-only."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def __repr__(self) -> str:
+        return f"_Resolved({self.field!r})"
+
+    def __get__(self, settings: Settings, owner: type[Settings] | None = None) -> Path:
+        return settings.resolve(getattr(settings, self.field))
 
 
 class Settings(BaseSettings):
@@ -219,9 +232,7 @@ class Settings(BaseSettings):
     def _host_port(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"expected host:port, found {value!r}")
+        parse_address(value, lowest_port=1)  # port 0 would pick one nobody knows
         return value
 
     # Resolved folders.
@@ -231,21 +242,10 @@ class Settings(BaseSettings):
         path = path.expanduser()
         return path if path.is_absolute() else (self.root.expanduser().absolute() / path)
 
-    @property
-    def inbox_dir(self) -> Path:
-        return self.resolve(self.inbox)
-
-    @property
-    def outbox_dir(self) -> Path:
-        return self.resolve(self.outbox)
-
-    @property
-    def archive_dir(self) -> Path:
-        return self.resolve(self.archive)
-
-    @property
-    def failed_dir(self) -> Path:
-        return self.resolve(self.failed)
+    inbox_dir: ClassVar[_Resolved] = _Resolved("inbox")
+    outbox_dir: ClassVar[_Resolved] = _Resolved("outbox")
+    archive_dir: ClassVar[_Resolved] = _Resolved("archive")
+    failed_dir: ClassVar[_Resolved] = _Resolved("failed")
 
     @property
     def library_dirs(self) -> list[Path]:
@@ -301,6 +301,16 @@ class Settings(BaseSettings):
         """Compression threads, `compression_threads` or one per CPU."""
         return self.compression_threads or (os.cpu_count() or 1)
 
+    def for_service(self) -> Settings:
+        """These settings as `run` uses them (and `check` prints them): with
+        `compression_threads` 0, the service's workers share the CPUs."""
+        if self.compression_threads:
+            return self
+        # Workers already keep every CPU busy on a backlog, and starting a thread
+        # pool per file costs more than it saves on small outputs: share the CPUs.
+        per_worker = max(1, (os.cpu_count() or 1) // self.workers)
+        return self.model_copy(update={"compression_threads": per_worker})
+
 
 class _Placed(NamedTuple):
     """A folder setting: its name, its path as configured, and its real path."""
@@ -340,6 +350,17 @@ def _overlap(inner: _Placed, outer: _Placed, recursive: bool) -> str | None:
         f"{inner} is inside {outer}: {_WHY_NOT_INSIDE[outer.name]}; move it out, "
         f"or into a hidden folder there (a name starting with '.')"
     )
+
+
+def parse_address(address: str, *, lowest_port: int = 0) -> tuple[str, int]:
+    """`"host:port"` (IPv6 hosts in brackets, `[::1]:9464`) as `(host, port)`; a port
+    below `lowest_port` (0: any free port) is refused as a ValueError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not lowest_port <= int(port) < 65536:
+        raise ValueError(f"expected host:port, found {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
 
 
 def find_config_file(explicit: Path | None = None) -> Path | None:

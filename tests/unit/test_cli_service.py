@@ -195,6 +195,25 @@ class TestOverlappingFolders:
         assert main(["check", *flags(root)]) == ExitCode.OK
 
 
+class TestCheck:
+    @pytest.mark.parametrize("threads", ["0", "3"])
+    def test_prints_the_settings_run_uses(
+        self, root: Path, capsys: pytest.CaptureFixture[str], threads: str
+    ) -> None:
+        """`check` prints compression_threads as the service resolves it (0: the CPUs
+        shared among the workers), not as configured."""
+        from niftidrop.service import Service
+        from niftidrop.settings import load_settings
+
+        options = [*flags(root), "--workers", "1", "--compression-threads", threads]
+        assert main(["check", *options]) == ExitCode.OK
+        printed = json.loads(capsys.readouterr().out)
+        settings = load_settings(root=root, workers=1, compression_threads=int(threads))
+        used = Service(settings).settings
+        assert printed["compression_threads"] == used.compression_threads
+        assert printed["compression_threads"] == (int(threads) or os.cpu_count() or 1)
+
+
 class TestStatusAndHealth:
     def test_status_counts_each_folder(
         self, root: Path, capsys: pytest.CaptureFixture[str]

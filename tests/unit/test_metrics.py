@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from niftidrop.metrics import Metrics, parse_address
+from niftidrop.metrics import Metrics
 
 # Scrapes go straight to loopback, whatever proxy the environment names.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -87,22 +87,6 @@ class TestValues:
         registry = CollectorRegistry()
         Metrics(registry).set_library_size(5)
         assert registry.get_sample_value("niftidrop_library_references") == 5
-
-
-class TestParseAddress:
-    def test_ipv4(self) -> None:
-        """host:port splits into host and integer port."""
-        assert parse_address("127.0.0.1:9464") == ("127.0.0.1", 9464)
-
-    def test_ipv6_in_brackets(self) -> None:
-        """An IPv6 host loses its brackets."""
-        assert parse_address("[::1]:9464") == ("::1", 9464)
-
-    @pytest.mark.parametrize("address", ["9464", ":9464", "localhost:", "host:http", "h:70000"])
-    def test_rejects_malformed(self, address: str) -> None:
-        """Anything but host:port with a port number is refused, quoting the address."""
-        with pytest.raises(ValueError, match="expected host:port"):
-            parse_address(address)
 
 
 class TestServe:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from niftidrop.errors import ConfigError
-from niftidrop.settings import Settings, find_config_file, load_settings
+from niftidrop.settings import Settings, find_config_file, load_settings, parse_address
 
 
 class TestDefaults:
@@ -17,6 +18,16 @@ class TestDefaults:
         assert settings.inbox_dir == tmp_path / "inbox"
         assert settings.library_dirs == [tmp_path / "library"]
         assert settings.state_path == tmp_path / "inbox" / ".niftidrop"
+
+    def test_every_folder_resolves_against_root_and_is_no_field(self, tmp_path: Path) -> None:
+        """inbox_dir, outbox_dir, archive_dir and failed_dir are their settings made
+        absolute; they are not settings themselves (not dumped, not flags)."""
+        settings = load_settings(root=tmp_path, archive="/srv/archive")
+        assert settings.outbox_dir == tmp_path / "outbox"
+        assert settings.archive_dir == Path("/srv/archive")
+        assert settings.failed_dir == tmp_path / "failed"
+        dumped = settings.model_dump()
+        assert not [name for name in dumped if name.endswith("_dir") and name != "state_dir"]
 
     def test_contract_defaults(self) -> None:
         """The defaults are the ones SPEC.md promises."""
@@ -103,6 +114,45 @@ class TestValidation:
         assert load_settings(workers=most).workers == most
         with pytest.raises(ConfigError, match=rf"workers: .*expected at most {most}: each worker"):
             load_settings(workers=most + 1)
+
+
+class TestParseAddress:
+    def test_ipv4(self) -> None:
+        """host:port splits into host and integer port."""
+        assert parse_address("127.0.0.1:9464") == ("127.0.0.1", 9464)
+
+    def test_ipv6_in_brackets(self) -> None:
+        """An IPv6 host loses its brackets."""
+        assert parse_address("[::1]:9464") == ("::1", 9464)
+
+    @pytest.mark.parametrize("address", ["9464", ":9464", "localhost:", "host:http", "h:70000"])
+    def test_rejects_malformed(self, address: str) -> None:
+        """Anything but host:port with a port number is refused, quoting the address."""
+        with pytest.raises(ValueError, match="expected host:port"):
+            parse_address(address)
+
+    def test_the_setting_needs_a_port_of_its_own(self) -> None:
+        """`metrics_address` refuses port 0 (a free port nobody would know to scrape)."""
+        with pytest.raises(ConfigError, match="metrics_address"):
+            load_settings(metrics_address="127.0.0.1:0")
+
+
+class TestForService:
+    def test_zero_compression_threads_share_the_cpus_among_workers(self) -> None:
+        """compression_threads 0 becomes the CPUs per worker, at least 1; the rest stays."""
+        settings = load_settings(workers=1, compression_threads=0)
+        resolved = settings.for_service()
+        assert resolved.compression_threads == (os.cpu_count() or 1)
+        assert resolved.model_dump(exclude={"compression_threads"}) == settings.model_dump(
+            exclude={"compression_threads"}
+        )
+        many = Settings.model_construct(**{**settings.model_dump(), "workers": 10_000})
+        assert many.for_service().compression_threads == 1
+
+    def test_a_given_number_is_kept(self) -> None:
+        """A non-zero compression_threads is used as it is."""
+        settings = load_settings(compression_threads=2)
+        assert settings.for_service() is settings
 
 
 class TestFolderOverlaps:

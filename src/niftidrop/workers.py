@@ -1,0 +1,247 @@
+"""The service's worker pool (README: Running the service): threads, queue, processes.
+
+Worker threads take jobs from one priority queue ordered by modification time,
+so a backlog goes oldest first; an inbox path waits in it once. Each worker
+converts in a child process of its own (`niftidrop.processes`): the interpreter
+lock would let threads run only one conversion's Python at a time. What a
+worker does with a job is `niftidrop.jobs`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from niftidrop.errors import ServiceError
+from niftidrop.jobs import Job, JobRunner, Retries
+from niftidrop.logs import get_logger
+from niftidrop.processes import ConversionProcess
+
+if TYPE_CHECKING:
+    from niftidrop.convert import ConvertFile
+    from niftidrop.library import Match
+    from niftidrop.metrics import Metrics
+    from niftidrop.settings import Settings
+    from niftidrop.spool import Spool
+
+# At a stop: how long a worker whose conversion process was killed has to notice.
+KILLED_JOB_SECONDS: Final = 5.0
+
+log = get_logger()
+
+
+class WorkerPool:
+    """The worker threads of one service, their conversion processes and their jobs."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        *,
+        resolve: Callable[[str], Match],
+        metrics: Metrics,
+        convert_file: ConvertFile | None = None,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.retries = Retries(self.submit)
+        self.jobs = JobRunner(settings, spool, self.retries, resolve=resolve, metrics=metrics)
+        self.progress: Any = None  # a bar advanced per job done (`--once` on a terminal)
+        # None: `niftidrop.api.convert_file` in a child process per worker; a
+        # converter given here (tests) runs in the worker threads themselves.
+        self._convert_file = convert_file
+        self._processes: list[ConversionProcess] = []
+        self._queue: queue.PriorityQueue[tuple[int, int, Job | None]] = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._queued: set[Path] = set()  # inbox paths waiting in `_queue`
+        self._lock = threading.Lock()
+        self._outstanding = 0  # jobs queued or running
+        self._workers: list[threading.Thread] = []
+
+    def __repr__(self) -> str:
+        return f"WorkerPool(workers={self.settings.workers}, outstanding={self.outstanding})"
+
+    @property
+    def outstanding(self) -> int:
+        """Jobs queued or running."""
+        with self._lock:
+            return self._outstanding
+
+    def queued(self, path: Path) -> bool:
+        """Whether the inbox file `path` waits in the queue already."""
+        with self._lock:
+            return path in self._queued
+
+    def submit(self, job: Job, mtime_ns: int) -> None:
+        """Queue `job` (an inbox path only once), older `mtime_ns` first."""
+        with self._lock:
+            if _waits_once(job):
+                if job.path in self._queued:
+                    return
+                self._queued.add(job.path)
+            self._outstanding += 1
+        self._queue.put((mtime_ns, next(self._order), job))
+
+    # Life cycle.
+
+    def recover(self) -> None:
+        """Queue the claims an earlier run left, once its stale temporaries are gone."""
+        removed = self.spool.remove_stale_temporaries()
+        claims = self.spool.claims()
+        if removed or claims:
+            log.info("spool_recovered", claims=len(claims), temporary_files_removed=removed)
+        for claim in claims:
+            self.submit(Job.claimed(claim), _mtime_ns(claim.path))
+
+    def start_processes(self) -> None:
+        """Start the conversion processes without waiting for them (see `start`)."""
+        if self._convert_file is not None:
+            return
+        # Replies carry a ConversionResult: its module (numpy, nibabel) is imported
+        # now rather than when the first conversion is done.
+        import niftidrop.api  # noqa: F401
+
+        self._processes = [
+            ConversionProcess(
+                max_memory=self.settings.max_memory,
+                timeout=self.settings.conversion_timeout,
+                on_output=self._process_output,
+            )
+            for _ in range(self.settings.workers)
+        ]
+        for process in self._processes:
+            process.start()
+
+    def start(self) -> None:
+        """Wait for the conversion processes, then start a worker thread for each."""
+        converters: list[ConvertFile] = []
+        if self._convert_file is not None:
+            converters = [self._convert_file] * self.settings.workers
+        for process in self._processes:
+            try:
+                process.wait_ready()
+            except ChildProcessError as error:
+                raise ServiceError(f"a conversion process did not start: {error}") from None
+            converters.append(process)
+        for number, convert_file in enumerate(converters):
+            worker = threading.Thread(
+                target=self._work,
+                args=(convert_file,),
+                name=f"niftidrop-worker-{number}",
+                daemon=True,
+            )
+            worker.start()
+            self._workers.append(worker)
+
+    def stop_taking(self) -> None:
+        """Workers take no new job; a job waiting for its reference gives up."""
+        self.jobs.stopping.set()
+
+    def stop(self, *, force: Callable[[], bool]) -> int:
+        """Let the workers finish their jobs (up to `shutdown_timeout`, unless `force()`),
+        then end the conversion processes; returns how many jobs were left running."""
+        for _ in self._workers:
+            self._queue.put((-1, next(self._order), None))
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        for worker in self._workers:
+            while worker.is_alive() and not force() and time.monotonic() < deadline:
+                worker.join(timeout=0.1)
+        left = sum(worker.is_alive() for worker in self._workers)
+        self._stop_processes(force())
+        return left
+
+    def stopped(self) -> None:
+        """The service is stopping for good: nothing about an input is logged any more."""
+        self.jobs.stopped.set()
+
+    def release(self) -> None:
+        """End the conversion processes (closed already after a normal stop)."""
+        for number, process in enumerate(self._processes):
+            process.kill()
+            if not self._worker_busy(number):
+                process.close()
+
+    def _process_output(self, pid: int, report: Mapping[str, Any]) -> None:
+        """Log what a conversion process reported (on its own thread, see processes)."""
+        if self.jobs.stopped.is_set():
+            return
+        fields = dict(report)
+        event = str(fields.pop("event", "conversion_process_output"))
+        level = str(fields.pop("level", "warning"))
+        fields["pid"] = pid
+        if level not in ("debug", "info", "warning", "error"):
+            level = "warning"
+        getattr(log, level)(event, **fields)
+
+    def _worker_busy(self, number: int) -> bool:
+        return number < len(self._workers) and self._workers[number].is_alive()
+
+    def _stop_processes(self, force: bool) -> None:
+        """Close the conversion processes of idle workers; kill those still converting.
+
+        A killed conversion ends its job at once (its input stays claimed); the
+        worker is given a moment to notice, so that nothing about the input is
+        logged after `service_stopped`.
+        """
+        for number, process in enumerate(self._processes):
+            if self._worker_busy(number) or force:
+                process.kill()
+        deadline = time.monotonic() + KILLED_JOB_SECONDS
+        for worker in self._workers:
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
+        for number, process in enumerate(self._processes):
+            if not self._worker_busy(number):  # a worker still inside keeps its pipes
+                process.close()
+
+    # Jobs (on the worker threads).
+
+    def _work(self, convert_file: ConvertFile) -> None:
+        while True:
+            _, _, job = self._queue.get()
+            if job is None:
+                return
+            try:
+                if not self.jobs.stopping.is_set():
+                    self._run_job(job, convert_file)
+            except Exception:  # a bug must not kill the worker; the input stays put
+                if not self.jobs.stopped.is_set():
+                    log.exception("job_crashed", job=str(job))
+            finally:
+                with self._lock:
+                    self._outstanding -= 1
+                    if _waits_once(job):
+                        self._queued.discard(job.path)
+                if self.progress is not None:
+                    self.progress.update()
+
+    def _run_job(self, job: Job, convert_file: ConvertFile) -> None:
+        claim = job.claim
+        if claim is None:
+            try:
+                claim = self.spool.claim(job.path)
+            except OSError as error:
+                log.warning("claim_failed", input=str(job.path), error=str(error))
+                return  # still in the inbox: the next rescan offers it again
+            finally:
+                with self._lock:
+                    self._queued.discard(job.path)
+            if claim is None:
+                return
+        self.jobs.finish(job, claim, convert_file)
+
+
+def _waits_once(job: Job) -> bool:
+    """An inbox file is queued once (`submit`); a truncated one is handed on regardless."""
+    return job.claim is None and not job.truncated
+
+
+def _mtime_ns(path: Path) -> int:
+    try:
+        return path.lstat().st_mtime_ns
+    except OSError:
+        return 0

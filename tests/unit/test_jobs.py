@@ -1,0 +1,123 @@
+"""Tests of the workers' jobs: their shape, the retries, and how a claim is finished."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from niftidrop.claims import Claim
+from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.jobs import FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS, Job, JobRunner, Retries
+from niftidrop.library import Match
+from niftidrop.metrics import Metrics
+from niftidrop.settings import Settings, load_settings
+from niftidrop.spool import Spool
+
+
+def _claim(folder: str = "/state/claimed/x", name: str = "a.npy") -> Claim:
+    return Claim(Path(folder), PurePosixPath(name))
+
+
+class TestJob:
+    def test_an_inbox_job_and_a_claimed_one(self) -> None:
+        """An inbox job has no claim; a claimed one carries it and its path."""
+        claim = _claim()
+        assert Job(Path("/inbox/a.npy")).claim is None
+        assert Job.claimed(claim) == Job(claim.path, claim)
+        assert str(Job.claimed(claim)) == str(claim.path)
+
+
+class TestRetries:
+    def test_environmental_errors_back_off_and_come_back_when_due(self) -> None:
+        """Each error in a row doubles the delay (from FIRST_RETRY_SECONDS, at most
+        MAX_RETRY_SECONDS); `run` hands the claim back once due."""
+        submitted: list[Job] = []
+        retries = Retries(lambda job, _: submitted.append(job))
+        claim = _claim()
+        with capture_logs() as logs:
+            for _ in range(10):
+                retries.environmental(claim, OSError(28, "No space left on device"))
+        delays = [line["retry_in"] for line in logs]
+        assert delays[:2] == [FIRST_RETRY_SECONDS, 2 * FIRST_RETRY_SECONDS]
+        assert delays[-1] == MAX_RETRY_SECONDS
+        assert len(retries) == 10
+        retries.run(retries.when() - 0.001)
+        assert submitted == []
+        retries.run(retries.when() + MAX_RETRY_SECONDS)
+        assert submitted == [Job.claimed(claim)] * 10
+        assert (len(retries), retries.when()) == (0, float("inf"))
+
+    def test_crashes_are_counted_up_to_max_attempts(self) -> None:
+        """A crash is retried until the `max_attempts`th, which is not; `forget` resets."""
+        retries = Retries(lambda job, _: None)
+        claim = _claim()
+        with capture_logs():
+            assert retries.crashed(claim, "killed by SIGKILL", 3)
+            assert retries.crashed(claim, "killed by SIGKILL", 3)
+            assert not retries.crashed(claim, "killed by SIGSEGV", 3)
+        assert retries.crashes(claim) == (3, "killed by SIGSEGV")
+        retries.forget(claim)
+        assert retries.crashes(claim) == (0, "")
+
+
+class _Library:
+    def __init__(self, reference: Path) -> None:
+        self.reference = reference
+
+    def resolve(self, name: str) -> Match:
+        return Match(name, name, self.reference, "exact", (self.reference,))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return load_settings(root=tmp_path, fsync=False)
+
+
+def _runner(settings: Settings) -> tuple[JobRunner, Spool]:
+    spool = Spool(settings)
+    spool.create_folders()
+    library = _Library(settings.root / "ref.nii.gz")
+    retries = Retries(lambda job, _: None)
+    return JobRunner(settings, spool, retries, resolve=library.resolve, metrics=Metrics()), spool
+
+
+def _never_called(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("the input was to be rejected unread")
+
+
+class TestJobRunner:
+    def test_a_truncated_input_fails_as_truncated_unread(self, settings: Settings) -> None:
+        """A truncated job's claim goes to failed with its record; nothing converts it."""
+        runner, spool = _runner(settings)
+        path = settings.inbox_dir / "a.npy"
+        path.write_bytes(b"\x93NUMPY")
+        claim = spool.claim(path)
+        assert claim is not None
+        with capture_logs() as logs:
+            runner.finish(Job(path, truncated=True), claim, _never_called)
+        record = json.loads((settings.failed_dir / "a.npy.error.json").read_text())
+        assert record["error"] == ErrorCode.TRUNCATED.value
+        assert "incomplete and unchanged for 600 s" in record["message"]
+        (line,) = [line for line in logs if line["event"] == "input_failed"]
+        assert line["error"] == "truncated"
+        assert runner.tally.failed == 1
+
+    def test_a_rejection_by_the_converter_is_failed(self, settings: Settings) -> None:
+        """A ConversionError out of the conversion moves the input to failed."""
+        runner, spool = _runner(settings)
+        path = settings.inbox_dir / "a.npy"
+        path.write_bytes(b"x")
+        claim = spool.claim(path)
+        assert claim is not None
+
+        def reject(*args: Any, **kwargs: Any) -> Any:
+            raise ConversionError(ErrorCode.CORRUPT, "a.npy: expected a .npy header")
+
+        with capture_logs():
+            runner.finish(Job.claimed(claim), claim, reject)
+        record = json.loads((settings.failed_dir / "a.npy.error.json").read_text())
+        assert record["error"] == "corrupt"
