@@ -1,14 +1,9 @@
 """niftidrop: turn NumPy predictions into NIfTI files with their reference's geometry."""
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from niftidrop.errors import ConfigError, ConversionError, ErrorCode, NiftidropError
-
-try:
-    __version__ = version("niftidrop")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
+from niftidrop.version import __version__
 
 if TYPE_CHECKING:
     from niftidrop.api import ConversionResult, convert_file, nifti_to_numpy, numpy_to_nifti

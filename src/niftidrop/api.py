@@ -27,6 +27,7 @@ from niftidrop.journal import find_own, identity_of, read_journal, write_journal
 from niftidrop.names import input_stem, nifti_prefix
 from niftidrop.reference import Reference, file_sha256, nib, read_reference, reference_sha256
 from niftidrop.settings import Settings
+from niftidrop.version import __version__
 from niftidrop.writer import (
     Temporary,
     check_free,
@@ -55,12 +56,6 @@ class ConversionResult:
     bytes_in: int  # input file size
     bytes_out: int  # total bytes of outputs on disk
     seconds: float
-
-
-def _version() -> str:
-    from niftidrop import __version__
-
-    return __version__
 
 
 def convert_file(
@@ -103,7 +98,7 @@ def convert_file(
         dtype=settings.dtype,
         axis_order=settings.axis_order,
         channels=settings.channels,
-        version=_version(),
+        version=__version__,
     )
     finals = [out_dir / f"{stem}{volume.suffix}{extension}" for volume in plan.volumes]
     # None with overwrite: a redo writes the same bytes under the same names.
@@ -240,7 +235,7 @@ def _sidecar_text(
         "shape_out": list(plan.shape_out),
         "dtype_in": plan.dtype_in.name,
         "dtype_out": plan.dtype_out.name,
-        "niftidrop_version": _version(),
+        "niftidrop_version": __version__,
         "converted_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
     }
     record.update(provenance or {})

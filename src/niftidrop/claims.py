@@ -20,10 +20,10 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Final
 
-from niftidrop import __version__
 from niftidrop.errors import ConfigError, ConversionError
 from niftidrop.names import input_stem, is_owned_by, is_temp_name, temp_path_for
 from niftidrop.settings import Settings
+from niftidrop.version import __version__
 from niftidrop.writer import discard, link_exclusive, write_json_atomic
 
 CLAIMS: Final = "claimed"

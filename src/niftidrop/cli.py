@@ -17,9 +17,9 @@ from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from niftidrop import __version__
 from niftidrop.errors import ConfigError, ServiceError
 from niftidrop.settings import Settings, load_settings
+from niftidrop.version import __version__
 
 if TYPE_CHECKING:
     from niftidrop.spool import Spool

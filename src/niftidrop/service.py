@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import TYPE_CHECKING, Final, Protocol
 
-from niftidrop import __version__
 from niftidrop.errors import ServiceError
 from niftidrop.guard import SpoolGuard
 from niftidrop.intake import Intake
@@ -30,6 +29,7 @@ from niftidrop.observers import choose_observer
 from niftidrop.periodic import Periodic, Task
 from niftidrop.spool import Spool
 from niftidrop.systemd import SystemdNotifier
+from niftidrop.version import __version__
 from niftidrop.workers import WorkerPool
 
 if TYPE_CHECKING:
