@@ -9,8 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +17,9 @@ import numpy as np
 
 from niftidrop.service import Service
 from niftidrop.settings import Settings, load_settings
+from waiting import wait_until
 
 SHAPE = (6, 5, 4)
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
-    """Poll `condition` until it is true; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        time.sleep(0.02)
 
 
 def write_reference(path: Path, shape: tuple[int, ...] = SHAPE) -> Path:

@@ -8,7 +8,9 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from support import ThreadedService, drop_by_rename, files_in, prediction, save_npy, wait_until
+from support import ThreadedService, drop_by_rename, files_in, prediction, save_npy
+
+from waiting import wait_until
 
 BACKLOG = 400
 

@@ -18,9 +18,10 @@ from support import (
     files_in,
     prediction,
     save_npy,
-    wait_until,
     write_reference,
 )
+
+from waiting import wait_until
 
 
 def npy_bytes(array: np.ndarray[object, np.dtype[np.generic]], allow_pickle: bool = False) -> bytes:

@@ -18,11 +18,11 @@ from support import (
     drop_by_rename,
     files_in,
     prediction,
-    wait_until,
     write_reference,
 )
 
 from fifos import wait_for_reader
+from waiting import wait_until
 
 FAST = ["--settle-seconds", "0.3", "--heartbeat-interval", "0.5"]
 INPUT_EVENTS = ("input_converted", "input_failed", "input_retrying", "input_deferred")

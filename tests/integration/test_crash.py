@@ -23,11 +23,11 @@ from support import (
     output_of,
     prediction,
     save_npy,
-    wait_until,
     write_reference,
 )
 
 from niftidrop.listing import scan_inbox
+from waiting import wait_until
 
 INPUTS = 240
 KILLS = 8

@@ -16,8 +16,9 @@ from support import (
     output_of,
     prediction,
     save_npy,
-    wait_until,
 )
+
+from waiting import wait_until
 
 
 def converted_inputs(service: ThreadedService) -> list[str]:

@@ -158,7 +158,11 @@ RUNNERS = 6  # each case mostly waits on the service's loop: several run side by
 
 def run_kills(cases: list[tuple[str, str, int]]) -> tuple[int, list[str]]:
     """Run the cases in RUNNERS runner processes; (cases killed, problems)."""
-    environment = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    # The runner imports the tests' helpers (integration/ is its own folder; tests/ is not).
+    helpers = os.pathsep.join(
+        filter(None, [str(RUNNER.parent.parent), os.environ.get("PYTHONPATH")])
+    )
+    environment = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": helpers}
     chunks = [cases[number::RUNNERS] for number in range(RUNNERS)]
     runners = []
     for chunk in chunks:

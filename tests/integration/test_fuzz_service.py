@@ -13,9 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from support import SHAPE, ThreadedService, drop_by_rename, prediction, wait_until
+from support import SHAPE, ThreadedService, drop_by_rename, prediction
 
 import fuzzing
+from waiting import wait_until
 
 DAMAGED = 300
 GOOD = 30

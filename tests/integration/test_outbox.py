@@ -17,11 +17,11 @@ from support import (
     drop_by_rename,
     files_in,
     prediction,
-    wait_until,
     write_reference,
 )
 
 from niftidrop.names import is_temp_name
+from waiting import wait_until
 
 INPUTS = 30
 

@@ -25,9 +25,10 @@ from support import (
     output_of,
     prediction,
     save_npy,
-    wait_until,
     write_reference,
 )
+
+from waiting import wait_until
 
 Flipper = Callable[[Path, Path], Callable[[], None]]
 

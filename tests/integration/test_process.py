@@ -17,9 +17,10 @@ from support import (
     output_of,
     prediction,
     save_npy,
-    wait_until,
     write_reference,
 )
+
+from waiting import wait_until
 
 FAST = ["--settle-seconds", "0.3", "--heartbeat-interval", "0.5", "--workers", "2"]
 

@@ -24,8 +24,9 @@ from support import (
     files_in,
     output_of,
     prediction,
-    wait_until,
 )
+
+from waiting import wait_until
 
 
 @contextmanager

@@ -12,7 +12,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from support import drop_by_rename, prediction, wait_until
+from support import drop_by_rename, prediction
+
+from waiting import wait_until
 
 
 def as_a_plain_user(command: list[str]) -> list[str]:

@@ -8,16 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import (
-    ThreadedService,
-    drop_by_rename,
-    output_of,
-    prediction,
-    wait_until,
-    write_reference,
-)
+from support import ThreadedService, drop_by_rename, output_of, prediction, write_reference
 
 from niftidrop.library import ReferenceLibrary
+from waiting import wait_until
 
 
 def place_reference(library: Path, name: str) -> Path:

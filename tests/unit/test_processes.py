@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from fifos import wait_for_reader
 from niftidrop import ConversionError, ErrorCode, convert_file
 from niftidrop.processes import ConversionCrashed, ConversionProcess
 from niftidrop.settings import Settings
+from waiting import wait_until
 
 MakeReference = Callable[..., Path]
 SETTINGS = Settings.model_validate({"fsync": False})
@@ -41,13 +41,6 @@ def gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return state in ("Z", "X")
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 class TestCalls:

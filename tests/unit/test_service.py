@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -25,14 +24,7 @@ from niftidrop.metrics import Metrics
 from niftidrop.service import Service, handle_signals
 from niftidrop.settings import Settings, load_settings
 from niftidrop.systemd import SystemdNotifier
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
+from waiting import wait_until
 
 
 class FakeLibrary:
@@ -160,7 +152,7 @@ def make_service(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., R
         def start(**overrides: Any) -> Running:
             running = make(**overrides)
             running.thread.start()
-            wait_for(running.service.ready.is_set)
+            wait_until(running.service.ready.is_set)
             started.append(running)
             return running
 
@@ -187,12 +179,12 @@ class TestSignals:
         before = signal.getsignal(signal.SIGTERM)
         with handle_signals(service):
             os.kill(os.getpid(), signal.SIGHUP)
-            wait_for(lambda: service._rescan_requested)
+            wait_until(lambda: service._rescan_requested)
             os.kill(os.getpid(), signal.SIGINT)
-            wait_for(lambda: service.stop_requested)
+            wait_until(lambda: service.stop_requested)
             assert not service._force_stop
             os.kill(os.getpid(), signal.SIGINT)
-            wait_for(lambda: service._force_stop)
+            wait_until(lambda: service._force_stop)
         assert signal.getsignal(signal.SIGTERM) is before
 
 
@@ -203,9 +195,9 @@ class TestService:
         """A dropped input is converted, archived, and logged once with every field."""
         running = make_service()
         drop(settings, "site/a.npy")
-        wait_for((settings.archive_dir / "site" / "a.npy").exists)
+        wait_until((settings.archive_dir / "site" / "a.npy").exists)
         assert (settings.outbox_dir / "site" / "a.nii.gz").exists()
-        wait_for(lambda: bool(running.events("input_converted")))
+        wait_until(lambda: bool(running.events("input_converted")))
         (line,) = running.events("input_converted")
         for field in ("input", "reference", "rule", "output", "shape", "dtype_in", "dtype_out"):
             assert field in line
@@ -230,9 +222,9 @@ class TestService:
         running = make_service()
         drop(settings, "orphan.npy")
         drop(settings, "b.npy")
-        wait_for((settings.archive_dir / "b.npy").exists)
-        wait_for((settings.failed_dir / "orphan.npy.error.json").exists)
-        wait_for(lambda: bool(running.events("input_failed")))
+        wait_until((settings.archive_dir / "b.npy").exists)
+        wait_until((settings.failed_dir / "orphan.npy.error.json").exists)
+        wait_until(lambda: bool(running.events("input_failed")))
         (line,) = running.events("input_failed")
         assert (line["input"], line["error"]) == ("orphan.npy", "no_reference")
         assert "message" in line
@@ -244,7 +236,7 @@ class TestService:
         running = make_service()
         running.converter.environment_errors = 2
         drop(settings, "a.npy")
-        wait_for((settings.archive_dir / "a.npy").exists)
+        wait_until((settings.archive_dir / "a.npy").exists)
         retries = running.events("input_retrying")
         assert [line["attempt"] for line in retries] == [1, 2]
         assert retries[1]["retry_in"] == 2 * retries[0]["retry_in"]
@@ -258,7 +250,7 @@ class TestService:
             path = drop(settings, name)
             os.utime(path, (1000 + [3, 1, 2][index], 1000 + [3, 1, 2][index]))
         running = make_service()
-        wait_for(lambda: len(running.converter.order) == 3)
+        wait_until(lambda: len(running.converter.order) == 3)
         assert running.converter.order == ["a.npy", "b.npy", "c.npy"]
 
     def test_lifecycle_events_and_systemd_messages(
@@ -268,7 +260,7 @@ class TestService:
         running = make_service()
         notifier = running.service.notifier
         assert isinstance(notifier, FakeNotifier)
-        wait_for(lambda: "WATCHDOG=1" in notifier.messages)
+        wait_until(lambda: "WATCHDOG=1" in notifier.messages)
         running.service.request_stop()
         running.thread.join(timeout=30)
         assert running.result == [0]
@@ -286,7 +278,7 @@ class TestService:
         running = make_service()
         heartbeat = running.service.spool.heartbeat_path
         first = heartbeat.stat().st_mtime_ns
-        wait_for(lambda: heartbeat.stat().st_mtime_ns != first)
+        wait_until(lambda: heartbeat.stat().st_mtime_ns != first)
 
     def test_rescan_finds_files_without_events(
         self, make_service: Callable[..., Running], settings: Settings
@@ -298,7 +290,7 @@ class TestService:
         watcher.stop()
         drop(settings, "silent.npy")
         running.service.request_rescan()
-        wait_for((settings.archive_dir / "silent.npy").exists)
+        wait_until((settings.archive_dir / "silent.npy").exists)
 
     def test_stop_finishes_the_conversion_in_flight(
         self, make_service: Callable[..., Running], settings: Settings
@@ -307,7 +299,7 @@ class TestService:
         running = make_service()
         running.converter.release.clear()
         drop(settings, "a.npy")
-        wait_for(lambda: bool(list(running.service.spool.claims_folder.iterdir())))
+        wait_until(lambda: bool(list(running.service.spool.claims_folder.iterdir())))
         running.service.request_stop()
         running.converter.release.set()
         running.thread.join(timeout=30)
@@ -321,8 +313,8 @@ class TestService:
         running = make_service(metrics_address="127.0.0.1:0")
         drop(settings, "a.npy")
         drop(settings, "orphan.npy")
-        wait_for(lambda: len(running.events("input_converted")) == 1)
-        wait_for(lambda: len(running.events("input_failed")) == 1)
+        wait_until(lambda: len(running.events("input_converted")) == 1)
+        wait_until(lambda: len(running.events("input_failed")) == 1)
         port = running.service.metrics.port
         assert port is not None
         base = f"http://127.0.0.1:{port}"
@@ -435,7 +427,7 @@ class TestCrashes:
         running.converter.crashes = 100
         drop(settings, "a.npy")
         error_json = settings.failed_dir / "a.npy.error.json"
-        wait_for(error_json.exists)
+        wait_until(error_json.exists)
         assert running.converter.calls == 3
         record = json.loads(error_json.read_text())
         assert record["error"] == "conversion_crashed"
@@ -452,7 +444,7 @@ class TestCrashes:
         running = make_service(max_attempts=2)
         running.converter.crashes = 1
         drop(settings, "a.npy")
-        wait_for((settings.archive_dir / "a.npy").exists)
+        wait_until((settings.archive_dir / "a.npy").exists)
         assert running.converter.calls == 2
         assert not running.events("input_failed")
 
@@ -463,7 +455,7 @@ class TestCrashes:
         running = make_service(max_attempts=1)
         running.converter.environment_errors = 2
         drop(settings, "a.npy")
-        wait_for((settings.archive_dir / "a.npy").exists)
+        wait_until((settings.archive_dir / "a.npy").exists)
         assert not running.events("input_failed")
 
 
@@ -477,11 +469,11 @@ class TestSpoolUnderfoot:
         (the lock held again), and inputs are converted as before."""
         running = make_service()
         shutil.rmtree(settings.state_path)
-        wait_for(lambda: bool(running.events("state_recreated")))
+        wait_until(lambda: bool(running.events("state_recreated")))
         with (settings.state_path / "lock").open("a+b") as handle, pytest.raises(BlockingIOError):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         drop(settings, "a.npy")
-        wait_for((settings.archive_dir / "a.npy").exists)
+        wait_until((settings.archive_dir / "a.npy").exists)
 
     @pytest.mark.parametrize("replacement", ["folder", "symlink"])
     def test_a_replaced_inbox_stops_the_service_and_its_watchdog(
@@ -509,8 +501,8 @@ class TestSpoolUnderfoot:
         with capture_logs() as logs:
             thread = threading.Thread(target=run)
             thread.start()
-            wait_for(service.ready.is_set)
-            wait_for(lambda: "WATCHDOG=1" in notifier.messages)
+            wait_until(service.ready.is_set)
+            wait_until(lambda: "WATCHDOG=1" in notifier.messages)
             settings.inbox_dir.rename(tmp_path / "old-inbox")
             if replacement == "folder":
                 settings.inbox_dir.mkdir()
