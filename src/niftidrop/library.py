@@ -1,6 +1,7 @@
-"""The reference library: an in-memory index of reference scans and the matching rules.
+"""The reference library: an in-memory index of reference scans, kept current.
 
-See the README, "Reference matching". The library folders are scanned once into
+See the README, "Reference matching" (the rules themselves are in `matching`).
+The library folders are scanned once into
 a table of keys → paths; every lookup after that is a few dict lookups and one
 bisect in memory, never a disk access. While started, a watchdog observer and a
 periodic rescan (which lists again only folders whose mtime changed) keep the
@@ -13,15 +14,13 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Literal, TypedDict
+from typing import TYPE_CHECKING, Final
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -34,7 +33,9 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 
+from niftidrop import matching
 from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.matching import Match, MatchReport, MatchRules, Rule
 from niftidrop.names import input_key
 from niftidrop.observers import FolderWatches, is_within, make_observer, needs_polling
 from niftidrop.reference_index import (
@@ -42,7 +43,6 @@ from niftidrop.reference_index import (
     ReferenceIndex,
     ReferenceKeys,
     ReferenceScanner,
-    pattern_key,
 )
 
 if TYPE_CHECKING:
@@ -50,10 +50,10 @@ if TYPE_CHECKING:
 
     from niftidrop.settings import Settings
 
-# `needs_polling` lives in `observers`; it stays importable from here for the watcher.
+# `needs_polling` lives in `observers`, and `Match`, `MatchReport` and `Rule` in
+# `matching`; they stay importable from here for the watcher and the service.
 __all__ = ["Match", "MatchReport", "ReferenceLibrary", "Rule", "needs_polling"]
 
-Rule = Literal["exact", "reference_prefix", "input_prefix", "key_pattern", "identity"]
 # The events that change names, all the index cares about. Asked of the kernel
 # alone: by default watchdog also watches opens and closes, so every reference
 # the service reads would cost an event handled on three threads.
@@ -65,29 +65,6 @@ NAME_EVENTS: Final = [
     FileMovedEvent,
     DirMovedEvent,
 ]
-
-
-@dataclass(frozen=True)
-class Match:
-    """Which reference an input name resolves to, and why."""
-
-    name: str  # the input name asked about
-    key: str  # its key
-    reference: Path | None  # None only for rule "identity"
-    rule: Rule  # "key_pattern": rule 1 (exact) applied to the keys key_pattern extracts
-    candidates: tuple[Path, ...]  # every reference the deciding rule considered
-
-
-class MatchReport(TypedDict):
-    """A match or its refusal as plain data: what `niftidrop match --json` prints."""
-
-    name: str
-    key: str | None
-    reference: str | None
-    rule: Rule | None
-    candidates: list[str]
-    error: str | None  # an ErrorCode value
-    message: str | None
 
 
 class ReferenceLibrary:
@@ -114,22 +91,15 @@ class ReferenceLibrary:
             raise ValueError(
                 f"missing_reference: expected fail or identity, found {missing_reference!r}"
             )
-        if not separators:
-            raise ValueError("separators: expected at least one character, found none")
         self.folders = tuple(Path(folder).absolute() for folder in folders)
-        self.separators = "".join(dict.fromkeys(separators))
-        self._one_separator = str.maketrans(dict.fromkeys(self.separators, self.separators[0]))
-        self.key_pattern = key_pattern
+        self._roots = tuple(str(folder) for folder in self.folders)
+        self._rules = MatchRules(separators, key_pattern, self._roots)
         self.reference_wait = reference_wait
         self.missing_reference = missing_reference
         self.rescan_interval = rescan_interval
         self.observer = observer
         self.poll_interval = poll_interval
-        self._pattern = re.compile(key_pattern) if key_pattern is not None else None
-        if self._pattern is not None and "key" not in self._pattern.groupindex:
-            raise ValueError(f"key_pattern: expected a group named key in {key_pattern!r}")
-        self._key_of = ReferenceKeys(self._pattern)
-        self._roots = tuple(str(folder) for folder in self.folders)
+        self._key_of = ReferenceKeys(self._rules.pattern)
         self._index = ReferenceIndex()
         self._built = False
         # `_lock` guards the index: readers hold it for one lookup, writers to apply
@@ -162,6 +132,16 @@ class ReferenceLibrary:
             observer=settings.observer,
             poll_interval=settings.poll_interval,
         )
+
+    @property
+    def separators(self) -> str:
+        """The characters that split keys into tokens, each once."""
+        return self._rules.separators
+
+    @property
+    def key_pattern(self) -> str | None:
+        """The regex whose group named key gives the keys, if any."""
+        return self._rules.key_pattern
 
     def __len__(self) -> int:
         with self._lock:
@@ -198,20 +178,9 @@ class ReferenceLibrary:
         with self._writer:
             scanner = ReferenceScanner(self._key_of, previous=self._snapshots)
             found = [entry for root in self._roots for entry in scanner.scan(root)]
-            keys_by_folder = self._index.keys_by_folder
-            found_paths = {path for _, path in found}
-            removals = [
-                (key, path)
-                for folder, keys in keys_by_folder.items()
-                if folder in scanner.listed or folder not in scanner.snapshots
-                for path, key in keys.items()
-                if path not in found_paths
-            ]
-            additions = [
-                (key, path)
-                for key, path in found
-                if path not in keys_by_folder.get(path.rpartition(os.sep)[0], ())
-            ]
+            removals, additions = self._index.changes_for_walk(
+                found, scanner.listed, scanner.snapshots
+            )
             if removals or additions:
                 self._change_index(removals, additions)
             self._after_walk(scanner)
@@ -270,7 +239,7 @@ class ReferenceLibrary:
         carrying the equally good candidates.
         """
         with self._lock:
-            return self._match(name)
+            return matching.match(self._index, name, self._rules)
 
     def resolve(self, name: str) -> Match:
         """`match`, but wait up to `reference_wait` for a missing reference, then
@@ -282,7 +251,7 @@ class ReferenceLibrary:
         with self._lock:
             while True:
                 try:
-                    return self._match(name)
+                    return matching.match(self._index, name, self._rules)
                 except ConversionError as error:
                     if error.code is not ErrorCode.NO_REFERENCE:
                         raise
@@ -297,99 +266,12 @@ class ReferenceLibrary:
 
     def key_for(self, name: str) -> str | None:
         """The key of input `name` (after `key_pattern`); None if the pattern does not match."""
-        stem = input_key(name)
-        return stem if self._pattern is None else pattern_key(self._pattern, stem)
+        return self._rules.key_for(name)
 
     def describe(self, name: str) -> MatchReport:
         """`match(name)` as plain data, an error included (for `niftidrop match --json`)."""
-        try:
-            found = self.match(name)
-        except ConversionError as error:
-            return {
-                "name": name,
-                "key": self.key_for(name),
-                "reference": None,
-                "rule": None,
-                "candidates": [str(path) for path in error.candidates],
-                "error": error.code.value,
-                "message": error.message,
-            }
-        return {
-            "name": name,
-            "key": found.key,
-            "reference": str(found.reference),
-            "rule": found.rule,
-            "candidates": [str(path) for path in found.candidates],
-            "error": None,
-            "message": None,
-        }
-
-    def _match(self, name: str) -> Match:
-        key = self.key_for(name)
-        if key is None:
-            raise ConversionError(
-                ErrorCode.NO_REFERENCE,
-                f"{name}: expected a stem matching key_pattern {self.key_pattern!r}, "
-                f"found {input_key(name)!r}",
-            )
-        paths_by_key = self._index.paths_by_key
-        if key in paths_by_key:
-            rule: Rule = "exact" if self._pattern is None else "key_pattern"
-            return self._decide(name, key, rule, [key])
-        if self._pattern is None:
-            prefixes = self._reference_prefixes(key)
-            if prefixes:
-                return self._decide(name, key, "reference_prefix", prefixes)
-            extending = self._index.keys_extending(key, self.separators)
-            if extending:
-                return self._decide(name, key, "input_prefix", extending)
-        raise ConversionError(
-            ErrorCode.NO_REFERENCE,
-            f"{name}: expected {self._rules_text(key)}, "
-            f"found none among {self._index.size} references in {', '.join(self._roots)}",
-        )
-
-    def _reference_prefixes(self, key: str) -> list[str]:
-        """Rule 2: reference keys that `key` continues after a separator, longest first.
-
-        One dict lookup per separator in `key`: with every separator mapped to the
-        first one, `rfind` walks from one separator to the previous.
-        """
-        paths_by_key = self._index.paths_by_key
-        marked = key.translate(self._one_separator)
-        separator = self.separators[0]
-        found = []
-        # Neither end: a prefix is not empty, and "more" after the separator is not.
-        end = marked.rfind(separator, 1, len(key) - 1)
-        while end > 0:
-            if key[:end] in paths_by_key:
-                found.append(key[:end])
-            end = marked.rfind(separator, 1, end)
-        return found
-
-    def _rules_text(self, key: str) -> str:
-        if self._pattern is not None:
-            return f"a reference whose key_pattern key is {key!r}"
-        return (
-            f"a reference keyed {key!r}, a prefix of it, or {key!r} plus a suffix "
-            f"(separated by one of {self.separators!r})"
-        )
-
-    def _decide(self, name: str, key: str, rule: Rule, candidate_keys: list[str]) -> Match:
-        """The match for the first of `candidate_keys`, refused when that key is shared."""
-        index = self._index
-        chosen = index.paths_by_key[candidate_keys[0]]
-        if len(chosen) > 1:
-            raise ConversionError(
-                ErrorCode.AMBIGUOUS_REFERENCE,
-                f"{name}: expected one reference for key {candidate_keys[0]!r} (rule {rule}), "
-                f"found {len(chosen)}: {', '.join(chosen)}",
-                candidates=[index.path(path) for path in chosen],
-            )
-        candidates = tuple(
-            [index.path(path) for other in candidate_keys for path in index.paths_by_key[other]]
-        )
-        return Match(name, key, candidates[0], rule, candidates)
+        with self._lock:
+            return matching.describe(self._index, name, self._rules)
 
     # Watching.
 
