@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import os
 import queue
-import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Final
@@ -43,6 +42,7 @@ from niftidrop.reference_index import (
     ReferenceIndex,
     ReferenceKeys,
     ReferenceScanner,
+    changes_at,
 )
 
 if TYPE_CHECKING:
@@ -204,31 +204,7 @@ class ReferenceLibrary:
     def _apply(self, changes: Iterable[tuple[str, bool]]) -> None:
         """Bring the index in line with the disk for the paths that changed."""
         with self._writer:
-            removals: list[tuple[str, str]] = []
-            additions: list[tuple[str, str]] = []
-            for path, is_folder in dict.fromkeys(changes):
-                if is_folder:
-                    removals.extend(self._index.entries_under(path))
-                    if self._in_library(path) and _has_mode(path, stat.S_ISDIR):
-                        additions.extend(ReferenceScanner(self._key_of).scan(path))
-                    continue
-                key = self._key_of(Path(path).name)
-                if key is None:
-                    continue
-                if self._in_library(path) and _has_mode(path, stat.S_ISREG):
-                    additions.append((key, path))
-                else:
-                    removals.append((key, path))
-            self._change_index(removals, additions)
-
-    def _in_library(self, path: str) -> bool:
-        """Whether `path` lies below a library folder, with no hidden name on the way."""
-        candidate = Path(path)
-        for root in self.folders:
-            if candidate.is_relative_to(root):
-                parts = candidate.relative_to(root).parts
-                return not any(part.startswith(".") for part in parts)
-        return False
+            self._change_index(*changes_at(self._index, self._key_of, changes, self.folders))
 
     # Lookups.
 
@@ -446,15 +422,3 @@ class _ChangeHandler(FileSystemEventHandler):
                 path = link + path[len(real) :]
             if event.is_directory or self._key_of(Path(path).name) is not None:
                 self._changes.put((path, event.is_directory))
-
-
-def _has_mode(path: str, is_kind: Callable[[int], bool]) -> bool:
-    """Whether `path` exists and `is_kind` (e.g. `stat.S_ISREG`) holds for it.
-
-    Unlike `Path.is_file()`, any `OSError` (permission denied included) means no:
-    the writer thread must survive whatever the disk does.
-    """
-    try:
-        return is_kind(Path(path).stat().st_mode)
-    except OSError:
-        return False

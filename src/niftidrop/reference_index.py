@@ -2,17 +2,19 @@
 
 See the README, "Reference matching". A reference's key is its file name without
 `.nii`/`.nii.gz` (any case), or the `key` group of `key_pattern`.
-`ReferenceScanner` finds the references of a folder tree; `ReferenceIndex` holds
-them so that every matching rule is a dict lookup or a bisect, never a walk.
+`ReferenceScanner` finds the references of a folder tree, and `changes_at` those
+at paths whose names changed; `ReferenceIndex` holds them so that every matching
+rule is a dict lookup or a bisect, never a walk.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 import time
 from bisect import bisect_left, insort
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final, NamedTuple
@@ -268,6 +270,54 @@ class ReferenceScanner:
                 subfolders.append((entry.path, entry.is_symlink()))
         except OSError:
             return
+
+
+def changes_at(
+    index: ReferenceIndex,
+    key_of: ReferenceKeys,
+    changes: Iterable[tuple[str, bool]],
+    folders: Sequence[Path],
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The (key, path) removals and additions that bring `index` in line with the disk
+    at the paths that changed, given as (path, is a folder), in library `folders`."""
+    removals: list[tuple[str, str]] = []
+    additions: list[tuple[str, str]] = []
+    for path, is_folder in dict.fromkeys(changes):
+        if is_folder:
+            removals.extend(index.entries_under(path))
+            if _in_library(path, folders) and _has_mode(path, stat.S_ISDIR):
+                additions.extend(ReferenceScanner(key_of).scan(path))
+            continue
+        key = key_of(Path(path).name)
+        if key is None:
+            continue
+        if _in_library(path, folders) and _has_mode(path, stat.S_ISREG):
+            additions.append((key, path))
+        else:
+            removals.append((key, path))
+    return removals, additions
+
+
+def _in_library(path: str, folders: Sequence[Path]) -> bool:
+    """Whether `path` lies below one of `folders`, with no hidden name on the way."""
+    candidate = Path(path)
+    for root in folders:
+        if candidate.is_relative_to(root):
+            parts = candidate.relative_to(root).parts
+            return not any(part.startswith(".") for part in parts)
+    return False
+
+
+def _has_mode(path: str, is_kind: Callable[[int], bool]) -> bool:
+    """Whether `path` exists and `is_kind` (e.g. `stat.S_ISREG`) holds for it.
+
+    Unlike `Path.is_file()`, any `OSError` (permission denied included) means no:
+    the writer thread must survive whatever the disk does.
+    """
+    try:
+        return is_kind(Path(path).stat().st_mode)
+    except OSError:
+        return False
 
 
 class ReferenceKeys:
