@@ -110,14 +110,8 @@ class ReferenceLibrary:
         self._writer = threading.Lock()
         self._lifecycle = threading.Lock()
         self._watching = False
-        self._changes: queue.SimpleQueue[tuple[str, bool] | None] = queue.SimpleQueue()
-        self._watcher: BaseObserver | None = None
-        self._linked: list[str] = []  # symlinked folders found by the last walk
         self._snapshots: dict[str, FolderSnapshot] = {}  # folders of the last walk
-        self._watches: FolderWatches | None = None  # while started; changed under _writer
-        self._linked_watched: set[str] = set()  # the symlinked folders among them
-        self._renew_due = False  # a watched folder went: look for it every poll_interval
-        self._updater: threading.Thread | None = None
+        self._live: _LiveUpdates | None = None  # while started; changed under _writer
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ReferenceLibrary:
@@ -187,8 +181,8 @@ class ReferenceLibrary:
 
     def _after_walk(self, scanner: ReferenceScanner) -> None:
         self._snapshots = scanner.snapshots
-        self._linked = scanner.linked
-        self._watch_linked_folders()
+        if self._live is not None:
+            self._live.watch_linked_folders(scanner.linked)
 
     def _change_index(
         self, removals: Iterable[tuple[str, str]], additions: Iterable[tuple[str, str]]
@@ -260,46 +254,34 @@ class ReferenceLibrary:
         checked against the disk. Idempotent.
         """
         with self._lifecycle:
-            if self._watcher is not None:
+            if self._live is not None:
                 return
             interval = rescan_interval if rescan_interval is not None else self.rescan_interval
-            self._changes = queue.SimpleQueue()
             watcher = make_observer(self.observer, self.poll_interval, self._roots)
             watcher.start()
-            self._watcher = watcher
             with self._writer:
-                self._watches = FolderWatches(watcher, self._handler_for, NAME_EVENTS)
-                self._linked_watched = set()
-                watched = [self._watches.watch(root) for root in self._roots]
-                self._renew_due = not all(watched)  # a missing folder is watched once made
+                live = self._live = _LiveUpdates(self, watcher, self._roots, self._key_of)
             if self._built:
                 self.rescan()
             else:
                 self.build()
-            self._updater = threading.Thread(
-                target=self._follow_changes, args=(interval,), name="niftidrop-library", daemon=True
-            )
-            self._updater.start()
+            live.start_updater(interval)
             with self._lock:
                 self._watching = True
 
     def stop(self) -> None:
         """Stop watching; the index stays as it is. Idempotent."""
         with self._lifecycle:
-            watcher, updater = self._watcher, self._updater
+            live = self._live
             with self._lock:
                 self._watching = False
                 self._changed.notify_all()  # waiting `resolve` calls give up now
-            if updater is not None:  # first: its rescan may still schedule watches
-                self._changes.put(None)
-                updater.join()
-            self._watcher = self._updater = None
-            with self._writer:
-                self._watches = None
-                self._linked_watched = set()
-            if watcher is not None:
-                watcher.stop()
-                watcher.join()
+            if live is not None:
+                live.stop_updater()  # first: its rescan may still schedule watches
+                with self._writer:
+                    self._live = None
+                live.observer.stop()
+                live.observer.join()
 
     def renew_watches(self) -> list[Path]:
         """Watch again every library folder whose watch was lost, and index what it holds.
@@ -317,39 +299,7 @@ class ReferenceLibrary:
 
     def _renew_lost_watches(self) -> list[str]:
         """The writer's part of `renew_watches`: the paths watched again."""
-        if self._watches is None:
-            return []
-        renewed, still_lost = self._watches.renew_lost()
-        self._renew_due = still_lost
-        return renewed
-
-    def _handler_for(self, real: str, path: str) -> _ChangeHandler:
-        """The handler of a watch on folder `real`, reached (and indexed) as `path`."""
-        seen_as = (real, path) if real != path else None
-        return _ChangeHandler(self._changes, self._key_of, seen_as=seen_as)
-
-    def _watch_linked_folders(self) -> None:
-        """Watch symlinked folders that lead out of the library folders.
-
-        The observer does not follow symlinks (it could loop), so each such folder
-        gets a watch on its real path whose events are renamed back to the path
-        the index knows. Called by the writer after every walk.
-        """
-        watches = self._watches
-        if watches is None:
-            return
-        real_roots = [os.path.realpath(root) for root in self._roots]
-        wanted: dict[str, str] = {}  # one watch per real folder, however many links lead there
-        for link in self._linked:
-            real = os.path.realpath(link)
-            if not any(is_within(real, root) for root in real_roots):
-                wanted.setdefault(real, link)
-        links = set(wanted.values())
-        for link in self._linked_watched - links:
-            watches.forget(link)
-        for link in links - self._linked_watched:
-            watches.watch(link)
-        self._linked_watched = links
+        return [] if self._live is None else self._live.renew_lost()
 
     def __enter__(self) -> ReferenceLibrary:
         self.start()
@@ -363,22 +313,97 @@ class ReferenceLibrary:
     ) -> None:
         self.stop()
 
+
+class _LiveUpdates:
+    """What keeps a started library current: an observer's watches on the library
+    folders (and on symlinked folders that lead out of them), whose handlers queue
+    the names that change, and the single writer thread that applies them.
+
+    Made by `start()` and dropped by `stop()`; its watches change under the
+    library's `_writer` only.
+    """
+
+    def __init__(
+        self,
+        library: ReferenceLibrary,
+        observer: BaseObserver,
+        roots: tuple[str, ...],
+        key_of: ReferenceKeys,
+    ) -> None:
+        self._library = library
+        self.observer = observer
+        self._roots = roots
+        self._key_of = key_of
+        self._changes: queue.SimpleQueue[tuple[str, bool] | None] = queue.SimpleQueue()
+        self._watches = FolderWatches(observer, self._handler_for, NAME_EVENTS)
+        self._linked_watched: set[str] = set()  # the symlinked folders among them
+        watched = [self._watches.watch(root) for root in roots]
+        self.renew_due = not all(watched)  # a missing folder is watched once made
+        self._updater: threading.Thread | None = None
+
+    def start_updater(self, interval: float) -> None:
+        """Start the writer thread, rescanning every `interval`."""
+        self._updater = threading.Thread(
+            target=self._follow_changes, args=(interval,), name="niftidrop-library", daemon=True
+        )
+        self._updater.start()
+
+    def stop_updater(self) -> None:
+        """Stop the writer thread (if it was started) and wait for it to end."""
+        if self._updater is not None:
+            self._changes.put(None)
+            self._updater.join()
+
+    def renew_lost(self) -> list[str]:
+        """Watch again the folders whose watch was lost; the paths watched again."""
+        renewed, still_lost = self._watches.renew_lost()
+        self.renew_due = still_lost  # a watched folder went: look for it every poll_interval
+        return renewed
+
+    def _handler_for(self, real: str, path: str) -> _ChangeHandler:
+        """The handler of a watch on folder `real`, reached (and indexed) as `path`."""
+        seen_as = (real, path) if real != path else None
+        return _ChangeHandler(self._changes, self._key_of, seen_as=seen_as)
+
+    def watch_linked_folders(self, linked: list[str]) -> None:
+        """Watch symlinked folders that lead out of the library folders.
+
+        The observer does not follow symlinks (it could loop), so each such folder
+        gets a watch on its real path whose events are renamed back to the path
+        the index knows. Called by the writer after every walk, with the symlinked
+        folders it walked.
+        """
+        watches = self._watches
+        real_roots = [os.path.realpath(root) for root in self._roots]
+        wanted: dict[str, str] = {}  # one watch per real folder, however many links lead there
+        for link in linked:
+            real = os.path.realpath(link)
+            if not any(is_within(real, root) for root in real_roots):
+                wanted.setdefault(real, link)
+        links = set(wanted.values())
+        for link in self._linked_watched - links:
+            watches.forget(link)
+        for link in links - self._linked_watched:
+            watches.watch(link)
+        self._linked_watched = links
+
     def _follow_changes(self, interval: float) -> None:
         """The single writer thread: applies queued changes, rebuilds every `interval`,
         and renews lost watches (before each rescan, so the rescan sees what a new
         watch may have missed)."""
+        library = self._library
         next_rescan = time.monotonic() + interval
         while True:
             wake = next_rescan
-            if self._renew_due:
-                wake = min(wake, time.monotonic() + self.poll_interval)
+            if self.renew_due:
+                wake = min(wake, time.monotonic() + library.poll_interval)
             try:
                 change = self._changes.get(timeout=max(0.0, wake - time.monotonic()))
             except queue.Empty:
-                renewed = self.renew_watches()
+                renewed = library.renew_watches()
                 if time.monotonic() >= next_rescan:
                     if not renewed:  # else `renew_watches` rescanned already
-                        self.rescan()
+                        library.rescan()
                     next_rescan = time.monotonic() + interval
                 continue
             batch = [change]
@@ -387,10 +412,9 @@ class ReferenceLibrary:
             if None in batch:
                 return
             changes = [item for item in batch if item is not None]
-            self._apply(changes)
-            watches = self._watches
-            if watches is not None and any(folder and path in watches for path, folder in changes):
-                self._renew_due = True  # a watched folder itself changed: its watch may be gone
+            library._apply(changes)
+            if any(folder and path in self._watches for path, folder in changes):
+                self.renew_due = True  # a watched folder itself changed: its watch may be gone
 
 
 class _ChangeHandler(FileSystemEventHandler):
