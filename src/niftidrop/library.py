@@ -19,18 +19,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Final
-
-from watchdog.events import (
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
+from typing import TYPE_CHECKING
 
 from niftidrop import matching
 from niftidrop.errors import ConversionError, ErrorCode
@@ -38,6 +27,8 @@ from niftidrop.matching import Match, MatchReport, MatchRules, Rule
 from niftidrop.names import input_key
 from niftidrop.observers import FolderWatches, is_within, make_observer, needs_polling
 from niftidrop.reference_index import (
+    NAME_EVENTS,
+    ChangeHandler,
     FolderSnapshot,
     ReferenceIndex,
     ReferenceKeys,
@@ -53,18 +44,6 @@ if TYPE_CHECKING:
 # `needs_polling` lives in `observers`, and `Match`, `MatchReport` and `Rule` in
 # `matching`; they stay importable from here for the watcher and the service.
 __all__ = ["Match", "MatchReport", "ReferenceLibrary", "Rule", "needs_polling"]
-
-# The events that change names, all the index cares about. Asked of the kernel
-# alone: by default watchdog also watches opens and closes, so every reference
-# the service reads would cost an event handled on three threads.
-NAME_EVENTS: Final = [
-    FileCreatedEvent,
-    DirCreatedEvent,
-    FileDeletedEvent,
-    DirDeletedEvent,
-    FileMovedEvent,
-    DirMovedEvent,
-]
 
 
 class ReferenceLibrary:
@@ -360,10 +339,10 @@ class _LiveUpdates:
         self.renew_due = still_lost  # a watched folder went: look for it every poll_interval
         return renewed
 
-    def _handler_for(self, real: str, path: str) -> _ChangeHandler:
+    def _handler_for(self, real: str, path: str) -> ChangeHandler:
         """The handler of a watch on folder `real`, reached (and indexed) as `path`."""
         seen_as = (real, path) if real != path else None
-        return _ChangeHandler(self._changes, self._key_of, seen_as=seen_as)
+        return ChangeHandler(self._changes, self._key_of, seen_as=seen_as)
 
     def watch_linked_folders(self, linked: list[str]) -> None:
         """Watch symlinked folders that lead out of the library folders.
@@ -415,34 +394,3 @@ class _LiveUpdates:
             library._apply(changes)
             if any(folder and path in self._watches for path, folder in changes):
                 self.renew_due = True  # a watched folder itself changed: its watch may be gone
-
-
-class _ChangeHandler(FileSystemEventHandler):
-    """Runs on the observer's thread, so it only queues the paths that changed."""
-
-    _RELEVANT: Final = frozenset({"created", "deleted", "moved"})
-
-    def __init__(
-        self,
-        changes: queue.SimpleQueue[tuple[str, bool] | None],
-        key_of: ReferenceKeys,
-        *,
-        seen_as: tuple[str, str] | None = None,
-    ) -> None:
-        self._changes = changes
-        self._key_of = key_of
-        self._seen_as = seen_as  # (real folder, the symlink the index reaches it by)
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type not in self._RELEVANT:
-            return  # content changes do not change names, and names are all we index
-        paths = [event.src_path]
-        if event.event_type == "moved":
-            paths.append(event.dest_path)
-        for raw in paths:
-            path = os.fsdecode(raw)
-            if self._seen_as is not None and is_within(path, self._seen_as[0]):
-                real, link = self._seen_as
-                path = link + path[len(real) :]
-            if event.is_directory or self._key_of(Path(path).name) is not None:
-                self._changes.put((path, event.is_directory))

@@ -2,14 +2,16 @@
 
 See the README, "Reference matching". A reference's key is its file name without
 `.nii`/`.nii.gz` (any case), or the `key` group of `key_pattern`.
-`ReferenceScanner` finds the references of a folder tree, and `changes_at` those
-at paths whose names changed; `ReferenceIndex` holds them so that every matching
-rule is a dict lookup or a bisect, never a walk.
+`ReferenceScanner` finds the references of a folder tree; while it is watched,
+`ChangeHandler` queues the names that change and `changes_at` checks them on disk.
+`ReferenceIndex` holds the references so that every matching rule is a dict
+lookup or a bisect, never a walk.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import re
 import stat
 import time
@@ -19,7 +21,19 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Final, NamedTuple
 
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+
 from niftidrop.names import reference_key
+from niftidrop.observers import is_within
 
 # Folder mtimes advance by coarse clock ticks, so a change made just after a listing
 # can leave the mtime as it was: only a folder listed this long after its last
@@ -270,6 +284,51 @@ class ReferenceScanner:
                 subfolders.append((entry.path, entry.is_symlink()))
         except OSError:
             return
+
+
+# The events that change names, all the index cares about. Asked of the kernel
+# alone: by default watchdog also watches opens and closes, so every reference
+# the service reads would cost an event handled on three threads.
+NAME_EVENTS: Final = [
+    FileCreatedEvent,
+    DirCreatedEvent,
+    FileDeletedEvent,
+    DirDeletedEvent,
+    FileMovedEvent,
+    DirMovedEvent,
+]
+
+
+class ChangeHandler(FileSystemEventHandler):
+    """Queues the (path, is a folder) of each name that changed and may be a reference:
+    it runs on the observer's thread, so it does nothing more (`changes_at` checks them)."""
+
+    _RELEVANT: Final = frozenset({"created", "deleted", "moved"})
+
+    def __init__(
+        self,
+        changes: queue.SimpleQueue[tuple[str, bool] | None],
+        key_of: ReferenceKeys,
+        *,
+        seen_as: tuple[str, str] | None = None,
+    ) -> None:
+        self._changes = changes
+        self._key_of = key_of
+        self._seen_as = seen_as  # (real folder, the symlink the index reaches it by)
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in self._RELEVANT:
+            return  # content changes do not change names, and names are all we index
+        paths = [event.src_path]
+        if event.event_type == "moved":
+            paths.append(event.dest_path)
+        for raw in paths:
+            path = os.fsdecode(raw)
+            if self._seen_as is not None and is_within(path, self._seen_as[0]):
+                real, link = self._seen_as
+                path = link + path[len(real) :]
+            if event.is_directory or self._key_of(Path(path).name) is not None:
+                self._changes.put((path, event.is_directory))
 
 
 def changes_at(

@@ -13,7 +13,8 @@ import pytest
 from watchdog.events import FileSystemEvent
 
 from niftidrop.errors import ConversionError, ErrorCode
-from niftidrop.library import Match, ReferenceLibrary, _ChangeHandler
+from niftidrop.library import Match, ReferenceLibrary
+from niftidrop.reference_index import ChangeHandler
 from niftidrop.settings import load_settings
 
 DEADLINE = 20.0  # seconds a live update may take before a test gives up
@@ -272,13 +273,13 @@ class TestLiveUpdates:
         """Only name changes reach the handler: reading a reference (as every conversion
         does) is not an event to handle."""
         seen: list[str] = []
-        handle = _ChangeHandler.on_any_event
+        handle = ChangeHandler.on_any_event
 
-        def record(self: _ChangeHandler, event: FileSystemEvent) -> None:
+        def record(self: ChangeHandler, event: FileSystemEvent) -> None:
             seen.append(event.event_type)
             handle(self, event)
 
-        monkeypatch.setattr(_ChangeHandler, "on_any_event", record)
+        monkeypatch.setattr(ChangeHandler, "on_any_event", record)
         library = library_of(tmp_path / "library", "old.nii.gz")
         library.start()
         started.append(library)
