@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 
 from niftidrop import matching
 from niftidrop.errors import ConversionError, ErrorCode
-from niftidrop.matching import Match, MatchReport, MatchRules, Rule
+from niftidrop.matching import Match, MatchReport, MatchRules
 from niftidrop.names import input_key
-from niftidrop.observers import FolderWatches, is_within, make_observer, needs_polling
+from niftidrop.observers import FolderWatches, is_within, make_observer
 from niftidrop.reference_index import (
     NAME_EVENTS,
     ChangeHandler,
@@ -41,9 +41,8 @@ if TYPE_CHECKING:
 
     from niftidrop.settings import Settings
 
-# `needs_polling` lives in `observers`, and `Match`, `MatchReport` and `Rule` in
-# `matching`; they stay importable from here for the watcher and the service.
-__all__ = ["Match", "MatchReport", "ReferenceLibrary", "Rule", "needs_polling"]
+# `Match` lives in `matching`; it stays importable from here for the service.
+__all__ = ["Match", "ReferenceLibrary"]
 
 
 class ReferenceLibrary:

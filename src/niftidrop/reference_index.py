@@ -47,8 +47,7 @@ class ReferenceIndex:
 
     A key with more than one path is ambiguous. Paths are kept as strings: they
     are half the size of `Path` objects, and lookups turn only the answer into one.
-    Only `add` and `discard` change it; what it holds is read through its methods
-    and read-only views.
+    Only `add` and `discard` change it; read it through its methods and views.
     """
 
     __slots__ = ("_folder_paths", "_keys_by_folder", "_paths_by_key", "_size", "_sorted_keys")
@@ -300,8 +299,7 @@ NAME_EVENTS: Final = [
 
 
 class ChangeHandler(FileSystemEventHandler):
-    """Queues the (path, is a folder) of each name that changed and may be a reference:
-    it runs on the observer's thread, so it does nothing more (`changes_at` checks them)."""
+    """Runs on the observer's thread, so it only queues the paths that changed."""
 
     _RELEVANT: Final = frozenset({"created", "deleted", "moved"})
 
