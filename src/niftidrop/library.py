@@ -238,7 +238,7 @@ class ReferenceLibrary:
             watcher = make_observer(self.observer, self.poll_interval, self._roots)
             watcher.start()
             with self._writer:
-                live = self._live = _LiveUpdates(self, watcher, self._roots, self._key_of)
+                live = self._live = _LiveUpdates(self, watcher)
             if self._built:
                 self.rescan()
             else:
@@ -301,21 +301,13 @@ class _LiveUpdates:
     library's `_writer` only.
     """
 
-    def __init__(
-        self,
-        library: ReferenceLibrary,
-        observer: BaseObserver,
-        roots: tuple[str, ...],
-        key_of: ReferenceKeys,
-    ) -> None:
-        self._library = library
+    def __init__(self, library: ReferenceLibrary, observer: BaseObserver) -> None:
+        self._library = library  # its roots, key rule, writer steps and poll_interval
         self.observer = observer
-        self._roots = roots
-        self._key_of = key_of
         self._changes: queue.SimpleQueue[tuple[str, bool] | None] = queue.SimpleQueue()
         self._watches = FolderWatches(observer, self._handler_for, NAME_EVENTS)
         self._linked_watched: set[str] = set()  # the symlinked folders among them
-        watched = [self._watches.watch(root) for root in roots]
+        watched = [self._watches.watch(root) for root in library._roots]
         self.renew_due = not all(watched)  # a missing folder is watched once made
         self._updater: threading.Thread | None = None
 
@@ -341,7 +333,7 @@ class _LiveUpdates:
     def _handler_for(self, real: str, path: str) -> ChangeHandler:
         """The handler of a watch on folder `real`, reached (and indexed) as `path`."""
         seen_as = (real, path) if real != path else None
-        return ChangeHandler(self._changes, self._key_of, seen_as=seen_as)
+        return ChangeHandler(self._changes, self._library._key_of, seen_as=seen_as)
 
     def watch_linked_folders(self, linked: list[str]) -> None:
         """Watch symlinked folders that lead out of the library folders.
@@ -352,7 +344,7 @@ class _LiveUpdates:
         folders it walked.
         """
         watches = self._watches
-        real_roots = [os.path.realpath(root) for root in self._roots]
+        real_roots = [os.path.realpath(root) for root in self._library._roots]
         wanted: dict[str, str] = {}  # one watch per real folder, however many links lead there
         for link in linked:
             real = os.path.realpath(link)
