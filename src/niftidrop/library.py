@@ -1,6 +1,7 @@
-"""The reference library: an in-memory index of reference scans and the matching rules.
+"""The reference library: an in-memory index of reference scans, kept current.
 
-See the README, "Reference matching". The library folders are scanned once into
+See the README, "Reference matching" (the rules themselves are in `matching`).
+The library folders are scanned once into
 a table of keys → paths; every lookup after that is a few dict lookups and one
 bisect in memory, never a disk access. While started, a watchdog observer and a
 periodic rescan (which lists again only folders whose mtime changed) keep the
@@ -13,36 +14,26 @@ from __future__ import annotations
 
 import os
 import queue
-import re
-import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Literal, TypedDict
+from typing import TYPE_CHECKING
 
-from watchdog.events import (
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-
+from niftidrop import matching
 from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.matching import Match, MatchReport, MatchRules
 from niftidrop.names import input_key
-from niftidrop.observers import FolderWatches, is_within, make_observer, needs_polling
+from niftidrop.observers import FolderWatches, is_within, make_observer
 from niftidrop.reference_index import (
+    NAME_EVENTS,
+    ChangeHandler,
     FolderSnapshot,
     ReferenceIndex,
     ReferenceKeys,
     ReferenceScanner,
-    pattern_key,
+    changes_at,
 )
 
 if TYPE_CHECKING:
@@ -50,44 +41,8 @@ if TYPE_CHECKING:
 
     from niftidrop.settings import Settings
 
-# `needs_polling` lives in `observers`; it stays importable from here for the watcher.
-__all__ = ["Match", "MatchReport", "ReferenceLibrary", "Rule", "needs_polling"]
-
-Rule = Literal["exact", "reference_prefix", "input_prefix", "key_pattern", "identity"]
-# The events that change names, all the index cares about. Asked of the kernel
-# alone: by default watchdog also watches opens and closes, so every reference
-# the service reads would cost an event handled on three threads.
-NAME_EVENTS: Final = [
-    FileCreatedEvent,
-    DirCreatedEvent,
-    FileDeletedEvent,
-    DirDeletedEvent,
-    FileMovedEvent,
-    DirMovedEvent,
-]
-
-
-@dataclass(frozen=True)
-class Match:
-    """Which reference an input name resolves to, and why."""
-
-    name: str  # the input name asked about
-    key: str  # its key
-    reference: Path | None  # None only for rule "identity"
-    rule: Rule  # "key_pattern": rule 1 (exact) applied to the keys key_pattern extracts
-    candidates: tuple[Path, ...]  # every reference the deciding rule considered
-
-
-class MatchReport(TypedDict):
-    """A match or its refusal as plain data: what `niftidrop match --json` prints."""
-
-    name: str
-    key: str | None
-    reference: str | None
-    rule: Rule | None
-    candidates: list[str]
-    error: str | None  # an ErrorCode value
-    message: str | None
+# `Match` lives in `matching`; it stays importable from here for the service.
+__all__ = ["Match", "ReferenceLibrary"]
 
 
 class ReferenceLibrary:
@@ -114,22 +69,15 @@ class ReferenceLibrary:
             raise ValueError(
                 f"missing_reference: expected fail or identity, found {missing_reference!r}"
             )
-        if not separators:
-            raise ValueError("separators: expected at least one character, found none")
         self.folders = tuple(Path(folder).absolute() for folder in folders)
-        self.separators = "".join(dict.fromkeys(separators))
-        self._one_separator = str.maketrans(dict.fromkeys(self.separators, self.separators[0]))
-        self.key_pattern = key_pattern
+        self._roots = tuple(str(folder) for folder in self.folders)
+        self._rules = MatchRules(separators, key_pattern, self._roots)
         self.reference_wait = reference_wait
         self.missing_reference = missing_reference
         self.rescan_interval = rescan_interval
         self.observer = observer
         self.poll_interval = poll_interval
-        self._pattern = re.compile(key_pattern) if key_pattern is not None else None
-        if self._pattern is not None and "key" not in self._pattern.groupindex:
-            raise ValueError(f"key_pattern: expected a group named key in {key_pattern!r}")
-        self._key_of = ReferenceKeys(self._pattern)
-        self._roots = tuple(str(folder) for folder in self.folders)
+        self._key_of = ReferenceKeys(self._rules.pattern)
         self._index = ReferenceIndex()
         self._built = False
         # `_lock` guards the index: readers hold it for one lookup, writers to apply
@@ -140,14 +88,8 @@ class ReferenceLibrary:
         self._writer = threading.Lock()
         self._lifecycle = threading.Lock()
         self._watching = False
-        self._changes: queue.SimpleQueue[tuple[str, bool] | None] = queue.SimpleQueue()
-        self._watcher: BaseObserver | None = None
-        self._linked: list[str] = []  # symlinked folders found by the last walk
         self._snapshots: dict[str, FolderSnapshot] = {}  # folders of the last walk
-        self._watches: FolderWatches | None = None  # while started; changed under _writer
-        self._linked_watched: set[str] = set()  # the symlinked folders among them
-        self._renew_due = False  # a watched folder went: look for it every poll_interval
-        self._updater: threading.Thread | None = None
+        self._live: _LiveUpdates | None = None  # while started; changed under _writer
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ReferenceLibrary:
@@ -162,6 +104,16 @@ class ReferenceLibrary:
             observer=settings.observer,
             poll_interval=settings.poll_interval,
         )
+
+    @property
+    def separators(self) -> str:
+        """The characters that split keys into tokens, each once."""
+        return self._rules.separators
+
+    @property
+    def key_pattern(self) -> str | None:
+        """The regex whose group named key gives the keys, if any."""
+        return self._rules.key_pattern
 
     def __len__(self) -> int:
         with self._lock:
@@ -198,28 +150,17 @@ class ReferenceLibrary:
         with self._writer:
             scanner = ReferenceScanner(self._key_of, previous=self._snapshots)
             found = [entry for root in self._roots for entry in scanner.scan(root)]
-            keys_by_folder = self._index.keys_by_folder
-            found_paths = {path for _, path in found}
-            removals = [
-                (key, path)
-                for folder, keys in keys_by_folder.items()
-                if folder in scanner.listed or folder not in scanner.snapshots
-                for path, key in keys.items()
-                if path not in found_paths
-            ]
-            additions = [
-                (key, path)
-                for key, path in found
-                if path not in keys_by_folder.get(path.rpartition(os.sep)[0], ())
-            ]
+            removals, additions = self._index.changes_for_walk(
+                found, scanner.listed, scanner.snapshots
+            )
             if removals or additions:
                 self._change_index(removals, additions)
             self._after_walk(scanner)
 
     def _after_walk(self, scanner: ReferenceScanner) -> None:
         self._snapshots = scanner.snapshots
-        self._linked = scanner.linked
-        self._watch_linked_folders()
+        if self._live is not None:
+            self._live.watch_linked_folders(scanner.linked)
 
     def _change_index(
         self, removals: Iterable[tuple[str, str]], additions: Iterable[tuple[str, str]]
@@ -235,31 +176,7 @@ class ReferenceLibrary:
     def _apply(self, changes: Iterable[tuple[str, bool]]) -> None:
         """Bring the index in line with the disk for the paths that changed."""
         with self._writer:
-            removals: list[tuple[str, str]] = []
-            additions: list[tuple[str, str]] = []
-            for path, is_folder in dict.fromkeys(changes):
-                if is_folder:
-                    removals.extend(self._index.entries_under(path))
-                    if self._in_library(path) and _has_mode(path, stat.S_ISDIR):
-                        additions.extend(ReferenceScanner(self._key_of).scan(path))
-                    continue
-                key = self._key_of(Path(path).name)
-                if key is None:
-                    continue
-                if self._in_library(path) and _has_mode(path, stat.S_ISREG):
-                    additions.append((key, path))
-                else:
-                    removals.append((key, path))
-            self._change_index(removals, additions)
-
-    def _in_library(self, path: str) -> bool:
-        """Whether `path` lies below a library folder, with no hidden name on the way."""
-        candidate = Path(path)
-        for root in self.folders:
-            if candidate.is_relative_to(root):
-                parts = candidate.relative_to(root).parts
-                return not any(part.startswith(".") for part in parts)
-        return False
+            self._change_index(*changes_at(self._index, self._key_of, changes, self.folders))
 
     # Lookups.
 
@@ -270,7 +187,7 @@ class ReferenceLibrary:
         carrying the equally good candidates.
         """
         with self._lock:
-            return self._match(name)
+            return matching.match(self._index, name, self._rules)
 
     def resolve(self, name: str) -> Match:
         """`match`, but wait up to `reference_wait` for a missing reference, then
@@ -282,7 +199,7 @@ class ReferenceLibrary:
         with self._lock:
             while True:
                 try:
-                    return self._match(name)
+                    return matching.match(self._index, name, self._rules)
                 except ConversionError as error:
                     if error.code is not ErrorCode.NO_REFERENCE:
                         raise
@@ -297,99 +214,12 @@ class ReferenceLibrary:
 
     def key_for(self, name: str) -> str | None:
         """The key of input `name` (after `key_pattern`); None if the pattern does not match."""
-        stem = input_key(name)
-        return stem if self._pattern is None else pattern_key(self._pattern, stem)
+        return self._rules.key_for(name)
 
     def describe(self, name: str) -> MatchReport:
         """`match(name)` as plain data, an error included (for `niftidrop match --json`)."""
-        try:
-            found = self.match(name)
-        except ConversionError as error:
-            return {
-                "name": name,
-                "key": self.key_for(name),
-                "reference": None,
-                "rule": None,
-                "candidates": [str(path) for path in error.candidates],
-                "error": error.code.value,
-                "message": error.message,
-            }
-        return {
-            "name": name,
-            "key": found.key,
-            "reference": str(found.reference),
-            "rule": found.rule,
-            "candidates": [str(path) for path in found.candidates],
-            "error": None,
-            "message": None,
-        }
-
-    def _match(self, name: str) -> Match:
-        key = self.key_for(name)
-        if key is None:
-            raise ConversionError(
-                ErrorCode.NO_REFERENCE,
-                f"{name}: expected a stem matching key_pattern {self.key_pattern!r}, "
-                f"found {input_key(name)!r}",
-            )
-        paths_by_key = self._index.paths_by_key
-        if key in paths_by_key:
-            rule: Rule = "exact" if self._pattern is None else "key_pattern"
-            return self._decide(name, key, rule, [key])
-        if self._pattern is None:
-            prefixes = self._reference_prefixes(key)
-            if prefixes:
-                return self._decide(name, key, "reference_prefix", prefixes)
-            extending = self._index.keys_extending(key, self.separators)
-            if extending:
-                return self._decide(name, key, "input_prefix", extending)
-        raise ConversionError(
-            ErrorCode.NO_REFERENCE,
-            f"{name}: expected {self._rules_text(key)}, "
-            f"found none among {self._index.size} references in {', '.join(self._roots)}",
-        )
-
-    def _reference_prefixes(self, key: str) -> list[str]:
-        """Rule 2: reference keys that `key` continues after a separator, longest first.
-
-        One dict lookup per separator in `key`: with every separator mapped to the
-        first one, `rfind` walks from one separator to the previous.
-        """
-        paths_by_key = self._index.paths_by_key
-        marked = key.translate(self._one_separator)
-        separator = self.separators[0]
-        found = []
-        # Neither end: a prefix is not empty, and "more" after the separator is not.
-        end = marked.rfind(separator, 1, len(key) - 1)
-        while end > 0:
-            if key[:end] in paths_by_key:
-                found.append(key[:end])
-            end = marked.rfind(separator, 1, end)
-        return found
-
-    def _rules_text(self, key: str) -> str:
-        if self._pattern is not None:
-            return f"a reference whose key_pattern key is {key!r}"
-        return (
-            f"a reference keyed {key!r}, a prefix of it, or {key!r} plus a suffix "
-            f"(separated by one of {self.separators!r})"
-        )
-
-    def _decide(self, name: str, key: str, rule: Rule, candidate_keys: list[str]) -> Match:
-        """The match for the first of `candidate_keys`, refused when that key is shared."""
-        index = self._index
-        chosen = index.paths_by_key[candidate_keys[0]]
-        if len(chosen) > 1:
-            raise ConversionError(
-                ErrorCode.AMBIGUOUS_REFERENCE,
-                f"{name}: expected one reference for key {candidate_keys[0]!r} (rule {rule}), "
-                f"found {len(chosen)}: {', '.join(chosen)}",
-                candidates=[index.path(path) for path in chosen],
-            )
-        candidates = tuple(
-            [index.path(path) for other in candidate_keys for path in index.paths_by_key[other]]
-        )
-        return Match(name, key, candidates[0], rule, candidates)
+        with self._lock:
+            return matching.describe(self._index, name, self._rules)
 
     # Watching.
 
@@ -402,46 +232,34 @@ class ReferenceLibrary:
         checked against the disk. Idempotent.
         """
         with self._lifecycle:
-            if self._watcher is not None:
+            if self._live is not None:
                 return
             interval = rescan_interval if rescan_interval is not None else self.rescan_interval
-            self._changes = queue.SimpleQueue()
             watcher = make_observer(self.observer, self.poll_interval, self._roots)
             watcher.start()
-            self._watcher = watcher
             with self._writer:
-                self._watches = FolderWatches(watcher, self._handler_for, NAME_EVENTS)
-                self._linked_watched = set()
-                watched = [self._watches.watch(root) for root in self._roots]
-                self._renew_due = not all(watched)  # a missing folder is watched once made
+                live = self._live = _LiveUpdates(self, watcher)
             if self._built:
                 self.rescan()
             else:
                 self.build()
-            self._updater = threading.Thread(
-                target=self._follow_changes, args=(interval,), name="niftidrop-library", daemon=True
-            )
-            self._updater.start()
+            live.start_updater(interval)
             with self._lock:
                 self._watching = True
 
     def stop(self) -> None:
         """Stop watching; the index stays as it is. Idempotent."""
         with self._lifecycle:
-            watcher, updater = self._watcher, self._updater
+            live = self._live
             with self._lock:
                 self._watching = False
                 self._changed.notify_all()  # waiting `resolve` calls give up now
-            if updater is not None:  # first: its rescan may still schedule watches
-                self._changes.put(None)
-                updater.join()
-            self._watcher = self._updater = None
-            with self._writer:
-                self._watches = None
-                self._linked_watched = set()
-            if watcher is not None:
-                watcher.stop()
-                watcher.join()
+            if live is not None:
+                live.stop_updater()  # first: its rescan may still schedule watches
+                with self._writer:
+                    self._live = None
+                live.observer.stop()
+                live.observer.join()
 
     def renew_watches(self) -> list[Path]:
         """Watch again every library folder whose watch was lost, and index what it holds.
@@ -459,39 +277,7 @@ class ReferenceLibrary:
 
     def _renew_lost_watches(self) -> list[str]:
         """The writer's part of `renew_watches`: the paths watched again."""
-        if self._watches is None:
-            return []
-        renewed, still_lost = self._watches.renew_lost()
-        self._renew_due = still_lost
-        return renewed
-
-    def _handler_for(self, real: str, path: str) -> _ChangeHandler:
-        """The handler of a watch on folder `real`, reached (and indexed) as `path`."""
-        seen_as = (real, path) if real != path else None
-        return _ChangeHandler(self._changes, self._key_of, seen_as=seen_as)
-
-    def _watch_linked_folders(self) -> None:
-        """Watch symlinked folders that lead out of the library folders.
-
-        The observer does not follow symlinks (it could loop), so each such folder
-        gets a watch on its real path whose events are renamed back to the path
-        the index knows. Called by the writer after every walk.
-        """
-        watches = self._watches
-        if watches is None:
-            return
-        real_roots = [os.path.realpath(root) for root in self._roots]
-        wanted: dict[str, str] = {}  # one watch per real folder, however many links lead there
-        for link in self._linked:
-            real = os.path.realpath(link)
-            if not any(is_within(real, root) for root in real_roots):
-                wanted.setdefault(real, link)
-        links = set(wanted.values())
-        for link in self._linked_watched - links:
-            watches.forget(link)
-        for link in links - self._linked_watched:
-            watches.watch(link)
-        self._linked_watched = links
+        return [] if self._live is None else self._live.renew_lost()
 
     def __enter__(self) -> ReferenceLibrary:
         self.start()
@@ -505,22 +291,89 @@ class ReferenceLibrary:
     ) -> None:
         self.stop()
 
+
+class _LiveUpdates:
+    """What keeps a started library current: an observer's watches on the library
+    folders (and on symlinked folders that lead out of them), whose handlers queue
+    the names that change, and the single writer thread that applies them.
+
+    Made by `start()` and dropped by `stop()`; its watches change under the
+    library's `_writer` only.
+    """
+
+    def __init__(self, library: ReferenceLibrary, observer: BaseObserver) -> None:
+        self._library = library  # its roots, key rule, writer steps and poll_interval
+        self.observer = observer
+        self._changes: queue.SimpleQueue[tuple[str, bool] | None] = queue.SimpleQueue()
+        self._watches = FolderWatches(observer, self._handler_for, NAME_EVENTS)
+        self._linked_watched: set[str] = set()  # the symlinked folders among them
+        watched = [self._watches.watch(root) for root in library._roots]
+        self.renew_due = not all(watched)  # a missing folder is watched once made
+        self._updater: threading.Thread | None = None
+
+    def start_updater(self, interval: float) -> None:
+        """Start the writer thread, rescanning every `interval`."""
+        self._updater = threading.Thread(
+            target=self._follow_changes, args=(interval,), name="niftidrop-library", daemon=True
+        )
+        self._updater.start()
+
+    def stop_updater(self) -> None:
+        """Stop the writer thread (if it was started) and wait for it to end."""
+        if self._updater is not None:
+            self._changes.put(None)
+            self._updater.join()
+
+    def renew_lost(self) -> list[str]:
+        """Watch again the folders whose watch was lost; the paths watched again."""
+        renewed, still_lost = self._watches.renew_lost()
+        self.renew_due = still_lost  # a watched folder went: look for it every poll_interval
+        return renewed
+
+    def _handler_for(self, real: str, path: str) -> ChangeHandler:
+        """The handler of a watch on folder `real`, reached (and indexed) as `path`."""
+        seen_as = (real, path) if real != path else None
+        return ChangeHandler(self._changes, self._library._key_of, seen_as=seen_as)
+
+    def watch_linked_folders(self, linked: list[str]) -> None:
+        """Watch symlinked folders that lead out of the library folders.
+
+        The observer does not follow symlinks (it could loop), so each such folder
+        gets a watch on its real path whose events are renamed back to the path
+        the index knows. Called by the writer after every walk, with the symlinked
+        folders it walked.
+        """
+        watches = self._watches
+        real_roots = [os.path.realpath(root) for root in self._library._roots]
+        wanted: dict[str, str] = {}  # one watch per real folder, however many links lead there
+        for link in linked:
+            real = os.path.realpath(link)
+            if not any(is_within(real, root) for root in real_roots):
+                wanted.setdefault(real, link)
+        links = set(wanted.values())
+        for link in self._linked_watched - links:
+            watches.forget(link)
+        for link in links - self._linked_watched:
+            watches.watch(link)
+        self._linked_watched = links
+
     def _follow_changes(self, interval: float) -> None:
         """The single writer thread: applies queued changes, rebuilds every `interval`,
         and renews lost watches (before each rescan, so the rescan sees what a new
         watch may have missed)."""
+        library = self._library
         next_rescan = time.monotonic() + interval
         while True:
             wake = next_rescan
-            if self._renew_due:
-                wake = min(wake, time.monotonic() + self.poll_interval)
+            if self.renew_due:
+                wake = min(wake, time.monotonic() + library.poll_interval)
             try:
                 change = self._changes.get(timeout=max(0.0, wake - time.monotonic()))
             except queue.Empty:
-                renewed = self.renew_watches()
+                renewed = library.renew_watches()
                 if time.monotonic() >= next_rescan:
                     if not renewed:  # else `renew_watches` rescanned already
-                        self.rescan()
+                        library.rescan()
                     next_rescan = time.monotonic() + interval
                 continue
             batch = [change]
@@ -529,50 +382,6 @@ class ReferenceLibrary:
             if None in batch:
                 return
             changes = [item for item in batch if item is not None]
-            self._apply(changes)
-            watches = self._watches
-            if watches is not None and any(folder and path in watches for path, folder in changes):
-                self._renew_due = True  # a watched folder itself changed: its watch may be gone
-
-
-class _ChangeHandler(FileSystemEventHandler):
-    """Runs on the observer's thread, so it only queues the paths that changed."""
-
-    _RELEVANT: Final = frozenset({"created", "deleted", "moved"})
-
-    def __init__(
-        self,
-        changes: queue.SimpleQueue[tuple[str, bool] | None],
-        key_of: ReferenceKeys,
-        *,
-        seen_as: tuple[str, str] | None = None,
-    ) -> None:
-        self._changes = changes
-        self._key_of = key_of
-        self._seen_as = seen_as  # (real folder, the symlink the index reaches it by)
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type not in self._RELEVANT:
-            return  # content changes do not change names, and names are all we index
-        paths = [event.src_path]
-        if event.event_type == "moved":
-            paths.append(event.dest_path)
-        for raw in paths:
-            path = os.fsdecode(raw)
-            if self._seen_as is not None and is_within(path, self._seen_as[0]):
-                real, link = self._seen_as
-                path = link + path[len(real) :]
-            if event.is_directory or self._key_of(Path(path).name) is not None:
-                self._changes.put((path, event.is_directory))
-
-
-def _has_mode(path: str, is_kind: Callable[[int], bool]) -> bool:
-    """Whether `path` exists and `is_kind` (e.g. `stat.S_ISREG`) holds for it.
-
-    Unlike `Path.is_file()`, any `OSError` (permission denied included) means no:
-    the writer thread must survive whatever the disk does.
-    """
-    try:
-        return is_kind(Path(path).stat().st_mode)
-    except OSError:
-        return False
+            library._apply(changes)
+            if any(folder and path in self._watches for path, folder in changes):
+                self.renew_due = True  # a watched folder itself changed: its watch may be gone

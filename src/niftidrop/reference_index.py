@@ -2,21 +2,38 @@
 
 See the README, "Reference matching". A reference's key is its file name without
 `.nii`/`.nii.gz` (any case), or the `key` group of `key_pattern`.
-`ReferenceScanner` finds the references of a folder tree; `ReferenceIndex` holds
-them so that every matching rule is a dict lookup or a bisect, never a walk.
+`ReferenceScanner` finds the references of a folder tree; while it is watched,
+`ChangeHandler` queues the names that change and `changes_at` checks them on disk.
+`ReferenceIndex` holds the references so that every matching rule is a dict
+lookup or a bisect, never a walk.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import re
+import stat
 import time
 from bisect import bisect_left, insort
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Final, NamedTuple
 
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+
 from niftidrop.names import reference_key
+from niftidrop.observers import is_within
 
 # Folder mtimes advance by coarse clock ticks, so a change made just after a listing
 # can leave the mtime as it was: only a folder listed this long after its last
@@ -30,66 +47,117 @@ class ReferenceIndex:
 
     A key with more than one path is ambiguous. Paths are kept as strings: they
     are half the size of `Path` objects, and lookups turn only the answer into one.
+    Only `add` and `discard` change it; read it through its methods and views.
     """
 
-    __slots__ = ("_folder_paths", "keys_by_folder", "paths_by_key", "size", "sorted_keys")
+    __slots__ = ("_folder_paths", "_keys_by_folder", "_paths_by_key", "_size", "_sorted_keys")
 
     def __init__(self, entries: Iterable[tuple[str, str]] = ()) -> None:
         """An index of the (key, path) pairs in `entries`."""
-        self.paths_by_key: dict[str, tuple[str, ...]] = {}
-        self.keys_by_folder: dict[str, dict[str, str]] = {}  # folder → {path: key}
+        self._paths_by_key: dict[str, tuple[str, ...]] = {}
+        self._keys_by_folder: dict[str, dict[str, str]] = {}  # folder → {path: key}
         self._folder_paths: dict[str, Path] = {}
-        self.size = 0
+        self._size = 0
         for key, path in entries:
-            existing = self.paths_by_key.get(key)
-            if existing is None:
-                self.paths_by_key[key] = (path,)
-            elif path not in existing:
-                self.paths_by_key[key] = (*existing, path)
-            else:
-                continue
-            self._file_in_folder(path, key)
-            self.size += 1
-        self.sorted_keys = sorted(self.paths_by_key)
+            self._insert(key, path)
+        self._sorted_keys = sorted(self._paths_by_key)  # once: sorting beats an insort per key
+
+    def __contains__(self, key: object) -> bool:
+        """Whether some reference has key `key`."""
+        return key in self._paths_by_key
+
+    @property
+    def size(self) -> int:
+        """How many references (paths, not keys) the index holds."""
+        return self._size
+
+    @property
+    def paths_by_key(self) -> Mapping[str, tuple[str, ...]]:
+        """Keys → the paths of their references, as a read-only view."""
+        return MappingProxyType(self._paths_by_key)
+
+    @property
+    def sorted_keys(self) -> Sequence[str]:
+        """Every key, sorted (not to be changed)."""
+        return self._sorted_keys
+
+    @property
+    def keys_by_folder(self) -> Mapping[str, Mapping[str, str]]:
+        """Folder → {path: key} of the references directly in it, as a read-only view."""
+        return MappingProxyType(self._keys_by_folder)
+
+    def paths(self, key: str) -> tuple[str, ...]:
+        """The paths of the references keyed `key` (more than one: ambiguous); none if absent."""
+        return self._paths_by_key.get(key, ())
 
     def add(self, key: str, path: str) -> None:
         """Index `path` under `key` (no-op if it already is)."""
-        paths = self.paths_by_key.get(key)
+        if key not in self._paths_by_key:
+            insort(self._sorted_keys, key)
+        self._insert(key, path)
+
+    def _insert(self, key: str, path: str) -> None:
+        """`add`, leaving `_sorted_keys` to the caller."""
+        paths = self._paths_by_key.get(key)
         if paths is None:
-            self.paths_by_key[key] = (path,)
-            insort(self.sorted_keys, key)
+            self._paths_by_key[key] = (path,)
         elif path not in paths:
-            self.paths_by_key[key] = (*paths, path)
+            self._paths_by_key[key] = (*paths, path)
         else:
             return
         self._file_in_folder(path, key)
-        self.size += 1
+        self._size += 1
 
     def _file_in_folder(self, path: str, key: str) -> None:
         folder = path.rpartition(os.sep)[0]
-        in_folder = self.keys_by_folder.get(folder)
+        in_folder = self._keys_by_folder.get(folder)
         if in_folder is None:
-            self.keys_by_folder[folder] = {path: key}
+            self._keys_by_folder[folder] = {path: key}
         else:
             in_folder[path] = key
 
     def discard(self, key: str, path: str) -> None:
         """Forget `path` under `key` (no-op if it is not indexed)."""
-        paths = self.paths_by_key.get(key, ())
+        paths = self._paths_by_key.get(key, ())
         if path not in paths:
             return
         remaining = tuple(other for other in paths if other != path)
         if remaining:
-            self.paths_by_key[key] = remaining
+            self._paths_by_key[key] = remaining
         else:
-            del self.paths_by_key[key]
-            del self.sorted_keys[bisect_left(self.sorted_keys, key)]
+            del self._paths_by_key[key]
+            del self._sorted_keys[bisect_left(self._sorted_keys, key)]
         folder = path.rpartition(os.sep)[0]
-        in_folder = self.keys_by_folder[folder]
+        in_folder = self._keys_by_folder[folder]
         del in_folder[path]
         if not in_folder:
-            del self.keys_by_folder[folder]
-        self.size -= 1
+            del self._keys_by_folder[folder]
+        self._size -= 1
+
+    def changes_for_walk(
+        self, found: Sequence[tuple[str, str]], listed: Container[str], walked: Container[str]
+    ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """The (key, path) removals and additions that bring the index in line with a walk.
+
+        `found` is what the walk found in the folders it listed (`listed`); `walked`
+        is every folder it reached, listed or known unchanged. A reference is removed
+        when its folder was listed and it was not found, or its folder was not reached;
+        one found is added unless its folder holds it already.
+        """
+        found_paths = {path for _, path in found}
+        removals = [
+            (key, path)
+            for folder, keys in self._keys_by_folder.items()
+            if folder in listed or folder not in walked
+            for path, key in keys.items()
+            if path not in found_paths
+        ]
+        additions = [
+            (key, path)
+            for key, path in found
+            if path not in self._keys_by_folder.get(path.rpartition(os.sep)[0], ())
+        ]
+        return removals, additions
 
     def path(self, path: str) -> Path:
         """`path` as a `Path`, joined onto its folder's cached `Path` (parsing only the
@@ -105,7 +173,7 @@ class ReferenceIndex:
         prefix = folder.rstrip(os.sep) + os.sep
         return [
             (key, path)
-            for holder, keys in self.keys_by_folder.items()
+            for holder, keys in self._keys_by_folder.items()
             if holder == folder or holder.startswith(prefix)
             for path, key in keys.items()
         ]
@@ -115,7 +183,7 @@ class ReferenceIndex:
 
         One bisect per separator finds where such keys start; they follow in a run.
         """
-        keys = self.sorted_keys
+        keys = self._sorted_keys
         found: list[str] = []
         for separator in separators:
             prefix = key + separator
@@ -215,6 +283,98 @@ class ReferenceScanner:
                 subfolders.append((entry.path, entry.is_symlink()))
         except OSError:
             return
+
+
+# The events that change names, all the index cares about. Asked of the kernel
+# alone: by default watchdog also watches opens and closes, so every reference
+# the service reads would cost an event handled on three threads.
+NAME_EVENTS: Final = [
+    FileCreatedEvent,
+    DirCreatedEvent,
+    FileDeletedEvent,
+    DirDeletedEvent,
+    FileMovedEvent,
+    DirMovedEvent,
+]
+
+
+class ChangeHandler(FileSystemEventHandler):
+    """Runs on the observer's thread, so it only queues the paths that changed."""
+
+    _RELEVANT: Final = frozenset({"created", "deleted", "moved"})
+
+    def __init__(
+        self,
+        changes: queue.SimpleQueue[tuple[str, bool] | None],
+        key_of: ReferenceKeys,
+        *,
+        seen_as: tuple[str, str] | None = None,
+    ) -> None:
+        self._changes = changes
+        self._key_of = key_of
+        self._seen_as = seen_as  # (real folder, the symlink the index reaches it by)
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in self._RELEVANT:
+            return  # content changes do not change names, and names are all we index
+        paths = [event.src_path]
+        if event.event_type == "moved":
+            paths.append(event.dest_path)
+        for raw in paths:
+            path = os.fsdecode(raw)
+            if self._seen_as is not None and is_within(path, self._seen_as[0]):
+                real, link = self._seen_as
+                path = link + path[len(real) :]
+            if event.is_directory or self._key_of(Path(path).name) is not None:
+                self._changes.put((path, event.is_directory))
+
+
+def changes_at(
+    index: ReferenceIndex,
+    key_of: ReferenceKeys,
+    changes: Iterable[tuple[str, bool]],
+    folders: Sequence[Path],
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The (key, path) removals and additions that bring `index` in line with the disk
+    at the paths that changed, given as (path, is a folder), in library `folders`."""
+    removals: list[tuple[str, str]] = []
+    additions: list[tuple[str, str]] = []
+    for path, is_folder in dict.fromkeys(changes):
+        if is_folder:
+            removals.extend(index.entries_under(path))
+            if _in_library(path, folders) and _has_mode(path, stat.S_ISDIR):
+                additions.extend(ReferenceScanner(key_of).scan(path))
+            continue
+        key = key_of(Path(path).name)
+        if key is None:
+            continue
+        if _in_library(path, folders) and _has_mode(path, stat.S_ISREG):
+            additions.append((key, path))
+        else:
+            removals.append((key, path))
+    return removals, additions
+
+
+def _in_library(path: str, folders: Sequence[Path]) -> bool:
+    """Whether `path` lies below one of `folders`, with no hidden name on the way."""
+    candidate = Path(path)
+    for root in folders:
+        if candidate.is_relative_to(root):
+            parts = candidate.relative_to(root).parts
+            return not any(part.startswith(".") for part in parts)
+    return False
+
+
+def _has_mode(path: str, is_kind: Callable[[int], bool]) -> bool:
+    """Whether `path` exists and `is_kind` (e.g. `stat.S_ISREG`) holds for it.
+
+    Unlike `Path.is_file()`, any `OSError` (permission denied included) means no:
+    the writer thread must survive whatever the disk does.
+    """
+    try:
+        return is_kind(Path(path).stat().st_mode)
+    except OSError:
+        return False
 
 
 class ReferenceKeys:

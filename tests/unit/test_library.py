@@ -1,4 +1,4 @@
-"""Tests of the reference library: index, matching rules, waiting and live updates (SPEC §2)."""
+"""Tests of the reference library: index, lookups, waiting and live updates (SPEC §2)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 from watchdog.events import FileSystemEvent
 
 from niftidrop.errors import ConversionError, ErrorCode
-from niftidrop.library import Match, ReferenceLibrary, _ChangeHandler
+from niftidrop.library import Match, ReferenceLibrary
+from niftidrop.reference_index import ChangeHandler
 from niftidrop.settings import load_settings
 
 DEADLINE = 20.0  # seconds a live update may take before a test gives up
@@ -48,13 +49,6 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.02)
 
 
-def refusal(library: ReferenceLibrary, name: str) -> ConversionError:
-    """The error `library.match(name)` raises; the test fails if it matches instead."""
-    with pytest.raises(ConversionError) as raised:
-        library.match(name)
-    return raised.value
-
-
 def matches(library: ReferenceLibrary, name: str, expected: Path | None) -> bool:
     """Whether `name` currently resolves to `expected` (None: to nothing)."""
     try:
@@ -70,157 +64,6 @@ def started() -> Iterator[list[ReferenceLibrary]]:
     yield libraries
     for library in libraries:
         library.stop()
-
-
-class TestRules:
-    def test_exact(self, tmp_path: Path) -> None:
-        """Rule 1: a reference with the input's key is chosen."""
-        library = library_of(tmp_path, "case001.nii.gz", "case001_0000.nii.gz")
-        reference = tmp_path / "case001.nii.gz"
-        assert library.match("case001.npz") == Match(
-            "case001.npz", "case001", reference, "exact", (reference,)
-        )
-
-    def test_reference_prefix_longest_wins(self, tmp_path: Path) -> None:
-        """Rule 2: the longest reference key followed by a separator in the input key wins."""
-        library = library_of(tmp_path, "case001.nii.gz", "case001_t1.nii.gz", "case00.nii.gz")
-        match = library.match("case001_t1_pred.npz")
-        assert match.rule == "reference_prefix"
-        assert match.reference == tmp_path / "case001_t1.nii.gz"
-        assert set(match.candidates) == {
-            tmp_path / "case001_t1.nii.gz",
-            tmp_path / "case001.nii.gz",
-        }
-
-    def test_input_prefix_smallest_wins(self, tmp_path: Path) -> None:
-        """Rule 3: of the references extending the input key, the smallest key wins."""
-        library = library_of(tmp_path, "case001_0001.nii.gz", "case001_0000.nii.gz")
-        match = library.match("case001.npz")
-        assert match.rule == "input_prefix"
-        assert match.reference == tmp_path / "case001_0000.nii.gz"
-        assert match.candidates == (
-            tmp_path / "case001_0000.nii.gz",
-            tmp_path / "case001_0001.nii.gz",
-        )
-
-    def test_rules_apply_in_order(self, tmp_path: Path) -> None:
-        """Exact beats both prefix rules, and reference-is-prefix beats input-is-prefix."""
-        library = library_of(tmp_path, "a.nii", "a_b.nii", "a_b_c.nii")
-        assert library.match("a_b.npy").rule == "exact"
-        library = library_of(tmp_path / "two", "a.nii", "a_b_c.nii")
-        assert library.match("a_b.npy").reference == tmp_path / "two" / "a.nii"
-
-    def test_prefix_never_ends_inside_a_token(self, tmp_path: Path) -> None:
-        """`case1` never matches `case10`, in either direction."""
-        library = library_of(tmp_path, "case10.nii.gz", "case1x_0000.nii.gz")
-        assert refusal(library, "case1.npz").code is ErrorCode.NO_REFERENCE
-        other = library_of(tmp_path / "other", "case1.nii.gz")
-        assert refusal(other, "case10.npz").code is ErrorCode.NO_REFERENCE
-
-    def test_every_separator_counts(self, tmp_path: Path) -> None:
-        """Each character of the default separators `_-.` splits tokens."""
-        library = library_of(tmp_path, "sub-01.nii.gz")
-        for name in ("sub-01_pred.npz", "sub-01-pred.npz", "sub-01.pred.npz"):
-            assert library.match(name).reference == tmp_path / "sub-01.nii.gz"
-
-    def test_custom_separators(self, tmp_path: Path) -> None:
-        """With `separators="-"`, an underscore no longer splits tokens."""
-        library = library_of(tmp_path, "case001.nii.gz", separators="-")
-        assert refusal(library, "case001_pred.npz").code is ErrorCode.NO_REFERENCE
-        assert library.match("case001-pred.npz").rule == "reference_prefix"
-
-    def test_prefix_needs_more_after_the_separator(self, tmp_path: Path) -> None:
-        """A key that ends in a separator does not extend the key before it."""
-        library = library_of(tmp_path, "case001.nii.gz", "x_.nii.gz")
-        assert refusal(library, "case001_.npz").code is ErrorCode.NO_REFERENCE
-        assert refusal(library, "x.npz").code is ErrorCode.NO_REFERENCE
-
-    def test_keys_are_case_sensitive(self, tmp_path: Path) -> None:
-        """Keys compare case-sensitively."""
-        library = library_of(tmp_path, "Case001.nii.gz")
-        assert refusal(library, "case001.npz").code is ErrorCode.NO_REFERENCE
-
-    def test_extensions_are_case_insensitive(self, tmp_path: Path) -> None:
-        """`.NII.GZ`, `.Nii` and `.NPZ` count as the usual extensions."""
-        library = library_of(tmp_path, "a.NII.GZ", "b.Nii")
-        assert library.match("a.NPZ").reference == tmp_path / "a.NII.GZ"
-        assert library.match("b.npy").reference == tmp_path / "b.Nii"
-
-    def test_no_reference_names_the_input(self, tmp_path: Path) -> None:
-        """A name with no reference raises no_reference naming the input and its key."""
-        library = library_of(tmp_path, "case001.nii.gz")
-        refused = refusal(library, "other_pred.npz")
-        assert refused.code is ErrorCode.NO_REFERENCE
-        assert "other_pred.npz" in refused.message
-        assert "'other_pred'" in refused.message
-
-
-class TestAmbiguity:
-    def test_same_key_in_two_folders(self, tmp_path: Path) -> None:
-        """One key in two library folders is ambiguous, listing both files."""
-        first, second = touch(tmp_path, "a/case001.nii.gz", "b/case001.nii.gz")
-        library = ReferenceLibrary([tmp_path / "a", tmp_path / "b"])
-        library.build()
-        refused = refusal(library, "case001_pred.npz")
-        assert refused.code is ErrorCode.AMBIGUOUS_REFERENCE
-        assert set(refused.candidates) == {first, second}
-
-    def test_nii_and_nii_gz_with_one_key(self, tmp_path: Path) -> None:
-        """`x.nii` next to `x.nii.gz` cannot be told apart: ambiguous."""
-        library = library_of(tmp_path, "x.nii", "x.nii.gz")
-        refused = refusal(library, "x.npy")
-        assert refused.code is ErrorCode.AMBIGUOUS_REFERENCE
-        assert len(refused.candidates) == 2
-
-    def test_equally_good_input_prefix_candidates(self, tmp_path: Path) -> None:
-        """Two files with the smallest extending key are ambiguous, not picked at random."""
-        touch(tmp_path, "a/case1_0000.nii.gz", "b/case1_0000.nii.gz", "a/case1_0001.nii.gz")
-        library = ReferenceLibrary([tmp_path / "a", tmp_path / "b"])
-        library.build()
-        refused = refusal(library, "case1.npz")
-        assert refused.code is ErrorCode.AMBIGUOUS_REFERENCE
-        assert len(refused.candidates) == 2
-
-    def test_ambiguity_is_per_key(self, tmp_path: Path) -> None:
-        """A shared key does not stop other keys from matching."""
-        touch(tmp_path, "a/dup.nii", "b/dup.nii", "a/fine.nii")
-        library = ReferenceLibrary([tmp_path / "a", tmp_path / "b"])
-        library.build()
-        assert library.match("fine.npy").reference == tmp_path / "a" / "fine.nii"
-
-
-class TestKeyPattern:
-    PATTERN = r"^(?P<key>case\d+)"
-
-    def test_pattern_key_on_both_sides(self, tmp_path: Path) -> None:
-        """The `key` group of both names decides, reported as rule key_pattern."""
-        library = library_of(tmp_path, "case007_ct_0000.nii.gz", key_pattern=self.PATTERN)
-        match = library.match("case007_seg.npz")
-        assert match.rule == "key_pattern"
-        assert match.key == "case007"
-        assert match.reference == tmp_path / "case007_ct_0000.nii.gz"
-
-    def test_only_exact_keys_match(self, tmp_path: Path) -> None:
-        """With key_pattern the prefix rules do not apply."""
-        library = library_of(tmp_path, "case1.nii.gz", key_pattern=r"(?P<key>case\d+_\d+)")
-        assert refusal(library, "case1_2.npz").code is ErrorCode.NO_REFERENCE
-
-    def test_pattern_keys_can_be_ambiguous(self, tmp_path: Path) -> None:
-        """Two references with one pattern key are ambiguous."""
-        library = library_of(tmp_path, "case1_0000.nii", "case1_0001.nii", key_pattern=self.PATTERN)
-        assert refusal(library, "case1.npz").code is ErrorCode.AMBIGUOUS_REFERENCE
-
-    def test_input_outside_the_pattern(self, tmp_path: Path) -> None:
-        """An input whose stem the pattern does not match has no reference, and says why."""
-        library = library_of(tmp_path, "case1.nii", key_pattern=self.PATTERN)
-        refused = refusal(library, "scan1.npz")
-        assert refused.code is ErrorCode.NO_REFERENCE
-        assert "key_pattern" in refused.message
-
-    def test_pattern_needs_a_key_group(self, tmp_path: Path) -> None:
-        """A key_pattern without a group named key is refused up front."""
-        with pytest.raises(ValueError, match="key"):
-            ReferenceLibrary([tmp_path], key_pattern=r"case\d+")
 
 
 class TestIndex:
@@ -430,13 +273,13 @@ class TestLiveUpdates:
         """Only name changes reach the handler: reading a reference (as every conversion
         does) is not an event to handle."""
         seen: list[str] = []
-        handle = _ChangeHandler.on_any_event
+        handle = ChangeHandler.on_any_event
 
-        def record(self: _ChangeHandler, event: FileSystemEvent) -> None:
+        def record(self: ChangeHandler, event: FileSystemEvent) -> None:
             seen.append(event.event_type)
             handle(self, event)
 
-        monkeypatch.setattr(_ChangeHandler, "on_any_event", record)
+        monkeypatch.setattr(ChangeHandler, "on_any_event", record)
         library = library_of(tmp_path / "library", "old.nii.gz")
         library.start()
         started.append(library)
