@@ -6,7 +6,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ from niftidrop.errors import ConversionError, ErrorCode
 from niftidrop.library import Match, ReferenceLibrary
 from niftidrop.reference_index import ChangeHandler
 from niftidrop.settings import load_settings
+from waiting import wait_until
 
 DEADLINE = 20.0  # seconds a live update may take before a test gives up
 
@@ -38,15 +39,6 @@ def library_of(folder: Path, *names: str, **options: object) -> ReferenceLibrary
     library = ReferenceLibrary([folder], **options)  # type: ignore[arg-type]
     library.build()
     return library
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    """Poll `condition` until it holds, failing after DEADLINE seconds."""
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not seen within {DEADLINE} s: {what}")
-        time.sleep(0.02)
 
 
 def matches(library: ReferenceLibrary, name: str, expected: Path | None) -> bool:
@@ -196,7 +188,7 @@ class TestResolve:
         waiter = threading.Thread(target=lambda: results.append(library.resolve("late.npz")))
         waiter.start()
         touch(tmp_path, "late.nii.gz")
-        wait_until(lambda: not waiter.is_alive(), "resolve returning")
+        wait_until(lambda: not waiter.is_alive(), DEADLINE, "resolve returning")
         assert results[0].reference == tmp_path / "late.nii.gz"
 
     def test_stop_releases_waiters(self, tmp_path: Path, started: list[ReferenceLibrary]) -> None:
@@ -215,7 +207,7 @@ class TestResolve:
         waiter = threading.Thread(target=wait_for_reference)
         waiter.start()
         library.stop()
-        wait_until(lambda: not waiter.is_alive(), "resolve giving up")
+        wait_until(lambda: not waiter.is_alive(), DEADLINE, "resolve giving up")
         assert errors[0].code is ErrorCode.NO_REFERENCE
 
 
@@ -229,12 +221,14 @@ class TestLiveUpdates:
         library.start()
         started.append(library)
         (added,) = touch(tmp_path, "sub/added.nii.gz")
-        wait_until(lambda: matches(library, "added.npz", added), "an added reference")
+        wait_until(lambda: matches(library, "added.npz", added), DEADLINE, "an added reference")
         (tmp_path / "gone.nii.gz").unlink()
-        wait_until(lambda: matches(library, "gone.npz", None), "a removed reference")
+        wait_until(lambda: matches(library, "gone.npz", None), DEADLINE, "a removed reference")
         renamed = tmp_path / "sub" / "renamed.nii"
         added.rename(renamed)
-        wait_until(lambda: matches(library, "renamed.npz", renamed), "a renamed reference")
+        wait_until(
+            lambda: matches(library, "renamed.npz", renamed), DEADLINE, "a renamed reference"
+        )
         assert matches(library, "added.npz", None)
         assert len(library) == 1
 
@@ -250,7 +244,7 @@ class TestLiveUpdates:
         started.append(library)
         touch(folder, ".cache/hidden.nii.gz")
         (added,) = touch(folder, "sub/added.nii.gz")
-        wait_until(lambda: matches(library, "added.npz", added), "an added reference")
+        wait_until(lambda: matches(library, "added.npz", added), DEADLINE, "an added reference")
         assert matches(library, "old.npz", folder / "old.nii.gz")
         assert matches(library, "hidden.npz", None)
 
@@ -263,9 +257,9 @@ class TestLiveUpdates:
         started.append(library)
         touch(tmp_path, "staging/batch/one.nii.gz", "staging/batch/two.nii.gz")
         (tmp_path / "staging" / "batch").rename(tmp_path / "library" / "batch")
-        wait_until(lambda: len(library) == 2, "a moved-in folder")
+        wait_until(lambda: len(library) == 2, DEADLINE, "a moved-in folder")
         (tmp_path / "library" / "batch").rename(tmp_path / "batch")
-        wait_until(lambda: len(library) == 0, "a moved-out folder")
+        wait_until(lambda: len(library) == 0, DEADLINE, "a moved-out folder")
 
     def test_reading_references_wakes_no_watcher(
         self, tmp_path: Path, started: list[ReferenceLibrary], monkeypatch: pytest.MonkeyPatch
@@ -286,7 +280,7 @@ class TestLiveUpdates:
         for _ in range(5):
             (tmp_path / "library" / "old.nii.gz").read_bytes()
         touch(tmp_path / "library", "new.nii.gz")
-        wait_until(lambda: len(library) == 2, "the new reference")
+        wait_until(lambda: len(library) == 2, DEADLINE, "the new reference")
         assert set(seen) == {"created"}
 
     def test_symlinked_folder_is_watched(
@@ -303,9 +297,11 @@ class TestLiveUpdates:
         started.append(library)
         touch(tmp_path, "elsewhere/new.nii.gz")
         seen_as = library_dir / "link" / "new.nii.gz"
-        wait_until(lambda: matches(library, "new.npz", seen_as), "a reference behind a symlink")
+        wait_until(
+            lambda: matches(library, "new.npz", seen_as), DEADLINE, "a reference behind a symlink"
+        )
         (tmp_path / "elsewhere" / "new.nii.gz").unlink()
-        wait_until(lambda: len(library) == 0, "a reference removed behind a symlink")
+        wait_until(lambda: len(library) == 0, DEADLINE, "a reference removed behind a symlink")
 
     def test_library_folder_given_as_a_symlink(
         self, tmp_path: Path, started: list[ReferenceLibrary]
@@ -319,7 +315,9 @@ class TestLiveUpdates:
         started.append(library)
         touch(tmp_path / "storage", "top.nii.gz")
         seen_as = configured / "top.nii.gz"
-        wait_until(lambda: matches(library, "top.npz", seen_as), "a reference in a linked root")
+        wait_until(
+            lambda: matches(library, "top.npz", seen_as), DEADLINE, "a reference in a linked root"
+        )
 
     def test_hidden_and_outside_names_stay_out(
         self, tmp_path: Path, started: list[ReferenceLibrary]
@@ -329,9 +327,9 @@ class TestLiveUpdates:
         library.start(rescan_interval=3600.0)
         started.append(library)
         touch(tmp_path / "library", ".hidden.nii", ".tmp/inside.nii", "marker.nii")
-        wait_until(lambda: len(library) == 2, "the marker reference")
+        wait_until(lambda: len(library) == 2, DEADLINE, "the marker reference")
         (tmp_path / "library" / "leaving.nii").rename(tmp_path / "leaving.nii")
-        wait_until(lambda: len(library) == 1, "a reference moved out")
+        wait_until(lambda: len(library) == 1, DEADLINE, "a reference moved out")
         assert library.match("marker.npz").rule == "exact"
 
     def test_unreadable_paths_do_not_stop_updates(
@@ -351,7 +349,11 @@ class TestLiveUpdates:
         started.append(library)
         touch(tmp_path, "forbidden.nii")
         (allowed,) = touch(tmp_path, "allowed.nii")
-        wait_until(lambda: matches(library, "allowed.npz", allowed), "a reference after a failure")
+        wait_until(
+            lambda: matches(library, "allowed.npz", allowed),
+            DEADLINE,
+            "a reference after a failure",
+        )
         assert matches(library, "forbidden.npz", None)
 
     def test_rescan_catches_what_events_missed(
@@ -362,7 +364,7 @@ class TestLiveUpdates:
         library.start(rescan_interval=0.2)
         started.append(library)
         (late,) = touch(tmp_path, "late.nii.gz")
-        wait_until(lambda: matches(library, "late.npz", late), "the rescan")
+        wait_until(lambda: matches(library, "late.npz", late), DEADLINE, "the rescan")
 
     def test_lookups_during_updates(self, tmp_path: Path, started: list[ReferenceLibrary]) -> None:
         """Lookups from several threads while the index changes never fail unexpectedly."""
@@ -386,7 +388,7 @@ class TestLiveUpdates:
             reader.start()
         for number in range(200):
             touch(tmp_path, f"stable_{number:04d}.nii")
-        wait_until(lambda: len(library) == 201, "every new reference")
+        wait_until(lambda: len(library) == 201, DEADLINE, "every new reference")
         done.set()
         for reader in readers:
             reader.join()
@@ -397,7 +399,7 @@ class TestLiveUpdates:
         library = ReferenceLibrary([tmp_path])
         with library:
             touch(tmp_path, "seen.nii")
-            wait_until(lambda: len(library) == 1, "a reference added inside `with`")
+            wait_until(lambda: len(library) == 1, DEADLINE, "a reference added inside `with`")
         library.stop()
         library.stop()
 
@@ -434,9 +436,10 @@ class TestStartOrder:
         started.append(library)
         wait_until(
             lambda: matches(library, "after_walk.npz", tmp_path / "after_walk.nii.gz"),
+            DEADLINE,
             "a reference added after the walk",
         )
-        wait_until(lambda: matches(library, "gone.npz", None), "a reference removed")
+        wait_until(lambda: matches(library, "gone.npz", None), DEADLINE, "a reference removed")
         assert len(library) == 3
         assert library.match("before_walk.npz").candidates == (tmp_path / "before_walk.nii.gz",)
 
@@ -453,11 +456,13 @@ class TestLostWatches:
         library.start(rescan_interval=3600.0)
         started.append(library)
         shutil.rmtree(folder)
-        wait_until(lambda: len(library) == 0, "the removed folder's references forgotten")
+        wait_until(lambda: len(library) == 0, DEADLINE, "the removed folder's references forgotten")
         (first,) = touch(folder, "first.nii.gz")
-        wait_until(lambda: matches(library, "first.npz", first), "a reference in the new folder")
+        wait_until(
+            lambda: matches(library, "first.npz", first), DEADLINE, "a reference in the new folder"
+        )
         (later,) = touch(folder, "sub/later.nii.gz")
-        wait_until(lambda: matches(library, "later.npz", later), "a later reference")
+        wait_until(lambda: matches(library, "later.npz", later), DEADLINE, "a later reference")
         assert len(library) == 2
 
     def test_folder_renamed_away_and_replaced_is_watched_again(
@@ -477,7 +482,9 @@ class TestLostWatches:
         assert matches(library, "old.npz", None)
         touch(tmp_path, "library.old/ghost.nii.gz")
         (new,) = touch(folder, "new.nii.gz")
-        wait_until(lambda: matches(library, "new.npz", new), "a reference in the new folder")
+        wait_until(
+            lambda: matches(library, "new.npz", new), DEADLINE, "a reference in the new folder"
+        )
         assert matches(library, "ghost.npz", None)
 
     def test_build_sets_lost_watches_again(
@@ -493,7 +500,9 @@ class TestLostWatches:
         library.build()
         assert library.renew_watches() == []
         (new,) = touch(folder, "new.nii.gz")
-        wait_until(lambda: matches(library, "new.npz", new), "a reference in the new folder")
+        wait_until(
+            lambda: matches(library, "new.npz", new), DEADLINE, "a reference in the new folder"
+        )
 
     def test_missing_folder_is_watched_once_made(
         self, tmp_path: Path, started: list[ReferenceLibrary]
@@ -504,9 +513,11 @@ class TestLostWatches:
         library.start(rescan_interval=3600.0)
         started.append(library)
         (made,) = touch(folder, "made.nii.gz")
-        wait_until(lambda: matches(library, "made.npz", made), "a reference in the made folder")
+        wait_until(
+            lambda: matches(library, "made.npz", made), DEADLINE, "a reference in the made folder"
+        )
         (later,) = touch(folder, "later.nii.gz")
-        wait_until(lambda: matches(library, "later.npz", later), "a later reference")
+        wait_until(lambda: matches(library, "later.npz", later), DEADLINE, "a later reference")
 
 
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
