@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "src" / "niftidrop"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "src" / "niftidrop"
 # "About 400" and "about 250" lines (README, "Module map"): a little room, not a loophole.
 MODULE_LINES = 420
 CLASS_LINES = 260
@@ -73,6 +75,15 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def module_map() -> list[list[str]]:
+    """The README's module map: the modules named in each row's first cell, in order."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Code layout") :]
+    section = section[: section.index("\n## ", 1)]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    return [re.findall(r"`(\w+)\.py`", cell) for cell in rows]
+
+
 class TestSizes:
     @pytest.mark.parametrize("name", sorted(modules()))
     def test_module_is_small(self, name: str) -> None:
@@ -102,6 +113,25 @@ class TestImports:
         """Modules import each other, never the package's `__init__`."""
         importers = sorted(name for name, targets in import_graph().items() if FACADE in targets)
         assert importers == []
+
+
+class TestModuleMap:
+    def test_names_every_module_once(self) -> None:
+        """The README's module map names each module of the package, once."""
+        named = [name for row in module_map() for name in row]
+        assert sorted(named) == sorted(modules())
+
+    def test_lists_modules_below_what_they_import(self) -> None:
+        """Read top to bottom, the map is the import order: a module imports only
+        modules in its own row or above it."""
+        row_of = {name: number for number, row in enumerate(module_map()) for name in row}
+        upward = sorted(
+            f"{name} imports {target}"
+            for name, targets in import_graph().items()
+            for target in targets
+            if row_of[target] > row_of[name]
+        )
+        assert upward == []
 
 
 class TestCycleFinder:
