@@ -270,9 +270,7 @@ class Service:
             return False
         if len(self._intake) and not patience_over:
             return False
-        for path in self._intake.paths():
-            self.tally.incomplete += 1
-            log.warning("input_incomplete", input=str(self.spool.relative(path)))
+        self.tally.incomplete += self._intake.report_waiting()
         return True
 
     def shutdown(self) -> None:

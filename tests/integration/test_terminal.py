@@ -62,7 +62,9 @@ class TestRunOnce:
             assert re.search(r" input_converted +input=case_\d\.npy output=\S+ reference=", line)
             assert re.search(r" seconds=[\d.e-]+$", line)
         assert any(" input_failed " in line and "error=no_reference" in line for line in lines)
-        assert any(" input_incomplete " in line and "input=cut.npy" in line for line in lines)
+        assert any(
+            " input_incomplete " in line and "input=cut.npy reason=" in line for line in lines
+        )
         assert " service_stopped " in lines[-1]
         assert lines[-1].endswith(f"converted={INPUTS} failed=1 deferred=0 incomplete=1")
 
