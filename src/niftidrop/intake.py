@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from niftidrop.completeness import Readiness, readiness
 from niftidrop.jobs import Job
 from niftidrop.listing import scan_inbox
 from niftidrop.logs import get_logger
@@ -109,6 +111,39 @@ class Intake:
             if path not in self._tracker:
                 self._note(path, finished=False)
         self.decide()
+
+    def report_waiting(self) -> int:
+        """`run --once` is over: log each file still waiting (`input_incomplete`, with
+        the reason it was not read) and return how many there are. They stay in the inbox."""
+        paths = self.paths()
+        for path in paths:
+            log.warning(
+                "input_incomplete",
+                input=str(self.spool.relative(path)),
+                reason=self._why_waiting(path),
+            )
+        return len(paths)
+
+    def _why_waiting(self, path: Path) -> str:
+        """Why `path` was not read: incomplete, or complete but not yet quiet."""
+        left = "left in the inbox"
+        try:
+            info = path.lstat()
+        except OSError as error:
+            return f"it could not be looked at: {error.strerror}"
+        quiet = max(0.0, time.time() - info.st_mtime)
+        if readiness(path) is not Readiness.INCOMPLETE:
+            return (
+                f"still being written: it changed {quiet:.1f} s ago (a file is read once "
+                f"unchanged for settle_seconds, {self.settings.settle_seconds:g} s); {left}"
+            )
+        whole = "zip directory and every member" if path.suffix.lower() == ".npz" else "header"
+        return (
+            f"incomplete: {info.st_size} bytes, fewer than a whole file needs (its {whole} "
+            f"and every byte they declare), unchanged for {quiet:.1f} s; {left} (the service "
+            f"fails such a file as truncated once it is unchanged for incomplete_timeout, "
+            f"{self.settings.incomplete_timeout:g} s)"
+        )
 
     def _unreachable(self, path: Path) -> None:
         """A file or folder whose path is too long to be used: logged once, left alone."""

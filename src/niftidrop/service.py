@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from niftidrop.errors import ServiceError
 from niftidrop.guard import SpoolGuard
 from niftidrop.intake import Intake
-from niftidrop.logs import get_logger
+from niftidrop.logs import ProgressBar, get_logger
 from niftidrop.observers import choose_observer
 from niftidrop.periodic import Periodic, Task
 from niftidrop.spool import Spool
@@ -213,11 +213,9 @@ class Service:
         self.ready.set()
         log.info("service_ready", inbox=str(self.spool.inbox), backlog=len(self._intake))
         if self._once and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self._pool.progress = tqdm(
-                total=self._pool.outstanding + len(self._intake), unit="file", file=sys.stderr
-            )
+            # Log lines go above it; it is erased at the end (`service_stopped` sums up).
+            total = self._pool.outstanding + len(self._intake)
+            self._pool.progress = ProgressBar(total, leave=False)
 
     def main_loop(self) -> None:
         settings = self.settings
@@ -272,9 +270,7 @@ class Service:
             return False
         if len(self._intake) and not patience_over:
             return False
-        for path in self._intake.paths():
-            self.tally.incomplete += 1
-            log.warning("input_incomplete", input=str(self.spool.relative(path)))
+        self.tally.incomplete += self._intake.report_waiting()
         return True
 
     def shutdown(self) -> None:

@@ -25,6 +25,7 @@ from niftidrop.processes import ConversionProcess
 if TYPE_CHECKING:
     from niftidrop.convert import ConvertFile
     from niftidrop.library import Match
+    from niftidrop.logs import ProgressBar
     from niftidrop.metrics import Metrics
     from niftidrop.settings import Settings
     from niftidrop.spool import Spool
@@ -51,7 +52,7 @@ class WorkerPool:
         self.spool = spool
         self.retries = Retries(self.submit)
         self.jobs = JobRunner(settings, spool, self.retries, resolve=resolve, metrics=metrics)
-        self.progress: Any = None  # a bar advanced per job done (`--once` on a terminal)
+        self.progress: ProgressBar | None = None  # a bar advanced per job done (`--once`)
         # None: `niftidrop.api.convert_file` in a child process per worker; a
         # converter given here (tests) runs in the worker threads themselves.
         self._convert_file = convert_file

@@ -55,3 +55,40 @@ class TestRescan:
             intake.rescan()
         assert [line["input"] for line in logs if line["event"] == "input_ignored"] == ["pipe.npy"]
         assert intake._pool.outstanding == 0
+
+
+class TestReportWaiting:
+    def test_an_incomplete_file_is_reported_with_its_reason(self, tmp_path: Path) -> None:
+        """A file shorter than its header declares is reported as incomplete, with its
+        size and what the running service would do, and counted."""
+        intake = _intake(tmp_path, settle_seconds=0)
+        (intake.spool.inbox / "sub").mkdir()
+        path = intake.spool.inbox / "sub" / "cut.npy"
+        np.save(path, np.zeros(1000))
+        os.truncate(path, 200)
+        intake.rescan()
+        with capture_logs() as logs:
+            assert intake.report_waiting() == 1
+        (line,) = logs
+        assert (line["event"], line["input"]) == ("input_incomplete", "sub/cut.npy")
+        assert line["reason"].startswith("incomplete: 200 bytes, fewer than a whole file needs")
+        assert "truncated once it is unchanged for incomplete_timeout, 600 s" in line["reason"]
+        assert path.exists()
+
+    def test_a_file_still_changing_is_reported_as_being_written(self, tmp_path: Path) -> None:
+        """A complete file not yet quiet for settle_seconds is reported as still being
+        written, not as incomplete."""
+        intake = _intake(tmp_path, settle_seconds=60)
+        np.save(intake.spool.inbox / "a.npy", np.zeros(3))
+        intake.rescan()
+        with capture_logs() as logs:
+            assert intake.report_waiting() == 1
+        assert logs[0]["reason"].startswith("still being written: it changed 0.")
+        assert "settle_seconds, 60 s" in logs[0]["reason"]
+
+    def test_nothing_waiting_reports_nothing(self, tmp_path: Path) -> None:
+        """No file waiting: no line, a count of 0."""
+        intake = _intake(tmp_path, settle_seconds=0)
+        with capture_logs() as logs:
+            assert intake.report_waiting() == 0
+        assert logs == []

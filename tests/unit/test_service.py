@@ -388,7 +388,8 @@ class TestOnce:
         code, logs = self.once(settings)
         assert code == 1
         assert (settings.inbox_dir / "partial.npy").exists()
-        assert any(line["event"] == "input_incomplete" for line in logs)
+        (incomplete,) = [line for line in logs if line["event"] == "input_incomplete"]
+        assert incomplete["reason"].startswith("incomplete: 8 bytes")
         assert logs[-1]["event"] == "service_stopped"
         assert logs[-1]["incomplete"] == 1
 
