@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     on_conflict: Literal["overwrite", "rename", "fail"] = Field(default="overwrite")
     dtype: DtypePolicy = Field(default="auto")
     axis_order: Literal["xyz", "zyx"] = Field(default="xyz")
-    channels: Literal["keep", "argmax", "split"] = Field(default="keep")
+    channels: Literal["keep", "argmax", "split", "vector"] = Field(default="keep")
     max_input_bytes: int = Field(default=16 * 1024**3, gt=0)
     compression_level: int = Field(default=1, ge=0, le=3, description="igzip level 0-3")
     compression_threads: int = Field(default=0, ge=0, description="0: one per CPU")
