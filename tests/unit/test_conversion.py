@@ -372,6 +372,26 @@ class TestShapes:
         assert caught.value.code is ErrorCode.SHAPE_MISMATCH
         assert f'set axis_order = "{other}"' in str(caught.value)
 
+    @pytest.mark.parametrize(
+        ("axis_order", "shape", "other"),
+        [
+            ("xyz", (6, 5, 4), "zyx"),
+            ("xyz", (2, 6, 5, 4), "zyx"),
+            ("zyx", (4, 5, 6, 3), "xyz"),
+        ],
+    )
+    def test_the_hinted_axis_order_fits(
+        self,
+        axis_order: Literal["xyz", "zyx"],
+        shape: tuple[int, ...],
+        other: Literal["xyz", "zyx"],
+    ) -> None:
+        """The axis_order a shape_mismatch suggests is one that accepts the array."""
+        data = np.zeros(shape)
+        with pytest.raises(ConversionError, match=f'set axis_order = "{other}"'):
+            arrange(data, self.S, axis_order, "pred.npy", Path("ref.nii.gz"))
+        assert arrange(data, self.S, other, "pred.npy").shape[:3] == self.S
+
     def test_reference_with_singleton_spatial_axis(self) -> None:
         """A 2-D reference (z = 1) accepts a 2-D array."""
         assert arrange(np.zeros((4, 5)), (4, 5, 1), "xyz", "x").shape == (4, 5, 1)
