@@ -365,6 +365,40 @@ class TestSeedExamples:
         assert np.load(saved).dtype == np.uint8
 
 
+class TestPathArguments:
+    """Every path argument may be a `str` or a `Path`."""
+
+    def test_convert_file_takes_str_paths(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """source, out_dir, reference and journal given as str: converted, and the
+        result holds Paths."""
+        reference = make_reference(shape=(4, 5, 6))
+        source = _saved(tmp_path / "case.npy", np.full((4, 5, 6), 7, np.uint8))
+        result = convert_file(
+            str(source),
+            str(tmp_path / "out"),
+            settings=_settings(on_conflict="rename"),
+            reference=str(reference),
+            journal=str(tmp_path / "journal.json"),
+        )
+        assert result.input == source
+        assert result.outputs == (tmp_path / "out" / "case.nii.gz",)
+        np.testing.assert_array_equal(_voxels(result.outputs[0]), np.full((4, 5, 6), 7))
+        np.testing.assert_array_equal(
+            nib.load(result.outputs[0]).affine, nib.load(reference).affine
+        )
+        assert (tmp_path / "journal.json").exists()
+
+    def test_the_nidataset_pair_takes_paths(self, make_reference: MakeReference) -> None:
+        """numpy_to_nifti and nifti_to_numpy take Path objects too, and return str."""
+        reference = make_reference("case.nii.gz", shape=(2, 3, 4))
+        source = _saved(Path("case.npy"), np.ones((2, 3, 4), np.float32))
+        written = numpy_to_nifti(source, Path("out"), reference_nifti=reference)
+        assert written == str(Path("out/case.nii.gz"))
+        assert nifti_to_numpy(Path(written), Path("back")) == str(Path("back/case.npz"))
+
+
 DTYPES = ["uint8", "int8", "int16", "uint16", "int32", "uint32", "float32", "float64"]
 
 
