@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -255,6 +256,16 @@ def _api_settings() -> Settings:
     return Settings.model_construct()
 
 
+def _report_saved(message: str, path: str) -> None:
+    """`debug=True`: `message` with the path on the `niftidrop` logger at INFO, or on
+    stderr where that logger would show nothing (logging not configured, or set
+    above INFO): the caller asked to see it."""
+    if logger.isEnabledFor(logging.INFO) and logger.hasHandlers():
+        logger.info(message, path)
+    else:
+        print(message % path, file=sys.stderr)
+
+
 def numpy_to_nifti(
     npy_path: StrPath,
     output_path: StrPath,
@@ -267,7 +278,8 @@ def numpy_to_nifti(
     `reference_nifti` supplies the geometry and overrides `affine`; without either
     the affine is the identity. Raises FileNotFoundError for a missing input and
     ConversionError (a ValueError) with an error code (README: Error codes) for a
-    rejected one.
+    rejected one. `debug=True` shows "NIfTI file saved at: '<path>'": on the
+    `niftidrop` logger (INFO) when logging shows it, else on stderr.
     """
     source = Path(npy_path)
     if not source.is_file():
@@ -284,7 +296,7 @@ def numpy_to_nifti(
     )
     written = str(result.outputs[0])
     if debug:
-        logger.info("NIfTI file saved at: '%s'", written)
+        _report_saved("NIfTI file saved at: '%s'", written)
     return written
 
 
@@ -295,7 +307,8 @@ def nifti_to_numpy(
 
     The stored dtype and values are kept, so converting back with the same file as
     reference gives the same image. An image with a scale factor is saved scaled,
-    in the floating type nibabel chooses.
+    in the floating type nibabel chooses. `debug=True` shows the path written, as
+    `numpy_to_nifti` does.
     """
     source = Path(nii_path)
     if not source.is_file():
@@ -309,7 +322,7 @@ def nifti_to_numpy(
     chunks = _npz_bytes(data) if compressed else _npy_bytes(data)
     written = str(write_file(final, chunks, compress=False, on_conflict="overwrite"))
     if debug:
-        logger.info("NumPy file saved at: '%s'", written)
+        _report_saved("NumPy file saved at: '%s'", written)
     return written
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -397,6 +399,61 @@ class TestPathArguments:
         written = numpy_to_nifti(source, Path("out"), reference_nifti=reference)
         assert written == str(Path("out/case.nii.gz"))
         assert nifti_to_numpy(Path(written), Path("back")) == str(Path("back/case.npz"))
+
+
+# `numpy_to_nifti(..., debug=True)` and `nifti_to_numpy(..., debug=True)` in a fresh
+# interpreter: argv[1] "configured" sets up logging first, "quiet" passes debug=False.
+_DEBUG_SCRIPT = """
+import logging, sys
+import numpy as np
+from niftidrop import nifti_to_numpy, numpy_to_nifti
+if sys.argv[1] == "configured":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+debug = sys.argv[1] != "quiet"
+np.save("a.npy", np.zeros((2, 2, 2), np.float32))
+written = numpy_to_nifti("a.npy", "out", debug=debug)
+print(written, nifti_to_numpy(written, "back", debug=debug))
+"""
+
+
+def _debug_run(mode: str) -> tuple[str, list[str]]:
+    """stdout and the "saved at" lines on stderr of `_DEBUG_SCRIPT`, run in the working
+    folder (other lines, a coverage notice say, are not the functions')."""
+    done = subprocess.run(
+        [sys.executable, "-c", _DEBUG_SCRIPT, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return done.stdout.strip(), [line for line in done.stderr.splitlines() if "saved at" in line]
+
+
+class TestDebug:
+    """debug=True shows the path written, as nidataset's page promises."""
+
+    def test_shown_on_stderr_without_logging_set_up(self) -> None:
+        """With logging not configured (Python would show only warnings) the paths
+        appear on stderr, once each."""
+        printed, errors = _debug_run("debug")
+        assert printed == f"{Path('out/a.nii.gz')} {Path('back/a.npz')}"
+        assert errors == [
+            f"NIfTI file saved at: '{Path('out/a.nii.gz')}'",
+            f"NumPy file saved at: '{Path('back/a.npz')}'",
+        ]
+
+    def test_logged_once_when_logging_is_set_up(self) -> None:
+        """With logging configured at INFO the paths go through the `niftidrop` logger
+        (its format, its handler) and nowhere else."""
+        _, errors = _debug_run("configured")
+        assert errors == [
+            f"INFO niftidrop NIfTI file saved at: '{Path('out/a.nii.gz')}'",
+            f"INFO niftidrop NumPy file saved at: '{Path('back/a.npz')}'",
+        ]
+
+    def test_silent_without_debug(self) -> None:
+        """debug=False shows no path."""
+        assert _debug_run("quiet")[1] == []
 
 
 DTYPES = ["uint8", "int8", "int16", "uint16", "int32", "uint32", "float32", "float64"]
