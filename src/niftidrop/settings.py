@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Final, Literal, NamedTuple
 
 import numpy as np
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -62,7 +62,10 @@ class _Resolved:
 
 
 class Settings(BaseSettings):
-    """Every knob of niftidrop. The CLI, environment and TOML file only fill it."""
+    """Every knob of niftidrop. The CLI, environment and TOML file only fill it.
+
+    `Settings(...)` also reads `NIFTIDROP_*` variables; `Settings.from_values(...)` does not.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -146,6 +149,13 @@ class Settings(BaseSettings):
         if toml_file is None:
             return (init_settings, env_settings)
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file))
+
+    @classmethod
+    def from_values(cls, **values: Any) -> Settings:
+        """`values` and the defaults, validated; no environment variable or file is read."""
+        settings = cls.__new__(cls)
+        BaseModel.__init__(settings, **values)  # what BaseSettings.__init__ ends with
+        return settings
 
     @field_validator("library", mode="before")
     @classmethod

@@ -12,6 +12,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -205,6 +206,23 @@ class TestConvertFile:
         assert len(record["input_sha256"]) == len(record["reference_sha256"]) == 64
         assert (record["dtype_in"], record["dtype_out"]) == ("bool", "uint8")
         assert record["niftidrop_version"]
+
+    def test_vector_gives_one_image_of_vectors(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """channels="vector" writes one .nii.gz that SimpleITK reads as one 3-D image of
+        C-component voxels and nibabel as x, y, z, 1, C with intent vector."""
+        reference = make_reference(shape=(4, 5, 6))
+        source = _saved(tmp_path / "p.npy", np.random.default_rng(2).random((3, 4, 5, 6)))
+        result = convert_file(
+            source, tmp_path, settings=Settings.from_values(channels="vector"), reference=reference
+        )
+        (output,) = result.outputs
+        image = sitk.ReadImage(str(output))
+        assert (image.GetSize(), image.GetNumberOfComponentsPerPixel()) == ((4, 5, 6), 3)
+        assert image.GetSpacing() == pytest.approx(sitk.ReadImage(str(reference)).GetSpacing())
+        assert nib.load(output).shape == result.shape_out == (4, 5, 6, 1, 3)
+        assert nib.load(output).header.get_intent()[0] == "vector"
 
 
 class TestAllOrNothing:
@@ -454,6 +472,21 @@ class TestDebug:
     def test_silent_without_debug(self) -> None:
         """debug=False shows no path."""
         assert _debug_run("quiet")[1] == []
+
+
+class TestEnvironmentIgnored:
+    def test_numpy_to_nifti_reads_no_niftidrop_variable(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The nidataset-compatible API uses the defaults whatever NIFTIDROP_* says."""
+        monkeypatch.setenv("NIFTIDROP_COMPRESS", "false")
+        monkeypatch.setenv("NIFTIDROP_CHANNELS", "split")
+        monkeypatch.setenv("NIFTIDROP_WORKERS", "abc")
+        np.save("a.npy", np.zeros((2, 2, 2, 2), np.float32))
+        written = numpy_to_nifti("a.npy", "o")
+        assert written == str(Path("o/a.nii.gz"))
+        assert nib.load(written).shape == (2, 2, 2, 2)
+        assert [path.name for path in Path("o").iterdir()] == ["a.nii.gz"]
 
 
 DTYPES = ["uint8", "int8", "int16", "uint16", "int32", "uint32", "float32", "float64"]
