@@ -1,4 +1,9 @@
-"""niftidrop: turn NumPy predictions into NIfTI files with their reference's geometry."""
+"""niftidrop: turn NumPy predictions into NIfTI files with their reference's geometry.
+
+The public API (README: Python API): `numpy_to_nifti` / `nifti_to_numpy`
+(nidataset-compatible), `convert_file` and its `ConversionResult`, the settings
+model `Settings`, and the errors with their codes.
+"""
 
 from typing import TYPE_CHECKING, Any
 
@@ -7,9 +12,10 @@ from niftidrop.version import __version__
 
 if TYPE_CHECKING:
     from niftidrop.api import ConversionResult, convert_file, nifti_to_numpy, numpy_to_nifti
+    from niftidrop.settings import Settings
 
-# The conversion API imports numpy and nibabel; load it on first use so that
-# `import niftidrop` (and every CLI command) stays quick.
+# The conversion API and the settings model import numpy, nibabel and pydantic;
+# load them on first use so that `import niftidrop` (and every CLI command) stays quick.
 _API_NAMES = {"ConversionResult", "convert_file", "nifti_to_numpy", "numpy_to_nifti"}
 
 
@@ -18,7 +24,15 @@ def __getattr__(name: str) -> Any:
         from niftidrop import api
 
         return getattr(api, name)
+    if name == "Settings":
+        from niftidrop import settings
+
+        return settings.Settings
     raise AttributeError(f"module 'niftidrop' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 __all__ = [
@@ -27,6 +41,7 @@ __all__ = [
     "ConversionResult",
     "ErrorCode",
     "NiftidropError",
+    "Settings",
     "__version__",
     "convert_file",
     "nifti_to_numpy",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -42,6 +44,9 @@ from niftidrop.writer import (
 
 logger = logging.getLogger("niftidrop")
 
+# What the functions take as a path: a `str` or any path-like object (`Path`).
+StrPath = str | os.PathLike[str]
+
 
 @dataclass(frozen=True)
 class ConversionResult:
@@ -59,16 +64,16 @@ class ConversionResult:
 
 
 def convert_file(
-    source: Path,
-    out_dir: Path,
+    source: StrPath,
+    out_dir: StrPath,
     *,
     settings: Settings,
-    reference: Path | None,
+    reference: StrPath | None,
     stem: str | None = None,
     affine: npt.NDArray[Any] | None = None,
     provenance: Mapping[str, object] | None = None,
     owner: str = "",
-    journal: Path | None = None,
+    journal: StrPath | None = None,
 ) -> ConversionResult:
     """Convert one .npy/.npz into out_dir/<stem>.nii.gz (.nii if not settings.compress;
     <stem>_c<N>.nii.gz per channel with channels="split"; optional <stem>.json sidecar
@@ -84,9 +89,10 @@ def convert_file(
     the service retries those. journal (on_conflict rename or fail only): a file in
     which the inodes of the outputs are recorded before they get their names, so a
     redo after a crash recognises its own outputs instead of adding a second name or
-    reporting a conflict with them."""
+    reporting a conflict with them. Every path may be a `str` or a `Path`."""
     started = time.perf_counter()
-    source = Path(source)
+    source, out_dir = Path(source), Path(out_dir)
+    reference = Path(reference) if reference is not None else None
     stem = stem or input_stem(source.name)
     extension = ".nii.gz" if settings.compress else ".nii"
     ref = read_reference(reference, input_name=source.name) if reference is not None else None
@@ -102,7 +108,7 @@ def convert_file(
     )
     finals = [out_dir / f"{stem}{volume.suffix}{extension}" for volume in plan.volumes]
     # None with overwrite: a redo writes the same bytes under the same names.
-    journal = journal if settings.on_conflict != "overwrite" else None
+    journal = None if journal is None or settings.on_conflict == "overwrite" else Path(journal)
     recorded = read_journal(journal)
     # Outputs a crashed earlier run of this conversion placed already: kept as they are.
     done = {final: find_own(final, recorded.get(final.name)) for final in finals}
@@ -250,18 +256,30 @@ def _api_settings() -> Settings:
     return Settings.model_construct()
 
 
+def _report_saved(message: str, path: str) -> None:
+    """`debug=True`: `message` with the path on the `niftidrop` logger at INFO, or on
+    stderr where that logger would show nothing (logging not configured, or set
+    above INFO): the caller asked to see it."""
+    if logger.isEnabledFor(logging.INFO) and logger.hasHandlers():
+        logger.info(message, path)
+    else:
+        print(message % path, file=sys.stderr)
+
+
 def numpy_to_nifti(
-    npy_path: str,
-    output_path: str,
+    npy_path: StrPath,
+    output_path: StrPath,
     affine: np.ndarray[Any, Any] | None = None,
-    reference_nifti: str | None = None,
+    reference_nifti: StrPath | None = None,
     debug: bool = False,
 ) -> str:
     """Convert a `.npy` / `.npz` file to `<output_path>/<prefix>.nii.gz`; returns its path.
 
     `reference_nifti` supplies the geometry and overrides `affine`; without either
     the affine is the identity. Raises FileNotFoundError for a missing input and
-    ConversionError (a ValueError) with an error code (README, "File protocol") for a rejected one.
+    ConversionError (a ValueError) with an error code (README: Error codes) for a
+    rejected one. `debug=True` shows "NIfTI file saved at: '<path>'": on the
+    `niftidrop` logger (INFO) when logging shows it, else on stderr.
     """
     source = Path(npy_path)
     if not source.is_file():
@@ -278,18 +296,19 @@ def numpy_to_nifti(
     )
     written = str(result.outputs[0])
     if debug:
-        logger.info("NIfTI file saved at: '%s'", written)
+        _report_saved("NIfTI file saved at: '%s'", written)
     return written
 
 
 def nifti_to_numpy(
-    nii_path: str, output_path: str, compressed: bool = True, debug: bool = False
+    nii_path: StrPath, output_path: StrPath, compressed: bool = True, debug: bool = False
 ) -> str:
     """Save a NIfTI image's voxels as `<prefix>.npz` (key `data`), or `.npy`.
 
     The stored dtype and values are kept, so converting back with the same file as
     reference gives the same image. An image with a scale factor is saved scaled,
-    in the floating type nibabel chooses.
+    in the floating type nibabel chooses. `debug=True` shows the path written, as
+    `numpy_to_nifti` does.
     """
     source = Path(nii_path)
     if not source.is_file():
@@ -303,7 +322,7 @@ def nifti_to_numpy(
     chunks = _npz_bytes(data) if compressed else _npy_bytes(data)
     written = str(write_file(final, chunks, compress=False, on_conflict="overwrite"))
     if debug:
-        logger.info("NumPy file saved at: '%s'", written)
+        _report_saved("NumPy file saved at: '%s'", written)
     return written
 
 

@@ -28,6 +28,8 @@ from niftidrop.reference import SPATIAL, NiftiHeader, Reference, nib
 from niftidrop.slabs import copy_in_tiles, slabs_of
 
 Array = npt.NDArray[Any]
+# What becomes of a channel axis (README: Conversion).
+Channels = Literal["keep", "argmax", "split", "vector"]
 
 
 # dtype policy.
@@ -220,20 +222,30 @@ def plan_conversion(
     affine: Array | None = None,
     dtype: str = "auto",
     axis_order: Literal["xyz", "zyx"] = "xyz",
-    channels: Literal["keep", "argmax", "split"] = "keep",
+    channels: Channels = "keep",
     version: str = "",
 ) -> Plan:
-    """Decide the outputs of `source` against `reference` (or `affine`, or identity)."""
+    """Decide the outputs of `source` against `reference` (or `affine`, or identity).
+
+    A channel axis C becomes: dimension 4 (`keep`), the index of the largest channel
+    (`argmax`), one output per channel (`split`), or dimension 5 with dimension 4 of
+    size 1 and intent NIFTI_INTENT_VECTOR (`vector`: one C-component image for
+    ITK-based readers). An array without one gives one 3-D output for each but `split`.
+    """
     name = source.path.name
     ref_path = reference.path if reference else None
     arranged = arrange(
         source.data, reference.spatial_shape if reference else None, axis_order, name, ref_path
     )
     has_channels = arranged.ndim > SPATIAL
+    vector = channels == "vector" and has_channels
     if channels == "split" and has_channels:
         parts = [(f"_c{c}", arranged[..., c], False) for c in range(arranged.shape[-1])]
     elif channels == "split":
         parts = [("_c0", arranged, False)]
+    elif vector:
+        # x, y, z, 1, C: the components in dimension 5 (a view, no copy).
+        parts = [("", np.expand_dims(arranged, axis=-2), False)]
     else:
         parts = [("", arranged, channels == "argmax" and has_channels)]
     out_dtype, check = _choose_dtype(source, arranged, parts[0][2], dtype, name)
@@ -241,6 +253,9 @@ def plan_conversion(
     for suffix, view, argmax in parts:
         shape = view.shape[:-1] if argmax else view.shape
         header = output_header(reference, affine, shape, out_dtype, version=version, name=name)
+        if vector:
+            header.set_intent("vector")
+            header["pixdim"][4:6] = 1.0  # no time step, no spacing between components
         volumes.append(Volume(suffix, view, argmax, out_dtype, header, check))
     return Plan(volumes=tuple(volumes), dtype_in=source.dtype, shape_in=source.shape)
 

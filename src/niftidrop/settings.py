@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Final, Literal, NamedTuple
 
 import numpy as np
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -62,7 +62,10 @@ class _Resolved:
 
 
 class Settings(BaseSettings):
-    """Every knob of niftidrop. The CLI, environment and TOML file only fill it."""
+    """Every knob of niftidrop. The CLI, environment and TOML file only fill it.
+
+    `Settings(...)` also reads `NIFTIDROP_*` variables; `Settings.from_values(...)` does not.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -108,7 +111,7 @@ class Settings(BaseSettings):
     on_conflict: Literal["overwrite", "rename", "fail"] = Field(default="overwrite")
     dtype: DtypePolicy = Field(default="auto")
     axis_order: Literal["xyz", "zyx"] = Field(default="xyz")
-    channels: Literal["keep", "argmax", "split"] = Field(default="keep")
+    channels: Literal["keep", "argmax", "split", "vector"] = Field(default="keep")
     max_input_bytes: int = Field(default=16 * 1024**3, gt=0)
     compression_level: int = Field(default=1, ge=0, le=3, description="igzip level 0-3")
     compression_threads: int = Field(default=0, ge=0, description="0: one per CPU")
@@ -146,6 +149,13 @@ class Settings(BaseSettings):
         if toml_file is None:
             return (init_settings, env_settings)
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file))
+
+    @classmethod
+    def from_values(cls, **values: Any) -> Settings:
+        """`values` and the defaults, validated; no environment variable or file is read."""
+        settings = cls.__new__(cls)
+        BaseModel.__init__(settings, **values)  # what BaseSettings.__init__ ends with
+        return settings
 
     @field_validator("library", mode="before")
     @classmethod

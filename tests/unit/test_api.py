@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -204,6 +207,23 @@ class TestConvertFile:
         assert (record["dtype_in"], record["dtype_out"]) == ("bool", "uint8")
         assert record["niftidrop_version"]
 
+    def test_vector_gives_one_image_of_vectors(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """channels="vector" writes one .nii.gz that SimpleITK reads as one 3-D image of
+        C-component voxels and nibabel as x, y, z, 1, C with intent vector."""
+        reference = make_reference(shape=(4, 5, 6))
+        source = _saved(tmp_path / "p.npy", np.random.default_rng(2).random((3, 4, 5, 6)))
+        result = convert_file(
+            source, tmp_path, settings=Settings.from_values(channels="vector"), reference=reference
+        )
+        (output,) = result.outputs
+        image = sitk.ReadImage(str(output))
+        assert (image.GetSize(), image.GetNumberOfComponentsPerPixel()) == ((4, 5, 6), 3)
+        assert image.GetSpacing() == pytest.approx(sitk.ReadImage(str(reference)).GetSpacing())
+        assert nib.load(output).shape == result.shape_out == (4, 5, 6, 1, 3)
+        assert nib.load(output).header.get_intent()[0] == "vector"
+
 
 class TestAllOrNothing:
     """channels = split gives all its outputs or none (and the sidecar with them)."""
@@ -363,6 +383,110 @@ class TestSeedExamples:
         saved = nifti_to_numpy(str(original), "t", compressed=False)
         assert saved == str(Path("t/scan.npy"))
         assert np.load(saved).dtype == np.uint8
+
+
+class TestPathArguments:
+    """Every path argument may be a `str` or a `Path`."""
+
+    def test_convert_file_takes_str_paths(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """source, out_dir, reference and journal given as str: converted, and the
+        result holds Paths."""
+        reference = make_reference(shape=(4, 5, 6))
+        source = _saved(tmp_path / "case.npy", np.full((4, 5, 6), 7, np.uint8))
+        result = convert_file(
+            str(source),
+            str(tmp_path / "out"),
+            settings=_settings(on_conflict="rename"),
+            reference=str(reference),
+            journal=str(tmp_path / "journal.json"),
+        )
+        assert result.input == source
+        assert result.outputs == (tmp_path / "out" / "case.nii.gz",)
+        np.testing.assert_array_equal(_voxels(result.outputs[0]), np.full((4, 5, 6), 7))
+        np.testing.assert_array_equal(
+            nib.load(result.outputs[0]).affine, nib.load(reference).affine
+        )
+        assert (tmp_path / "journal.json").exists()
+
+    def test_the_nidataset_pair_takes_paths(self, make_reference: MakeReference) -> None:
+        """numpy_to_nifti and nifti_to_numpy take Path objects too, and return str."""
+        reference = make_reference("case.nii.gz", shape=(2, 3, 4))
+        source = _saved(Path("case.npy"), np.ones((2, 3, 4), np.float32))
+        written = numpy_to_nifti(source, Path("out"), reference_nifti=reference)
+        assert written == str(Path("out/case.nii.gz"))
+        assert nifti_to_numpy(Path(written), Path("back")) == str(Path("back/case.npz"))
+
+
+# `numpy_to_nifti(..., debug=True)` and `nifti_to_numpy(..., debug=True)` in a fresh
+# interpreter: argv[1] "configured" sets up logging first, "quiet" passes debug=False.
+_DEBUG_SCRIPT = """
+import logging, sys
+import numpy as np
+from niftidrop import nifti_to_numpy, numpy_to_nifti
+if sys.argv[1] == "configured":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+debug = sys.argv[1] != "quiet"
+np.save("a.npy", np.zeros((2, 2, 2), np.float32))
+written = numpy_to_nifti("a.npy", "out", debug=debug)
+print(written, nifti_to_numpy(written, "back", debug=debug))
+"""
+
+
+def _debug_run(mode: str) -> tuple[str, list[str]]:
+    """stdout and the "saved at" lines on stderr of `_DEBUG_SCRIPT`, run in the working
+    folder (other lines, a coverage notice say, are not the functions')."""
+    done = subprocess.run(
+        [sys.executable, "-c", _DEBUG_SCRIPT, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return done.stdout.strip(), [line for line in done.stderr.splitlines() if "saved at" in line]
+
+
+class TestDebug:
+    """debug=True shows the path written, as nidataset's page promises."""
+
+    def test_shown_on_stderr_without_logging_set_up(self) -> None:
+        """With logging not configured (Python would show only warnings) the paths
+        appear on stderr, once each."""
+        printed, errors = _debug_run("debug")
+        assert printed == f"{Path('out/a.nii.gz')} {Path('back/a.npz')}"
+        assert errors == [
+            f"NIfTI file saved at: '{Path('out/a.nii.gz')}'",
+            f"NumPy file saved at: '{Path('back/a.npz')}'",
+        ]
+
+    def test_logged_once_when_logging_is_set_up(self) -> None:
+        """With logging configured at INFO the paths go through the `niftidrop` logger
+        (its format, its handler) and nowhere else."""
+        _, errors = _debug_run("configured")
+        assert errors == [
+            f"INFO niftidrop NIfTI file saved at: '{Path('out/a.nii.gz')}'",
+            f"INFO niftidrop NumPy file saved at: '{Path('back/a.npz')}'",
+        ]
+
+    def test_silent_without_debug(self) -> None:
+        """debug=False shows no path."""
+        assert _debug_run("quiet")[1] == []
+
+
+class TestEnvironmentIgnored:
+    def test_numpy_to_nifti_reads_no_niftidrop_variable(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The nidataset-compatible API uses the defaults whatever NIFTIDROP_* says."""
+        monkeypatch.setenv("NIFTIDROP_COMPRESS", "false")
+        monkeypatch.setenv("NIFTIDROP_CHANNELS", "split")
+        monkeypatch.setenv("NIFTIDROP_WORKERS", "abc")
+        np.save("a.npy", np.zeros((2, 2, 2, 2), np.float32))
+        written = numpy_to_nifti("a.npy", "o")
+        assert written == str(Path("o/a.nii.gz"))
+        assert nib.load(written).shape == (2, 2, 2, 2)
+        assert [path.name for path in Path("o").iterdir()] == ["a.nii.gz"]
 
 
 DTYPES = ["uint8", "int8", "int16", "uint16", "int32", "uint32", "float32", "float64"]

@@ -372,6 +372,26 @@ class TestShapes:
         assert caught.value.code is ErrorCode.SHAPE_MISMATCH
         assert f'set axis_order = "{other}"' in str(caught.value)
 
+    @pytest.mark.parametrize(
+        ("axis_order", "shape", "other"),
+        [
+            ("xyz", (6, 5, 4), "zyx"),
+            ("xyz", (2, 6, 5, 4), "zyx"),
+            ("zyx", (4, 5, 6, 3), "xyz"),
+        ],
+    )
+    def test_the_hinted_axis_order_fits(
+        self,
+        axis_order: Literal["xyz", "zyx"],
+        shape: tuple[int, ...],
+        other: Literal["xyz", "zyx"],
+    ) -> None:
+        """The axis_order a shape_mismatch suggests is one that accepts the array."""
+        data = np.zeros(shape)
+        with pytest.raises(ConversionError, match=f'set axis_order = "{other}"'):
+            arrange(data, self.S, axis_order, "pred.npy", Path("ref.nii.gz"))
+        assert arrange(data, self.S, other, "pred.npy").shape[:3] == self.S
+
     def test_reference_with_singleton_spatial_axis(self) -> None:
         """A 2-D reference (z = 1) accepts a 2-D array."""
         assert arrange(np.zeros((4, 5)), (4, 5, 1), "xyz", "x").shape == (4, 5, 1)
@@ -407,6 +427,90 @@ class TestShapes:
         assert len(images) == 2
         for channel, image in enumerate(images):
             np.testing.assert_array_equal(_voxels(image), scores[channel])
+
+
+class TestVectorChannels:
+    """channels=vector: one image of C-component voxels (x, y, z, 1, C; intent vector)."""
+
+    S = (4, 5, 6)
+
+    def test_nibabel_reads_five_dimensions_with_intent_vector(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """Channels first become dimension 5, dimension 4 is 1, the intent is vector,
+        the geometry is the reference's, and every component keeps its values."""
+        reference = make_reference(shape=self.S)
+        scores = np.random.default_rng(3).random((3, *self.S)).astype(np.float32)
+        (image,) = _convert(scores, reference, tmp_path, channels="vector")
+        assert image.shape == (*self.S, 1, 3)
+        assert image.header.get_intent()[0] == "vector"
+        assert list(image.header["dim"][:6]) == [5, *self.S, 1, 3]
+        np.testing.assert_array_equal(
+            image.header["pixdim"][1:4], nib.load(reference).header["pixdim"][1:4]
+        )
+        np.testing.assert_array_equal(image.header["pixdim"][4:6], [1.0, 1.0])
+        np.testing.assert_array_equal(image.affine, nib.load(reference).affine)
+        for channel in range(3):
+            np.testing.assert_array_equal(_voxels(image)[..., 0, channel], scores[channel])
+
+    def test_itk_reads_one_image_with_a_component_per_channel(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """SimpleITK reads one 3-D image with C components per voxel, the reference's
+        size, origin, spacing and direction, and the channels' values per voxel."""
+        reference = make_reference(shape=self.S)
+        scores = np.random.default_rng(4).random((*self.S, 4)).astype(np.float32)
+        _convert(scores, reference, tmp_path, channels="vector")
+        ours = sitk.ReadImage(str(tmp_path / "out0.nii"))
+        theirs = sitk.ReadImage(str(reference))
+        assert ours.GetDimension() == 3
+        assert ours.GetNumberOfComponentsPerPixel() == 4
+        assert ours.GetSize() == self.S
+        np.testing.assert_allclose(ours.GetOrigin(), theirs.GetOrigin(), atol=1e-6)
+        np.testing.assert_allclose(ours.GetSpacing(), theirs.GetSpacing(), atol=1e-6)
+        np.testing.assert_allclose(ours.GetDirection(), theirs.GetDirection(), atol=1e-6)
+        # SimpleITK's arrays are (z, y, x, components).
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), scores.transpose(2, 1, 0, 3))
+
+    def test_zyx_arrays_give_the_same_image(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """A (C, z, y, x) array with axis_order=zyx (nnU-Net) gives the same voxels."""
+        scores = np.random.default_rng(5).random((2, *self.S)).astype(np.float32)
+        reversed_axes = np.ascontiguousarray(scores.transpose(0, 3, 2, 1))
+        (image,) = _convert(
+            reversed_axes,
+            make_reference(shape=self.S),
+            tmp_path,
+            channels="vector",
+            axis_order="zyx",
+        )
+        assert image.shape == (*self.S, 1, 2)
+        np.testing.assert_array_equal(_voxels(image)[..., 0, 1], scores[1])
+
+    def test_an_array_without_channels_stays_three_dimensional(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """With no channel axis the output is the plain 3-D image keep would write."""
+        data = np.random.default_rng(6).random(self.S).astype(np.float32)
+        (image,) = _convert(data, make_reference(shape=self.S), tmp_path, channels="vector")
+        assert image.shape == self.S
+        assert image.header.get_intent()[0] == "none"
+
+    def test_a_mapped_npy_is_streamed_component_by_component(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A channels-last .npy (C order) is written in many slabs with exact values."""
+        monkeypatch.setattr(slabs, "SLAB_BYTES", 1024)
+        monkeypatch.setattr(slabs, "PIECE_BYTES", 512)
+        data = np.random.default_rng(8).random((12, 10, 8, 3)).astype(np.float32)
+        np.save(tmp_path / "p.npy", data)
+        source = open_input(tmp_path / "p.npy", npz_key=None, max_input_bytes=1 << 30)
+        plan = plan_conversion(source, None, channels="vector")
+        chunks = [bytes(chunk) for chunk in encode_volume(plan.volumes[0], source)]
+        assert len(chunks) > 3
+        body = np.frombuffer(b"".join(chunks[1:]), "<f4").reshape((12, 10, 8, 1, 3), order="F")
+        np.testing.assert_array_equal(body[..., 0, :], data)
 
 
 class TestStreaming:
