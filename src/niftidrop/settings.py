@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from niftidrop.errors import ConfigError
+from niftidrop.resources import available_cpus, available_memory
 
 ENV_PREFIX = "NIFTIDROP_"
 SYSTEM_CONFIG = Path("/etc/niftidrop/niftidrop.toml")
@@ -39,12 +40,17 @@ WORKER_FOOTPRINT_BYTES = 64 * 1024**2
 
 
 def _default_workers() -> int:
-    return os.cpu_count() or 1
+    # One per CPU this process may use (affinity, cgroup quota), and never more
+    # than the memory holds (see `_workers_fit_in_memory`).
+    return min(available_cpus(), _most_workers(available_memory()))
+
+
+def _most_workers(memory: int) -> int:
+    """The most workers `memory` bytes hold, each with its conversion process."""
+    return max(1, memory // WORKER_FOOTPRINT_BYTES)
 
 
 def _default_max_memory() -> int:
-    from niftidrop.resources import available_memory
-
     return available_memory() // 4
 
 
@@ -202,10 +208,8 @@ class Settings(BaseSettings):
     def _workers_fit_in_memory(cls, value: int) -> int:
         # Each worker keeps a conversion process: more than the memory holds would
         # have the OOM killer end them at random instead of converting anything.
-        from niftidrop.resources import available_memory
-
         memory = available_memory()
-        most = max(1, memory // WORKER_FOOTPRINT_BYTES)
+        most = _most_workers(memory)
         if value > most:
             raise ValueError(
                 f"expected at most {most}: each worker keeps a conversion process of about "
@@ -298,8 +302,9 @@ class Settings(BaseSettings):
 
     @property
     def threads(self) -> int:
-        """Compression threads, `compression_threads` or one per CPU."""
-        return self.compression_threads or (os.cpu_count() or 1)
+        """Compression threads: `compression_threads`, or one per CPU this process may
+        use (its affinity and cgroup CPU quota, `resources.available_cpus`)."""
+        return self.compression_threads or available_cpus()
 
     def for_service(self) -> Settings:
         """These settings as `run` uses them (and `check` prints them): with
@@ -308,7 +313,7 @@ class Settings(BaseSettings):
             return self
         # Workers already keep every CPU busy on a backlog, and starting a thread
         # pool per file costs more than it saves on small outputs: share the CPUs.
-        per_worker = max(1, (os.cpu_count() or 1) // self.workers)
+        per_worker = max(1, available_cpus() // self.workers)
         return self.model_copy(update={"compression_threads": per_worker})
 
 
