@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from niftidrop.config_sources import flag
 from niftidrop.errors import ConfigError
 from niftidrop.resources import available_cpus, available_memory
 from niftidrop.settings import (
@@ -172,8 +173,9 @@ class TestValidation:
         ],
     )
     def test_invalid_value_names_the_setting(self, name: str, value: object) -> None:
-        """Every invalid value is a ConfigError whose message names the setting."""
-        with pytest.raises(ConfigError, match=name):
+        """Every invalid value is a ConfigError whose message names the setting by its
+        source (here the flag) and says what is expected."""
+        with pytest.raises(ConfigError, match=f"^flag {flag(name)}: expected "):
             load_settings(**{name: value})
 
     def test_dtype_is_normalised(self) -> None:
@@ -185,7 +187,8 @@ class TestValidation:
         ConfigError that says the bound and why; the bound itself is accepted."""
         most = available_memory() // WORKER_FOOTPRINT_BYTES
         assert load_settings(workers=most).workers == most
-        with pytest.raises(ConfigError, match=rf"workers: .*expected at most {most}: each worker"):
+        expected = rf"^flag --workers: expected at most {most} \(each worker .*found {most + 1}"
+        with pytest.raises(ConfigError, match=expected):
             load_settings(workers=most + 1)
 
 
@@ -206,7 +209,7 @@ class TestParseAddress:
 
     def test_the_setting_needs_a_port_of_its_own(self) -> None:
         """`metrics_address` refuses port 0 (a free port nobody would know to scrape)."""
-        with pytest.raises(ConfigError, match="metrics_address"):
+        with pytest.raises(ConfigError, match=r"^flag --metrics-address: .* from 1 to 65535"):
             load_settings(metrics_address="127.0.0.1:0")
 
 
