@@ -70,69 +70,63 @@ def test_available_memory_is_positive() -> None:
     assert available_memory() > 0
 
 
+def _cgroups(tmp_path: Path, files: dict[str, str], cgroups: str) -> tuple[Path, Path]:
+    """A cgroup mount with `files` (relative path -> content) and a /proc/self/cgroup
+    with the lines `cgroups` ("0::/svc"; several separated by spaces)."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    for relative, text in files.items():
+        _write(root / relative, text + "\n")
+    return _write(tmp_path / "self-cgroup", cgroups.replace(" ", "\n") + "\n"), root
+
+
+# Cgroup layouts and the CPUs their quotas allow (None: no quota).
+CPU_QUOTAS: dict[str, tuple[dict[str, str], str, int | None]] = {
+    "v2 1.5 CPUs round up": ({"svc/cpu.max": "150000 100000"}, "0::/svc", 2),
+    "v2 tightest ancestor": (
+        {"slice/cpu.max": "200000 100000", "slice/svc/cpu.max": "max 100000"},
+        "0::/slice/svc",
+        2,
+    ),
+    "v2 max everywhere": ({"svc/cpu.max": "max 100000"}, "0::/svc", None),
+    "v2 quota alone": ({"cpu.max": "300000"}, "0::/", 3),
+    "v2 a quarter CPU is one": ({"cpu.max": "25000 100000"}, "0::/", 1),
+    "v2 missing files": ({"svc/cgroup.procs": ""}, "0::/svc", None),
+    "v1 cpu,cpuacct": (
+        {
+            "cpu,cpuacct/cpu.cfs_quota_us": "-1",
+            "cpu,cpuacct/cpu.cfs_period_us": "100000",
+            "cpu,cpuacct/docker/cpu.cfs_quota_us": "300000",
+            "cpu,cpuacct/docker/cpu.cfs_period_us": "100000",
+        },
+        "5:cpu,cpuacct:/docker 4:memory:/docker",
+        3,
+    ),
+    "v1 cpu alone": (
+        {"cpu/cpu.cfs_quota_us": "50000", "cpu/cpu.cfs_period_us": "10000"},
+        "1:cpu:/ 2:cpuacct:/",
+        5,
+    ),
+    "v1 quota -1": (
+        {"cpu/app/cpu.cfs_quota_us": "-1", "cpu/app/cpu.cfs_period_us": "100000"},
+        "1:cpu:/app",
+        None,
+    ),
+    "v1 missing files": ({"cpu,cpuacct/svc/tasks": ""}, "3:cpu,cpuacct:/svc", None),
+    "no cpu controller": ({}, "4:memory:/", None),
+}
+
+
 class TestCgroupCpuLimit:
-    def test_v2_quota_rounded_up(self, tmp_path: Path) -> None:
-        """cgroup v2: cpu.max "150000 100000" (1.5 CPUs) allows 2 CPUs."""
-        root = tmp_path / "cgroup"
-        _write(root / "svc" / "cpu.max", "150000 100000\n")
-        proc = _write(tmp_path / "self-cgroup", "0::/svc\n")
-        assert cgroup_cpu_limit(proc, root) == 2
-
-    def test_v2_tightest_of_ancestors(self, tmp_path: Path) -> None:
-        """cgroup v2: the lowest quota on the way up wins; "max" is no quota."""
-        root = tmp_path / "cgroup"
-        _write(root / "slice" / "cpu.max", "200000 100000\n")
-        _write(root / "slice" / "svc" / "cpu.max", "max 100000\n")
-        proc = _write(tmp_path / "self-cgroup", "0::/slice/svc\n")
-        assert cgroup_cpu_limit(proc, root) == 2
-
-    def test_v2_max_everywhere_is_no_limit(self, tmp_path: Path) -> None:
-        """cgroup v2 with "max" at every level: None."""
-        root = tmp_path / "cgroup"
-        _write(root / "svc" / "cpu.max", "max 100000\n")
-        proc = _write(tmp_path / "self-cgroup", "0::/svc\n")
-        assert cgroup_cpu_limit(proc, root) is None
-
-    def test_a_fraction_of_a_cpu_is_one(self, tmp_path: Path) -> None:
-        """A quota below one CPU (docker --cpus 0.25) still allows 1."""
-        root = tmp_path / "cgroup"
-        _write(root / "cpu.max", "25000 100000\n")
-        proc = _write(tmp_path / "self-cgroup", "0::/\n")
-        assert cgroup_cpu_limit(proc, root) == 1
-
-    def test_v1_cpu_and_cpuacct(self, tmp_path: Path) -> None:
-        """cgroup v1: cpu.cfs_quota_us over cpu.cfs_period_us in the "cpu,cpuacct"
-        hierarchy; the root's -1 is no quota."""
-        mount = tmp_path / "cgroup" / "cpu,cpuacct"
-        _write(mount / "cpu.cfs_quota_us", "-1\n")
-        _write(mount / "cpu.cfs_period_us", "100000\n")
-        _write(mount / "docker" / "cpu.cfs_quota_us", "300000\n")
-        _write(mount / "docker" / "cpu.cfs_period_us", "100000\n")
-        proc = _write(tmp_path / "self-cgroup", "5:cpu,cpuacct:/docker\n4:memory:/docker\n")
-        assert cgroup_cpu_limit(proc, tmp_path / "cgroup") == 3
-
-    def test_v1_cpu_mounted_alone(self, tmp_path: Path) -> None:
-        """cgroup v1 with the cpu controller in a hierarchy of its own ("cpu")."""
-        mount = tmp_path / "cgroup" / "cpu"
-        _write(mount / "cpu.cfs_quota_us", "50000\n")
-        _write(mount / "cpu.cfs_period_us", "10000\n")
-        proc = _write(tmp_path / "self-cgroup", "1:cpu:/\n2:cpuacct:/\n")
-        assert cgroup_cpu_limit(proc, tmp_path / "cgroup") == 5
-
-    def test_v1_no_quota(self, tmp_path: Path) -> None:
-        """cgroup v1 with cpu.cfs_quota_us -1 everywhere: None."""
-        mount = tmp_path / "cgroup" / "cpu"
-        _write(mount / "app" / "cpu.cfs_quota_us", "-1\n")
-        _write(mount / "app" / "cpu.cfs_period_us", "100000\n")
-        proc = _write(tmp_path / "self-cgroup", "1:cpu:/app\n")
-        assert cgroup_cpu_limit(proc, tmp_path / "cgroup") is None
-
-    @pytest.mark.parametrize("line", ["0::/svc\n", "3:cpu,cpuacct:/svc\n"])
-    def test_missing_files_are_no_limit(self, tmp_path: Path, line: str) -> None:
-        """A cgroup whose CPU files are not there (controller not enabled): None."""
-        (tmp_path / "cgroup" / "svc").mkdir(parents=True)
-        proc = _write(tmp_path / "self-cgroup", line)
-        assert cgroup_cpu_limit(proc, tmp_path / "cgroup") is None
+    @pytest.mark.parametrize(
+        ("files", "cgroups", "cpus"), list(CPU_QUOTAS.values()), ids=list(CPU_QUOTAS)
+    )
+    def test_quotas(
+        self, tmp_path: Path, files: dict[str, str], cgroups: str, cpus: int | None
+    ) -> None:
+        """v2 `cpu.max` and v1 CFS quotas, up the hierarchy: the tightest wins, rounded
+        up, at least 1; "max", -1 and missing files are no quota."""
+        assert cgroup_cpu_limit(*_cgroups(tmp_path, files, cgroups)) == cpus
 
     def test_no_proc_file(self, tmp_path: Path) -> None:
         """No /proc/self/cgroup (not Linux): None."""
@@ -140,20 +134,15 @@ class TestCgroupCpuLimit:
 
 
 class TestAvailableCpus:
-    def test_quota_below_affinity_wins(self, tmp_path: Path) -> None:
-        """A cgroup quota of 1 CPU gives 1, whatever the affinity allows."""
-        root = tmp_path / "cgroup"
-        _write(root / "cpu.max", "100000 100000\n")
-        proc = _write(tmp_path / "self-cgroup", "0::/\n")
-        assert available_cpus(proc, root) == 1
+    @pytest.mark.parametrize(("quota", "expected"), [("100000 100000", 1), ("max 100000", None)])
+    def test_the_fewest_of_quota_and_affinity(
+        self, tmp_path: Path, quota: str, expected: int | None
+    ) -> None:
+        """A quota of 1 CPU gives 1; without a quota the affinity mask counts."""
+        found = available_cpus(*_cgroups(tmp_path, {"cpu.max": quota}, "0::/"))
+        assert found == (expected or len(os.sched_getaffinity(0)))
 
-    def test_quota_above_affinity_is_the_affinity(self, tmp_path: Path) -> None:
+    def test_a_quota_above_the_affinity_is_the_affinity(self, tmp_path: Path) -> None:
         """A quota of more CPUs than the process may run on gives the affinity's count."""
-        root = tmp_path / "cgroup"
-        _write(root / "cpu.max", "100000000 100000\n")
-        proc = _write(tmp_path / "self-cgroup", "0::/\n")
-        assert available_cpus(proc, root) == len(os.sched_getaffinity(0))
-
-    def test_no_cgroup_is_the_affinity(self, tmp_path: Path) -> None:
-        """Without cgroup files the affinity mask alone counts."""
-        assert available_cpus(tmp_path / "missing", tmp_path) == affinity_cpus()
+        found = available_cpus(*_cgroups(tmp_path, {"cpu.max": "100000000 100000"}, "0::/"))
+        assert found == affinity_cpus() == len(os.sched_getaffinity(0))
