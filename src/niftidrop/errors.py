@@ -33,7 +33,19 @@ class NiftidropError(Exception):
 
 
 class ConfigError(NiftidropError, ValueError):
-    """The configuration is invalid; the message names the setting."""
+    """The configuration is invalid. Each of `problems` is one line that says where
+    the value came from (a flag, a `NIFTIDROP_*` variable, or the TOML file and key),
+    what is allowed and what was found; the message is all of them."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__(*problems)
+        self.problems = problems
+
+    def __str__(self) -> str:
+        if len(self.problems) == 1:
+            return self.problems[0]
+        lines = "".join(f"\n  {problem}" for problem in self.problems)
+        return f"{len(self.problems)} problems in the configuration:{lines}"
 
 
 class ServiceError(NiftidropError):

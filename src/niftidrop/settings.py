@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Final, Literal, NamedTuple
 
@@ -21,16 +18,28 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from niftidrop.config_sources import (
+    ENV_PREFIX,
+    Sources,
+    find_config_file,
+    reading_toml,
+    toml_file_being_read,
+)
 from niftidrop.errors import ConfigError
-
-ENV_PREFIX = "NIFTIDROP_"
-SYSTEM_CONFIG = Path("/etc/niftidrop/niftidrop.toml")
-LOCAL_CONFIG = Path("niftidrop.toml")
-
-# The TOML file chosen for the settings being built (see `load_settings`).
-_toml_file: ContextVar[Path | None] = ContextVar("niftidrop_toml_file", default=None)
+from niftidrop.resources import available_cpus, available_memory
 
 DtypePolicy = Annotated[str, Field(description="auto, keep, or a NumPy dtype name")]
+_ADDRESS: Final = "host:port with a port from 1 to 65535, e.g. 127.0.0.1:9464"
+# What the settings whose validators check more than their type accept, in words
+# (the others are described from their type and range: `config_sources.allowed`).
+ALLOWED: Final = {
+    "library": "one or more folders (in the environment: a JSON list, or paths separated "
+    f"by {os.pathsep!r})",
+    "default_affine": "a 4x4 matrix of finite numbers (flags, environment: JSON)",
+    "dtype": "auto, keep, or a numeric NumPy dtype name (uint8, float32...)",
+    "key_pattern": "a regular expression with a group named key, (?P<key>...)",
+    "metrics_address": _ADDRESS,
+}
 
 
 # What one worker costs besides its conversions: its conversion process, idle
@@ -39,12 +48,17 @@ WORKER_FOOTPRINT_BYTES = 64 * 1024**2
 
 
 def _default_workers() -> int:
-    return os.cpu_count() or 1
+    # One per CPU this process may use (affinity, cgroup quota), and never more
+    # than the memory holds (see `_workers_fit_in_memory`).
+    return min(available_cpus(), _most_workers(available_memory()))
+
+
+def _most_workers(memory: int) -> int:
+    """The most workers `memory` bytes hold, each with its conversion process."""
+    return max(1, memory // WORKER_FOOTPRINT_BYTES)
 
 
 def _default_max_memory() -> int:
-    from niftidrop.resources import available_memory
-
     return available_memory() // 4
 
 
@@ -145,7 +159,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_file = _toml_file.get()
+        toml_file = toml_file_being_read()
         if toml_file is None:
             return (init_settings, env_settings)
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file))
@@ -173,7 +187,7 @@ class Settings(BaseSettings):
     @classmethod
     def _library_not_empty(cls, value: list[Path]) -> list[Path]:
         if not value:
-            raise ValueError("needs at least one folder")
+            raise ValueError("expected at least one folder")
         return value
 
     @field_validator("default_affine", mode="before")
@@ -188,8 +202,10 @@ class Settings(BaseSettings):
     def _affine_is_4x4(cls, value: list[list[float]] | None) -> list[list[float]] | None:
         if value is not None:
             matrix = np.asarray(value, dtype=np.float64)
-            if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
-                raise ValueError(f"expected a finite 4x4 matrix, found shape {matrix.shape}")
+            if matrix.shape != (4, 4):
+                raise ValueError(f"its shape is {matrix.shape}")
+            if not np.all(np.isfinite(matrix)):
+                raise ValueError("it holds values that are not finite")
         return value
 
     @field_validator("dtype")
@@ -200,11 +216,11 @@ class Settings(BaseSettings):
         try:
             dtype = np.dtype(value)
         except TypeError:
-            raise ValueError(
-                f"expected auto, keep or a NumPy dtype name, found {value!r}"
-            ) from None
-        if dtype.kind not in "biufc" or dtype.itemsize > 16:
-            raise ValueError(f"expected a numeric dtype, found {value!r}")
+            raise ValueError("not a NumPy dtype name") from None
+        if dtype.kind not in "biufc":
+            raise ValueError(f"{dtype} is not numeric")
+        if dtype.itemsize > 16:
+            raise ValueError(f"{dtype} is wider than 16 bytes")
         return dtype.name
 
     @field_validator("workers")
@@ -212,15 +228,13 @@ class Settings(BaseSettings):
     def _workers_fit_in_memory(cls, value: int) -> int:
         # Each worker keeps a conversion process: more than the memory holds would
         # have the OOM killer end them at random instead of converting anything.
-        from niftidrop.resources import available_memory
-
         memory = available_memory()
-        most = max(1, memory // WORKER_FOOTPRINT_BYTES)
+        most = _most_workers(memory)
         if value > most:
             raise ValueError(
-                f"expected at most {most}: each worker keeps a conversion process of about "
+                f"expected at most {most} (each worker keeps a conversion process of about "
                 f"{WORKER_FOOTPRINT_BYTES // 1024**2} MiB and niftidrop may use "
-                f"{memory / 1024**3:.1f} GiB of memory; found {value}"
+                f"{memory / 1024**3:.1f} GiB of memory)"
             )
         return value
 
@@ -234,7 +248,7 @@ class Settings(BaseSettings):
         except re.error as exc:
             raise ValueError(f"not a regular expression: {exc}") from None
         if "key" not in pattern.groupindex:
-            raise ValueError("expected a named group (?P<key>...)")
+            raise ValueError("it has no group named key")
         return value
 
     @field_validator("metrics_address")
@@ -242,7 +256,10 @@ class Settings(BaseSettings):
     def _host_port(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        parse_address(value, lowest_port=1)  # port 0 would pick one nobody knows
+        try:
+            parse_address(value, lowest_port=1)  # port 0 would pick one nobody knows
+        except ValueError:
+            raise ValueError(f"expected {_ADDRESS}") from None
         return value
 
     # Resolved folders.
@@ -288,17 +305,7 @@ class Settings(BaseSettings):
             *(("library", folder) for folder in self.library_dirs),
         ]
         placed = [_Placed(name, path, Path(os.path.realpath(path))) for name, path in folders]
-        problems = []
-        for number, first in enumerate(placed):
-            for second in placed[number + 1 :]:
-                if first.name == second.name == "library":
-                    continue
-                problem = _overlap(first, second, self.recursive) or _overlap(
-                    second, first, self.recursive
-                )
-                if problem is not None:
-                    problems.append(problem)
-        return problems
+        return _overlaps(placed, self.recursive)
 
     def check_folders(self) -> None:
         """Raise ConfigError naming every overlap of `folder_overlaps`."""
@@ -308,8 +315,9 @@ class Settings(BaseSettings):
 
     @property
     def threads(self) -> int:
-        """Compression threads, `compression_threads` or one per CPU."""
-        return self.compression_threads or (os.cpu_count() or 1)
+        """Compression threads: `compression_threads`, or one per CPU this process may
+        use (its affinity and cgroup CPU quota, `resources.available_cpus`)."""
+        return self.compression_threads or available_cpus()
 
     def for_service(self) -> Settings:
         """These settings as `run` uses them (and `check` prints them): with
@@ -318,7 +326,7 @@ class Settings(BaseSettings):
             return self
         # Workers already keep every CPU busy on a backlog, and starting a thread
         # pool per file costs more than it saves on small outputs: share the CPUs.
-        per_worker = max(1, (os.cpu_count() or 1) // self.workers)
+        per_worker = max(1, available_cpus() // self.workers)
         return self.model_copy(update={"compression_threads": per_worker})
 
 
@@ -343,6 +351,19 @@ _WHY_NOT_INSIDE: Final = {
     "library": "every NIfTI file below it is indexed as a reference",
     "state_dir": "it holds niftidrop's own work files and nothing else",
 }
+
+
+def _overlaps(placed: list[_Placed], recursive: bool) -> list[str]:
+    """Each pair of `placed` folders (library folders aside) that overlap, in words."""
+    problems = []
+    for number, first in enumerate(placed):
+        for second in placed[number + 1 :]:
+            if first.name == second.name == "library":
+                continue
+            problem = _overlap(first, second, recursive) or _overlap(second, first, recursive)
+            if problem is not None:
+                problems.append(problem)
+    return problems
 
 
 def _overlap(inner: _Placed, outer: _Placed, recursive: bool) -> str | None:
@@ -373,45 +394,25 @@ def parse_address(address: str, *, lowest_port: int = 0) -> tuple[str, int]:
     return host, int(port)
 
 
-def find_config_file(explicit: Path | None = None) -> Path | None:
-    """The TOML file to read: `--config`, `NIFTIDROP_CONFIG`, ./niftidrop.toml, /etc."""
-    from_env = os.environ.get(ENV_PREFIX + "CONFIG")
-    named = explicit or (Path(from_env) if from_env else None)
-    if named is not None:
-        if not named.is_file():
-            raise ConfigError(f"config: file {str(named)!r} does not exist")
-        return named
-    for candidate in (LOCAL_CONFIG, SYSTEM_CONFIG):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-@contextmanager
-def _reading_toml(path: Path | None) -> Iterator[None]:
-    token = _toml_file.set(path)
-    try:
-        yield
-    finally:
-        _toml_file.reset(token)
-
-
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings from every source; `overrides` are command-line values.
 
-    Raises `ConfigError` naming the offending setting(s).
+    Raises `ConfigError` with one line per problem: where the value came from (the
+    flag, the `NIFTIDROP_*` variable, or the TOML file and key), what is allowed and
+    what was found; a TOML key or a `NIFTIDROP_*` variable that names no setting is
+    one too, with the closest setting suggested.
     """
     config_file = find_config_file(config)
+    sources = Sources(overrides, os.environ, config_file)
+    problems = sources.unknown_variables(Settings.model_fields)
     try:
-        with _reading_toml(config_file):
-            return Settings(**overrides)
+        with reading_toml(config_file):
+            settings = Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
-            for error in exc.errors()
-        )
-        where = f" (config file {config_file})" if config_file else ""
-        raise ConfigError(f"invalid settings{where}: {problems}") from None
-    except (ValueError, OSError) as exc:  # unreadable TOML, bad JSON in the environment
-        where = f"config file {config_file}" if config_file else "settings"
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(*problems, *sources.explain(Settings, exc, ALLOWED)) from None
+    except (ValueError, OSError) as exc:  # what pydantic-settings could not decode
+        where = str(config_file) if config_file else "settings"
+        raise ConfigError(*problems, f"{where}: {exc}") from None
+    if problems:
+        raise ConfigError(*problems)
+    return settings

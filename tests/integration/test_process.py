@@ -120,10 +120,12 @@ class TestSignals:
     def test_bad_config_exits_2(
         self, root: Path, start_process: Callable[..., ServiceProcess]
     ) -> None:
-        """An invalid setting is reported, naming it, with exit code 2."""
+        """An invalid setting is reported, naming its flag, the value and what is
+        allowed, with exit code 2."""
         process = start_process(root, "--settle-seconds", "-1")
         assert process.wait() == 2
-        assert "settle_seconds" in "".join(process.stderr)
+        expected = 'flag --settle-seconds: expected a number, at least 0, found "-1"'
+        assert expected in "".join(process.stderr)
 
 
 class TestGracefulStop:

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from niftidrop.config_sources import flag
 from niftidrop.errors import ConfigError
-from niftidrop.settings import Settings, find_config_file, load_settings, parse_address
+from niftidrop.resources import available_cpus, available_memory
+from niftidrop.settings import (
+    WORKER_FOOTPRINT_BYTES,
+    Settings,
+    find_config_file,
+    load_settings,
+    parse_address,
+)
 
 
 class TestDefaults:
@@ -43,6 +54,72 @@ class TestDefaults:
         assert settings.heartbeat_interval == 5
         assert settings.metrics_address is None
         assert settings.workers >= 1
+
+
+# Restricts its own affinity to the CPUs given, then loads the settings.
+_CHILD = """
+import json, os, sys
+os.sched_setaffinity(0, {int(cpu) for cpu in sys.argv[1:]})
+from niftidrop.settings import load_settings
+settings = load_settings()
+print(json.dumps({"workers": settings.workers, "threads": settings.threads,
+                  "service": settings.for_service().compression_threads}))
+"""
+
+
+def _defaults_in_child(cpus: set[int]) -> dict[str, int]:
+    """workers, threads and the service's compression_threads of a child process
+    restricted to `cpus` (no NIFTIDROP_* variables, no TOML file)."""
+    run = subprocess.run(
+        [sys.executable, "-c", _CHILD, *map(str, sorted(cpus))],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    defaults: dict[str, int] = json.loads(run.stdout)
+    return defaults
+
+
+class TestCpuDefaults:
+    def test_the_defaults_follow_the_cpus_this_process_may_use(self) -> None:
+        """workers, threads and for_service's compression_threads default to
+        available_cpus() (affinity and cgroup quota), not os.cpu_count()."""
+        settings = load_settings()
+        cpus = available_cpus()
+        assert settings.workers == min(cpus, available_memory() // WORKER_FOOTPRINT_BYTES)
+        assert settings.threads == cpus
+        assert settings.for_service().compression_threads == max(1, cpus // settings.workers)
+
+    def test_a_child_restricted_to_one_cpu_gets_one_of_each(self) -> None:
+        """A real process whose affinity is one CPU defaults to 1 worker and 1
+        compression thread, as a container limited to one CPU would."""
+        first = min(os.sched_getaffinity(0))
+        assert _defaults_in_child({first}) == {"workers": 1, "threads": 1, "service": 1}
+
+    def test_a_child_restricted_to_two_cpus_gets_two_workers(self) -> None:
+        """With two CPUs allowed: 2 workers, 2 threads for one conversion, and the
+        service's workers share them (1 thread each)."""
+        allowed = sorted(os.sched_getaffinity(0))
+        if len(allowed) < 2 or available_cpus() < 2:
+            pytest.skip("this machine lets the tests use one CPU only")
+        assert _defaults_in_child(set(allowed[:2])) == {"workers": 2, "threads": 2, "service": 1}
+
+    def test_check_prints_the_defaults_of_a_restricted_process(self, tmp_path: Path) -> None:
+        """`niftidrop check` in a process restricted to one CPU prints workers 1 and
+        compression_threads 1 (the settings `run` would use)."""
+        first = min(os.sched_getaffinity(0))
+        (tmp_path / "library").mkdir()
+        run = subprocess.run(
+            [sys.executable, "-m", "niftidrop", "check", "--root", str(tmp_path)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=lambda: os.sched_setaffinity(0, {first}),
+        )
+        printed = json.loads(run.stdout)
+        assert (printed["workers"], printed["compression_threads"]) == (1, 1), run.stderr
 
 
 class TestSources:
@@ -96,8 +173,9 @@ class TestValidation:
         ],
     )
     def test_invalid_value_names_the_setting(self, name: str, value: object) -> None:
-        """Every invalid value is a ConfigError whose message names the setting."""
-        with pytest.raises(ConfigError, match=name):
+        """Every invalid value is a ConfigError whose message names the setting by its
+        source (here the flag) and says what is expected."""
+        with pytest.raises(ConfigError, match=f"^flag {flag(name)}: expected "):
             load_settings(**{name: value})
 
     def test_dtype_is_normalised(self) -> None:
@@ -107,12 +185,10 @@ class TestValidation:
     def test_more_workers_than_the_memory_holds_are_refused(self) -> None:
         """`workers` beyond what the memory holds (a conversion process each) is a
         ConfigError that says the bound and why; the bound itself is accepted."""
-        from niftidrop.resources import available_memory
-        from niftidrop.settings import WORKER_FOOTPRINT_BYTES
-
         most = available_memory() // WORKER_FOOTPRINT_BYTES
         assert load_settings(workers=most).workers == most
-        with pytest.raises(ConfigError, match=rf"workers: .*expected at most {most}: each worker"):
+        expected = rf"^flag --workers: expected at most {most} \(each worker .*found {most + 1}"
+        with pytest.raises(ConfigError, match=expected):
             load_settings(workers=most + 1)
 
 
@@ -133,7 +209,7 @@ class TestParseAddress:
 
     def test_the_setting_needs_a_port_of_its_own(self) -> None:
         """`metrics_address` refuses port 0 (a free port nobody would know to scrape)."""
-        with pytest.raises(ConfigError, match="metrics_address"):
+        with pytest.raises(ConfigError, match=r"^flag --metrics-address: .* from 1 to 65535"):
             load_settings(metrics_address="127.0.0.1:0")
 
 
@@ -142,7 +218,7 @@ class TestForService:
         """compression_threads 0 becomes the CPUs per worker, at least 1; the rest stays."""
         settings = load_settings(workers=1, compression_threads=0)
         resolved = settings.for_service()
-        assert resolved.compression_threads == (os.cpu_count() or 1)
+        assert resolved.compression_threads == available_cpus()
         assert resolved.model_dump(exclude={"compression_threads"}) == settings.model_dump(
             exclude={"compression_threads"}
         )
