@@ -19,7 +19,7 @@ cd "$REPO"
 # shellcheck source=deploy/lib.sh
 source deploy/lib.sh
 
-VENV="${NIFTIDROP_DEPLOY_VENV:-$REPO/.venv}"
+VENV="${DEPLOY_CHECK_VENV:-$REPO/.venv}"
 PY="$VENV/bin/python"
 [[ -x "$PY" ]] || fail "no $PY: run \`make test\` (or \`make deploy-check\`) first, it creates .venv"
 FIXTURE=("$PY" "$REPO/deploy/spool_fixture.py")

@@ -17,7 +17,7 @@ PRODUCER_UID=20001
 DEPLOY_PACKAGES=(podman buildah debootstrap runc systemd shellcheck containernetworking-plugins
     iptables debian-archive-keyring ca-certificates)
 # How long to wait for anything to happen before failing.
-WAIT_SECONDS="${NIFTIDROP_DEPLOY_WAIT:-120}"
+WAIT_SECONDS="${DEPLOY_CHECK_WAIT:-120}"
 
 fail() {
     echo "deploy: FAILED: $*" >&2
@@ -45,13 +45,13 @@ wait_for() {
 # Debian's mirror as this host's apt sources name it (deb822 or one-line
 # format), so the checks work behind whatever mirror the host uses.
 host_debian_mirror() {
-    if [[ -n "${NIFTIDROP_DEBIAN_MIRROR:-}" ]]; then
-        echo "$NIFTIDROP_DEBIAN_MIRROR"
+    if [[ -n "${DEPLOY_CHECK_DEBIAN_MIRROR:-}" ]]; then
+        echo "$DEPLOY_CHECK_DEBIAN_MIRROR"
         return
     fi
     local mirror codename
     codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
-    [[ -n "$codename" ]] || fail "not a Debian host (no VERSION_CODENAME); set NIFTIDROP_DEBIAN_MIRROR"
+    [[ -n "$codename" ]] || fail "not a Debian host (no VERSION_CODENAME); set DEPLOY_CHECK_DEBIAN_MIRROR"
     mirror="$(
         shopt -s nullglob
         awk -v suite="$codename" '
@@ -70,7 +70,7 @@ host_debian_mirror() {
         ' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list /etc/apt/sources.list \
             2>/dev/null | head -n 1
     )"
-    [[ -n "$mirror" ]] || fail "no Debian mirror in /etc/apt/sources.list{,.d}; set NIFTIDROP_DEBIAN_MIRROR"
+    [[ -n "$mirror" ]] || fail "no Debian mirror in /etc/apt/sources.list{,.d}; set DEPLOY_CHECK_DEBIAN_MIRROR"
     echo "$mirror"
 }
 
