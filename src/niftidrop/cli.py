@@ -1,64 +1,31 @@
 """The `niftidrop` command line (README: Running the service).
 
-Every settings field is also a flag (`--inbox`, `--no-fsync`, `--library A
---library B`, ...), so the settings model stays the single source of truth. The
-commands themselves live in the modules they belong to; this module parses,
-loads settings and maps outcomes to exit codes. `main(argv)` takes its arguments
-so tests call it directly.
+The parser, the help and the exit codes are `niftidrop.usage`'s; the work of each
+command lives in the module it belongs to. This module loads the settings, runs
+the command, says what went wrong as an error (not as an empty result) and maps
+outcomes to exit codes. `main(argv)` takes its arguments so tests call it
+directly.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import typing
 from collections.abc import Callable, Sequence
-from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from niftidrop.errors import ConfigError, ServiceError
 from niftidrop.settings import Settings, load_settings
-from niftidrop.version import __version__
+from niftidrop.usage import ExitCode, build_parser
+
+__all__ = ["ExitCode", "build_parser", "main"]
 
 if TYPE_CHECKING:
     from niftidrop.spool import Spool
 
 
-class ExitCode(IntEnum):
-    """Exit statuses of every command."""
-
-    OK = 0
-    FAILED = 1  # some input was rejected, a name had no reference, unhealthy
-    BAD_CONFIG = 2
-    # The service could not start or go on (a folder it cannot create, its inbox
-    # replaced while running): a restart may help, unlike BAD_CONFIG.
-    SERVICE_FAILED = 3
-
-
 Command = Callable[[Settings, argparse.Namespace], int]
-
-
-def _settings_flags() -> argparse.ArgumentParser:
-    """A parent parser with one flag per settings field."""
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group("settings (also NIFTIDROP_<NAME> and the TOML file)")
-    group.add_argument("--config", type=Path, default=None, help="TOML settings file")
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = field.description or ""
-        origin = typing.get_origin(field.annotation)
-        if field.annotation is bool:
-            group.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-        elif name == "library":
-            group.add_argument(flag, dest=name, action="append", default=None, help=help_text)
-        elif origin is list or name == "default_affine":
-            group.add_argument(flag, dest=name, default=None, help=help_text + " (JSON)")
-        else:
-            group.add_argument(flag, dest=name, default=None, help=help_text)
-    return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -236,77 +203,30 @@ def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
     return ExitCode.FAILED if failed else ExitCode.OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full parser: global options and one subcommand per command."""
-    flags = _settings_flags()
-    parser = argparse.ArgumentParser(
-        prog="niftidrop", description="Turn NumPy predictions into NIfTI files."
-    )
-    parser.add_argument("--version", action="version", version=f"niftidrop {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    check = commands.add_parser("check", parents=[flags], help="validate config and folders")
-    check.set_defaults(handler=_cmd_check)
-
-    convert = commands.add_parser(
-        "convert", parents=[flags], help="convert .npy/.npz files to NIfTI once"
-    )
-    convert.add_argument("inputs", nargs="+", type=Path, metavar="IN", help=".npy or .npz files")
-    convert.add_argument(
-        "-o", "--output-dir", type=Path, default=None, help="output folder (default: the outbox)"
-    )
-    convert.add_argument(
-        "--reference", type=Path, default=None, help="reference NIfTI for every input"
-    )
-    convert.set_defaults(handler=_cmd_convert)
-
-    match = commands.add_parser(
-        "match", parents=[flags], help="which reference each input name resolves to, and why"
-    )
-    match.add_argument("names", nargs="+", metavar="NAME", help="input file names")
-    match.add_argument("--json", action="store_true", help="one JSON object per name")
-    match.set_defaults(handler=_cmd_match)
-
-    run = commands.add_parser(
-        "run",
-        parents=[flags],
-        help="run the service in the foreground",
-        description="Run the service in the foreground. Exit 0 after a clean stop (with "
-        "--once: every input converted), 1 with --once when some input failed or was "
-        "left, 2 for a bad configuration, 3 when the service could not start or go on "
-        "(a folder it cannot create, its inbox replaced while running).",
-    )
-    run.add_argument(
-        "--once", action="store_true", help="convert what is in the inbox now, then exit"
-    )
-    run.set_defaults(handler=_cmd_run)
-
-    status = commands.add_parser("status", parents=[flags], help="counts per folder, heartbeat")
-    status.add_argument("--json", action="store_true", help="one JSON object")
-    status.set_defaults(handler=_cmd_status)
-
-    health = commands.add_parser("health", parents=[flags], help="exit 0 if the service is alive")
-    health.set_defaults(handler=_cmd_health)
-
-    retry = commands.add_parser(
-        "retry", parents=[flags], help="move failed inputs back into the inbox"
-    )
-    retry.add_argument("names", nargs="*", metavar="NAME", help="file names (default: all)")
-    retry.set_defaults(handler=_cmd_retry)
-    return parser
+_COMMANDS: dict[str, Command] = {
+    "check": _cmd_check,
+    "convert": _cmd_convert,
+    "health": _cmd_health,
+    "match": _cmd_match,
+    "retry": _cmd_retry,
+    "run": _cmd_run,
+    "status": _cmd_status,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns its exit code."""
+    """Run one command; returns its exit code (also for --help and usage errors)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version, a usage error: argparse has said it
+        return stop.code if isinstance(stop.code, int) else ExitCode.BAD_CONFIG
     try:
         settings = load_settings(args.config, **_overrides(args))
     except ConfigError as exc:
         print(f"niftidrop: {exc}", file=sys.stderr)
         return ExitCode.BAD_CONFIG
-    handler: Command = args.handler
-    return int(handler(settings, args))
+    return int(_COMMANDS[args.command](settings, args))
 
 
 if __name__ == "__main__":  # pragma: no cover
