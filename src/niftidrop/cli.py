@@ -10,8 +10,9 @@ directly.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,27 +39,98 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_check(settings: Settings, args: argparse.Namespace) -> int:
-    """Validate the folders and print the effective settings as JSON."""
+    """Print the effective settings as JSON, then what `run` will do about each folder
+    that is missing (notes) and what would stop it (errors, exit 2)."""
     import json
 
-    problems = []
-    for label, folder in (
+    notes, problems = _folder_report(settings)
+    problems.extend(settings.folder_overlaps())
+    effective = settings.for_service().model_dump(mode="json")  # as `run` uses them
+    print(json.dumps(effective, indent=2, sort_keys=True))
+    for note in notes:
+        print(f"niftidrop: {note}", file=sys.stderr)
+    return ExitCode.BAD_CONFIG if _report_errors(problems) else ExitCode.OK
+
+
+def _folder_report(settings: Settings) -> tuple[list[str], list[str]]:
+    """(notes, problems): the folders `run` will create or warn about, and those
+    that would stop it. It stops at a spool folder it cannot make or use; a library
+    folder it cannot make is only logged (references may be mounted there later,
+    and with missing_reference = "identity" none is needed)."""
+    notes, problems = [], []
+    spool = (
         ("inbox", settings.inbox_dir),
         ("outbox", settings.outbox_dir),
         ("archive", settings.archive_dir),
         ("failed", settings.failed_dir),
-    ):
-        if folder.exists() and not folder.is_dir():
-            problems.append(f"{label}: {folder} exists and is not a folder")
+        ("state_dir", settings.state_path),
+    )
+    for label, folder in spool:
+        unusable = _unusable(folder)
+        if unusable is not None:
+            problems.append(f"{label}: {folder} {unusable}")
+        elif not os.path.lexists(folder):
+            notes.append(f"{label}: {folder} does not exist yet; run will create it")
     for folder in settings.library_dirs:
-        if not folder.is_dir():
-            problems.append(f"library: {folder} is not a folder")
-    problems.extend(settings.folder_overlaps())
-    effective = settings.for_service().model_dump(mode="json")  # as `run` uses them
-    print(json.dumps(effective, indent=2, sort_keys=True))
-    for problem in problems:
-        print(f"niftidrop: {problem}", file=sys.stderr)
-    return ExitCode.BAD_CONFIG if problems else ExitCode.OK
+        unusable = _unusable(folder)
+        if unusable is not None:
+            missing = "" if os.path.lexists(folder) else "does not exist and "
+            notes.append(
+                f"warning: library: {folder} {missing}{unusable}: run will warn "
+                "library_unavailable, and inputs fail as no_reference until it is a folder"
+            )
+        elif not os.path.lexists(folder):
+            notes.append(
+                f"library: {folder} does not exist yet; run will create it (empty: "
+                "inputs fail as no_reference until references are added)"
+            )
+    inbox, state = (
+        _nearest_existing(folder) for folder in (settings.inbox_dir, settings.state_path)
+    )
+    try:
+        elsewhere = inbox.stat().st_dev != state.stat().st_dev
+    except OSError:  # a broken symlink on the way: reported above
+        elsewhere = False
+    if elsewhere:
+        problems.append(
+            f"state_dir: {settings.state_path} is on another file system than the inbox "
+            f"{settings.inbox_dir}: it must be on the same (inputs are claimed by rename)"
+        )
+    return notes, problems
+
+
+def _unusable(folder: Path) -> str | None:
+    """Why `run` could not have `folder` as a folder; None when it is one, or when
+    it is missing and could be made."""
+    if folder.is_dir():
+        return None
+    if folder.is_symlink() and not folder.exists():
+        return "is a symlink to nothing"
+    if os.path.lexists(folder):
+        return "exists and is not a folder"
+    parent = _nearest_existing(folder.parent)
+    if not parent.is_dir():
+        return f"cannot be created: {parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: {parent} is not writable"
+    return None
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` or its nearest ancestor that exists (a symlink to nothing exists here)."""
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _missing_libraries(settings: Settings) -> list[str]:
+    """An error for each library folder that is not a folder (`match`, `convert`:
+    they read the library as it is, unlike `run`, which creates it)."""
+    return [
+        f"library: {folder} " + ("is not a folder" if os.path.lexists(folder) else "does not exist")
+        for folder in settings.library_dirs
+        if not folder.is_dir()
+    ]
 
 
 def _cmd_match(settings: Settings, args: argparse.Namespace) -> int:
@@ -67,6 +139,8 @@ def _cmd_match(settings: Settings, args: argparse.Namespace) -> int:
 
     from niftidrop.library import ReferenceLibrary
 
+    if _report_errors(_missing_libraries(settings)):
+        return ExitCode.BAD_CONFIG
     library = ReferenceLibrary.from_settings(settings)
     library.build()
     unmatched = 0
@@ -110,6 +184,8 @@ def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
     from niftidrop.spool import Spool
 
+    if _report_errors(_no_spool(settings)):
+        return ExitCode.BAD_CONFIG
     spool = Spool(settings)
     age = spool.heartbeat_age(time.time())
     state = _service_state(spool)
@@ -148,20 +224,51 @@ def _cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     if age is not None and age < 3 * settings.heartbeat_interval:
         print(f"healthy: heartbeat {age:.1f} s ago")
         return ExitCode.OK
-    seen = "no heartbeat" if age is None else f"heartbeat {age:.1f} s ago"
+    seen = (
+        f"no heartbeat at {spool.heartbeat_path}" if age is None else f"heartbeat {age:.1f} s ago"
+    )
     print(f"unhealthy: {seen} (expected under {3 * settings.heartbeat_interval:g} s)")
     return ExitCode.FAILED
 
 
 def _cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
-    """Move failed inputs (all, or the named ones) back into the inbox."""
+    """Move failed inputs (all, or the named ones) back into the inbox; exit 1 naming
+    each NAME that is not in failed (the others are moved all the same)."""
     from niftidrop.spool import Spool
 
-    moved = Spool(settings).retry(args.names)
+    if _report_errors(_no_spool(settings)):
+        return ExitCode.BAD_CONFIG
+    spool = Spool(settings)
+    unknown = spool.not_failed(args.names)
+    moved = spool.retry(args.names)
     for path in moved:
         print(f"back in the inbox: {path}")
     print(f"{len(moved)} input(s) moved back")
-    return ExitCode.OK
+    failed_folder = settings.failed_dir
+    _report_errors(f"not in failed ({failed_folder}): {name}" for name in unknown)
+    return ExitCode.FAILED if unknown else ExitCode.OK
+
+
+def _no_spool(settings: Settings) -> list[str]:
+    """An error when the inbox does not exist: no service ever ran on these folders
+    (`run` creates them), so `status` and `retry` would only report an empty spool."""
+    inbox = settings.inbox_dir
+    if inbox.is_dir():
+        return []
+    return [
+        f"no spool at {settings.root.expanduser().absolute()}: the inbox {inbox} "
+        + ("is not a folder" if os.path.lexists(inbox) else "does not exist")
+        + " (is --root right? run creates the folders)"
+    ]
+
+
+def _report_errors(errors: Iterable[str]) -> bool:
+    """Print each error on stderr; whether there was any."""
+    found = False
+    for error in errors:
+        print(f"niftidrop: error: {error}", file=sys.stderr)
+        found = True
+    return found
 
 
 def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
@@ -181,6 +288,12 @@ def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
     if args.reference is None:
         from niftidrop.library import ReferenceLibrary
 
+        missing = _missing_libraries(settings)
+        if settings.missing_reference == "identity":  # no library needed: said, not fatal
+            for problem in missing:
+                print(f"niftidrop: warning: {problem}", file=sys.stderr)
+        elif _report_errors(missing):
+            return ExitCode.BAD_CONFIG
         library = ReferenceLibrary.from_settings(settings)
         library.build()
     show_bar = len(inputs) > 1 and sys.stderr.isatty()
