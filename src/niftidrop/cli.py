@@ -1,64 +1,32 @@
 """The `niftidrop` command line (README: Running the service).
 
-Every settings field is also a flag (`--inbox`, `--no-fsync`, `--library A
---library B`, ...), so the settings model stays the single source of truth. The
-commands themselves live in the modules they belong to; this module parses,
-loads settings and maps outcomes to exit codes. `main(argv)` takes its arguments
-so tests call it directly.
+The parser, the help and the exit codes are `niftidrop.usage`'s; the work of each
+command lives in the module it belongs to. This module loads the settings, runs
+the command, says what went wrong as an error (not as an empty result) and maps
+outcomes to exit codes. `main(argv)` takes its arguments so tests call it
+directly.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import typing
-from collections.abc import Callable, Sequence
-from enum import IntEnum
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from niftidrop.errors import ConfigError, ServiceError
 from niftidrop.settings import Settings, load_settings
-from niftidrop.version import __version__
+from niftidrop.usage import ExitCode, build_parser
+
+__all__ = ["ExitCode", "build_parser", "main"]
 
 if TYPE_CHECKING:
     from niftidrop.spool import Spool
 
 
-class ExitCode(IntEnum):
-    """Exit statuses of every command."""
-
-    OK = 0
-    FAILED = 1  # some input was rejected, a name had no reference, unhealthy
-    BAD_CONFIG = 2
-    # The service could not start or go on (a folder it cannot create, its inbox
-    # replaced while running): a restart may help, unlike BAD_CONFIG.
-    SERVICE_FAILED = 3
-
-
 Command = Callable[[Settings, argparse.Namespace], int]
-
-
-def _settings_flags() -> argparse.ArgumentParser:
-    """A parent parser with one flag per settings field."""
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group("settings (also NIFTIDROP_<NAME> and the TOML file)")
-    group.add_argument("--config", type=Path, default=None, help="TOML settings file")
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = field.description or ""
-        origin = typing.get_origin(field.annotation)
-        if field.annotation is bool:
-            group.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-        elif name == "library":
-            group.add_argument(flag, dest=name, action="append", default=None, help=help_text)
-        elif origin is list or name == "default_affine":
-            group.add_argument(flag, dest=name, default=None, help=help_text + " (JSON)")
-        else:
-            group.add_argument(flag, dest=name, default=None, help=help_text)
-    return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,27 +39,98 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_check(settings: Settings, args: argparse.Namespace) -> int:
-    """Validate the folders and print the effective settings as JSON."""
+    """Print the effective settings as JSON, then what `run` will do about each folder
+    that is missing (notes) and what would stop it (errors, exit 2)."""
     import json
 
-    problems = []
-    for label, folder in (
+    notes, problems = _folder_report(settings)
+    problems.extend(settings.folder_overlaps())
+    effective = settings.for_service().model_dump(mode="json")  # as `run` uses them
+    print(json.dumps(effective, indent=2, sort_keys=True))
+    for note in notes:
+        print(f"niftidrop: {note}", file=sys.stderr)
+    return ExitCode.BAD_CONFIG if _report_errors(problems) else ExitCode.OK
+
+
+def _folder_report(settings: Settings) -> tuple[list[str], list[str]]:
+    """(notes, problems): the folders `run` will create or warn about, and those
+    that would stop it. It stops at a spool folder it cannot make or use; a library
+    folder it cannot make is only logged (references may be mounted there later,
+    and with missing_reference = "identity" none is needed)."""
+    notes, problems = [], []
+    spool = (
         ("inbox", settings.inbox_dir),
         ("outbox", settings.outbox_dir),
         ("archive", settings.archive_dir),
         ("failed", settings.failed_dir),
-    ):
-        if folder.exists() and not folder.is_dir():
-            problems.append(f"{label}: {folder} exists and is not a folder")
+        ("state_dir", settings.state_path),
+    )
+    for label, folder in spool:
+        unusable = _unusable(folder)
+        if unusable is not None:
+            problems.append(f"{label}: {folder} {unusable}")
+        elif not os.path.lexists(folder):
+            notes.append(f"{label}: {folder} does not exist yet; run will create it")
     for folder in settings.library_dirs:
-        if not folder.is_dir():
-            problems.append(f"library: {folder} is not a folder")
-    problems.extend(settings.folder_overlaps())
-    effective = settings.for_service().model_dump(mode="json")  # as `run` uses them
-    print(json.dumps(effective, indent=2, sort_keys=True))
-    for problem in problems:
-        print(f"niftidrop: {problem}", file=sys.stderr)
-    return ExitCode.BAD_CONFIG if problems else ExitCode.OK
+        unusable = _unusable(folder)
+        if unusable is not None:
+            missing = "" if os.path.lexists(folder) else "does not exist and "
+            notes.append(
+                f"warning: library: {folder} {missing}{unusable}: run will warn "
+                "library_unavailable, and inputs fail as no_reference until it is a folder"
+            )
+        elif not os.path.lexists(folder):
+            notes.append(
+                f"library: {folder} does not exist yet; run will create it (empty: "
+                "inputs fail as no_reference until references are added)"
+            )
+    inbox, state = (
+        _nearest_existing(folder) for folder in (settings.inbox_dir, settings.state_path)
+    )
+    try:
+        elsewhere = inbox.stat().st_dev != state.stat().st_dev
+    except OSError:  # a broken symlink on the way: reported above
+        elsewhere = False
+    if elsewhere:
+        problems.append(
+            f"state_dir: {settings.state_path} is on another file system than the inbox "
+            f"{settings.inbox_dir}: it must be on the same (inputs are claimed by rename)"
+        )
+    return notes, problems
+
+
+def _unusable(folder: Path) -> str | None:
+    """Why `run` could not have `folder` as a folder; None when it is one, or when
+    it is missing and could be made."""
+    if folder.is_dir():
+        return None
+    if folder.is_symlink() and not folder.exists():
+        return "is a symlink to nothing"
+    if os.path.lexists(folder):
+        return "exists and is not a folder"
+    parent = _nearest_existing(folder.parent)
+    if not parent.is_dir():
+        return f"cannot be created: {parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: {parent} is not writable"
+    return None
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` or its nearest ancestor that exists (a symlink to nothing exists here)."""
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _missing_libraries(settings: Settings) -> list[str]:
+    """An error for each library folder that is not a folder (`match`, `convert`:
+    they read the library as it is, unlike `run`, which creates it)."""
+    return [
+        f"library: {folder} " + ("is not a folder" if os.path.lexists(folder) else "does not exist")
+        for folder in settings.library_dirs
+        if not folder.is_dir()
+    ]
 
 
 def _cmd_match(settings: Settings, args: argparse.Namespace) -> int:
@@ -100,6 +139,8 @@ def _cmd_match(settings: Settings, args: argparse.Namespace) -> int:
 
     from niftidrop.library import ReferenceLibrary
 
+    if _report_errors(_missing_libraries(settings)):
+        return ExitCode.BAD_CONFIG
     library = ReferenceLibrary.from_settings(settings)
     library.build()
     unmatched = 0
@@ -143,6 +184,8 @@ def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
     from niftidrop.spool import Spool
 
+    if _report_errors(_no_spool(settings)):
+        return ExitCode.BAD_CONFIG
     spool = Spool(settings)
     age = spool.heartbeat_age(time.time())
     state = _service_state(spool)
@@ -181,20 +224,51 @@ def _cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     if age is not None and age < 3 * settings.heartbeat_interval:
         print(f"healthy: heartbeat {age:.1f} s ago")
         return ExitCode.OK
-    seen = "no heartbeat" if age is None else f"heartbeat {age:.1f} s ago"
+    seen = (
+        f"no heartbeat at {spool.heartbeat_path}" if age is None else f"heartbeat {age:.1f} s ago"
+    )
     print(f"unhealthy: {seen} (expected under {3 * settings.heartbeat_interval:g} s)")
     return ExitCode.FAILED
 
 
 def _cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
-    """Move failed inputs (all, or the named ones) back into the inbox."""
+    """Move failed inputs (all, or the named ones) back into the inbox; exit 1 naming
+    each NAME that is not in failed (the others are moved all the same)."""
     from niftidrop.spool import Spool
 
-    moved = Spool(settings).retry(args.names)
+    if _report_errors(_no_spool(settings)):
+        return ExitCode.BAD_CONFIG
+    spool = Spool(settings)
+    unknown = spool.not_failed(args.names)
+    moved = spool.retry(args.names)
     for path in moved:
         print(f"back in the inbox: {path}")
     print(f"{len(moved)} input(s) moved back")
-    return ExitCode.OK
+    failed_folder = settings.failed_dir
+    _report_errors(f"not in failed ({failed_folder}): {name}" for name in unknown)
+    return ExitCode.FAILED if unknown else ExitCode.OK
+
+
+def _no_spool(settings: Settings) -> list[str]:
+    """An error when the inbox does not exist: no service ever ran on these folders
+    (`run` creates them), so `status` and `retry` would only report an empty spool."""
+    inbox = settings.inbox_dir
+    if inbox.is_dir():
+        return []
+    return [
+        f"no spool at {settings.root.expanduser().absolute()}: the inbox {inbox} "
+        + ("is not a folder" if os.path.lexists(inbox) else "does not exist")
+        + " (is --root right? run creates the folders)"
+    ]
+
+
+def _report_errors(errors: Iterable[str]) -> bool:
+    """Print each error on stderr; whether there was any."""
+    found = False
+    for error in errors:
+        print(f"niftidrop: error: {error}", file=sys.stderr)
+        found = True
+    return found
 
 
 def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
@@ -214,6 +288,12 @@ def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
     if args.reference is None:
         from niftidrop.library import ReferenceLibrary
 
+        missing = _missing_libraries(settings)
+        if settings.missing_reference == "identity":  # no library needed: said, not fatal
+            for problem in missing:
+                print(f"niftidrop: warning: {problem}", file=sys.stderr)
+        elif _report_errors(missing):
+            return ExitCode.BAD_CONFIG
         library = ReferenceLibrary.from_settings(settings)
         library.build()
     show_bar = len(inputs) > 1 and sys.stderr.isatty()
@@ -236,77 +316,30 @@ def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
     return ExitCode.FAILED if failed else ExitCode.OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full parser: global options and one subcommand per command."""
-    flags = _settings_flags()
-    parser = argparse.ArgumentParser(
-        prog="niftidrop", description="Turn NumPy predictions into NIfTI files."
-    )
-    parser.add_argument("--version", action="version", version=f"niftidrop {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    check = commands.add_parser("check", parents=[flags], help="validate config and folders")
-    check.set_defaults(handler=_cmd_check)
-
-    convert = commands.add_parser(
-        "convert", parents=[flags], help="convert .npy/.npz files to NIfTI once"
-    )
-    convert.add_argument("inputs", nargs="+", type=Path, metavar="IN", help=".npy or .npz files")
-    convert.add_argument(
-        "-o", "--output-dir", type=Path, default=None, help="output folder (default: the outbox)"
-    )
-    convert.add_argument(
-        "--reference", type=Path, default=None, help="reference NIfTI for every input"
-    )
-    convert.set_defaults(handler=_cmd_convert)
-
-    match = commands.add_parser(
-        "match", parents=[flags], help="which reference each input name resolves to, and why"
-    )
-    match.add_argument("names", nargs="+", metavar="NAME", help="input file names")
-    match.add_argument("--json", action="store_true", help="one JSON object per name")
-    match.set_defaults(handler=_cmd_match)
-
-    run = commands.add_parser(
-        "run",
-        parents=[flags],
-        help="run the service in the foreground",
-        description="Run the service in the foreground. Exit 0 after a clean stop (with "
-        "--once: every input converted), 1 with --once when some input failed or was "
-        "left, 2 for a bad configuration, 3 when the service could not start or go on "
-        "(a folder it cannot create, its inbox replaced while running).",
-    )
-    run.add_argument(
-        "--once", action="store_true", help="convert what is in the inbox now, then exit"
-    )
-    run.set_defaults(handler=_cmd_run)
-
-    status = commands.add_parser("status", parents=[flags], help="counts per folder, heartbeat")
-    status.add_argument("--json", action="store_true", help="one JSON object")
-    status.set_defaults(handler=_cmd_status)
-
-    health = commands.add_parser("health", parents=[flags], help="exit 0 if the service is alive")
-    health.set_defaults(handler=_cmd_health)
-
-    retry = commands.add_parser(
-        "retry", parents=[flags], help="move failed inputs back into the inbox"
-    )
-    retry.add_argument("names", nargs="*", metavar="NAME", help="file names (default: all)")
-    retry.set_defaults(handler=_cmd_retry)
-    return parser
+_COMMANDS: dict[str, Command] = {
+    "check": _cmd_check,
+    "convert": _cmd_convert,
+    "health": _cmd_health,
+    "match": _cmd_match,
+    "retry": _cmd_retry,
+    "run": _cmd_run,
+    "status": _cmd_status,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns its exit code."""
+    """Run one command; returns its exit code (also for --help and usage errors)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version, a usage error: argparse has said it
+        return stop.code if isinstance(stop.code, int) else ExitCode.BAD_CONFIG
     try:
         settings = load_settings(args.config, **_overrides(args))
     except ConfigError as exc:
         print(f"niftidrop: {exc}", file=sys.stderr)
         return ExitCode.BAD_CONFIG
-    handler: Command = args.handler
-    return int(handler(settings, args))
+    return int(_COMMANDS[args.command](settings, args))
 
 
 if __name__ == "__main__":  # pragma: no cover

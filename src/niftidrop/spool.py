@@ -75,13 +75,13 @@ class Spool(Finisher):
         )
 
     def retry(self, names: Sequence[str] = ()) -> list[Path]:
-        """Move failed inputs (all, or those whose name or relative path is in `names`)
+        """Move failed inputs (all, or those named in `names`: see `_named`)
         back into the inbox under their original relative path; removes their
         `.error.json`. Returns the inbox paths."""
         moved = []
         for failed_input in self.failed_inputs():
             relative = PurePosixPath(failed_input.relative_to(self.failed_folder).as_posix())
-            if names and failed_input.name not in names and str(relative) not in names:
+            if names and not self._named(failed_input, names):
                 continue
             error_path = failed_input.with_name(failed_input.name + ERROR_SUFFIX)
             original = (read_json(error_path) or {}).get("input")
@@ -95,6 +95,20 @@ class Spool(Finisher):
                 error_path.unlink()
             moved.append(target)
         return moved
+
+    def not_failed(self, names: Sequence[str]) -> list[str]:
+        """The names among `names` that `retry` would find no failed input for."""
+        failed = self.failed_inputs()
+        return [name for name in names if not any(self._named(path, [name]) for path in failed)]
+
+    def _named(self, failed_input: Path, names: Sequence[str]) -> bool:
+        """Whether one of `names` is the failed input's name, its path relative to
+        failed, or a path to it."""
+        relative = failed_input.relative_to(self.failed_folder).as_posix()
+        path = failed_input.resolve()
+        return any(
+            name in (failed_input.name, relative) or Path(name).resolve() == path for name in names
+        )
 
     def counts(self) -> dict[str, int]:
         """How many files each folder holds (inputs, outputs, claims)."""

@@ -102,6 +102,33 @@ class TestConvertCommand:
         )
 
 
+class TestMissingLibrary:
+    def test_a_library_that_does_not_exist_is_an_error(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Without --reference, a library folder that does not exist is named in an
+        error and nothing is converted: exit 2."""
+        np.save("x.npy", np.ones((2, 2, 2), np.uint8))
+        missing = tmp_path / "nonexistent"
+        assert (
+            main(["convert", "x.npy", "-o", "o", "--library", str(missing)]) == ExitCode.BAD_CONFIG
+        )
+        assert f"niftidrop: error: library: {missing} does not exist" in capsys.readouterr().err
+        assert not Path("o").exists()
+
+    def test_with_identity_it_is_a_warning(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """With missing_reference = identity no library is needed: a warning, and the
+        input is converted with the identity affine."""
+        np.save("x.npy", np.ones((2, 2, 2), np.uint8))
+        missing = tmp_path / "nonexistent"
+        argv = ["convert", "x.npy", "-o", "o", "--library", str(missing)]
+        assert main([*argv, "--missing-reference", "identity"]) == ExitCode.OK
+        assert f"warning: library: {missing} does not exist" in capsys.readouterr().err
+        np.testing.assert_array_equal(nib.load("o/x.nii.gz").affine, np.eye(4))
+
+
 class TestProgress:
     def _convert_two(self, make_reference: MakeReference) -> None:
         reference = make_reference(shape=(2, 2, 2))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from niftidrop.cli import ExitCode, main
+from real_command import niftidrop
 
 
 @pytest.fixture
@@ -106,3 +107,33 @@ class TestSettings:
     def test_bad_key_pattern_is_a_config_error(self, library: Path) -> None:
         """An invalid key_pattern stops the command as a configuration error."""
         assert run_match(library, "x.npz", "--key-pattern", "no-group") == ExitCode.BAD_CONFIG
+
+
+class TestMissingLibrary:
+    def test_a_library_that_does_not_exist_is_an_error(
+        self, library: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A library folder that does not exist is named in an error, exit 2, before
+        any name is matched (also when another library folder exists); none is made."""
+        missing = tmp_path / "nonexistent"
+        argv = ["match", "--library", str(library), "--library", str(missing), "case001.npz"]
+        assert main(argv) == ExitCode.BAD_CONFIG
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert f"niftidrop: error: library: {missing} does not exist" in err
+        assert str(library) not in err
+        assert not missing.exists()
+
+    def test_a_library_that_is_a_file_is_an_error(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A library path that is a file is not a folder: exit 2, named."""
+        (tmp_path / "scans").write_text("a file")
+        assert run_match(tmp_path / "scans", "case001.npz") == ExitCode.BAD_CONFIG
+        assert f"library: {tmp_path / 'scans'} is not a folder" in capsys.readouterr().err
+
+    def test_the_real_command(self, tmp_path: Path) -> None:
+        """`niftidrop match --library /nonexistent NAME`: exit 2, the folder named."""
+        result = niftidrop("match", "--library", str(tmp_path / "nonexistent"), "case.npz")
+        assert result.returncode == ExitCode.BAD_CONFIG
+        assert f"library: {tmp_path / 'nonexistent'} does not exist" in result.stderr

@@ -1,4 +1,4 @@
-"""Tests of the service commands: run --once, status, health, retry (SPEC §6)."""
+"""Tests of the service commands: run --once, check, status, health, retry."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 import structlog
 
 from niftidrop.cli import ExitCode, main
+from real_command import niftidrop
 
 
 @pytest.fixture(autouse=True)
@@ -215,7 +216,116 @@ class TestCheck:
         assert printed["compression_threads"] == (int(threads) or available_cpus())
 
 
+class TestCheckFolders:
+    SPOOL = ("inbox", "outbox", "archive", "failed", "library")
+
+    def test_an_empty_folder_is_what_run_will_create(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """In an empty folder check exits 0 and names each missing folder as one run
+        will create, creating none; after run, check has nothing to say."""
+        assert main(["check", *flags(tmp_path)]) == ExitCode.OK
+        out, err = capsys.readouterr()
+        assert json.loads(out)["root"] == str(tmp_path)
+        for name in self.SPOOL:
+            assert f"{name}: {tmp_path / name} does not exist yet; run will create it" in err
+            assert not (tmp_path / name).exists()
+        assert f"state_dir: {tmp_path / 'inbox' / '.niftidrop'} does not exist yet" in err
+        assert "error" not in err
+        assert main(["run", "--once", *flags(tmp_path)]) == ExitCode.OK
+        capsys.readouterr()
+        assert main(["check", *flags(tmp_path)]) == ExitCode.OK
+        assert capsys.readouterr().err == ""
+
+    def test_the_real_command_in_an_empty_folder(self, tmp_path: Path) -> None:
+        """`niftidrop check` run in an empty working folder: exit 0, the settings on
+        stdout, what run will create on stderr."""
+        result = niftidrop("check", cwd=tmp_path)
+        assert result.returncode == ExitCode.OK, result.stderr
+        assert json.loads(result.stdout)["inbox"] == "inbox"
+        assert f"inbox: {tmp_path / 'inbox'} does not exist yet; run will create it" in (
+            result.stderr
+        )
+        assert not any((tmp_path / name).exists() for name in self.SPOOL)
+
+    def test_a_spool_folder_that_is_a_file_is_an_error(
+        self, root: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A file where a spool folder goes stops run, so check exits 2 naming it."""
+        (root / "outbox").write_text("a file")
+        assert main(["check", *flags(root)]) == ExitCode.BAD_CONFIG
+        outbox = root / "outbox"
+        assert f"error: outbox: {outbox} exists and is not a folder" in capsys.readouterr().err
+        assert main(["run", "--once", *flags(root)]) == ExitCode.BAD_CONFIG
+
+    def test_a_spool_folder_that_cannot_be_made_is_an_error(
+        self, root: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A folder under a file cannot be made: check exits 2 and says why."""
+        (root / "blocker").write_text("a file")
+        archive = root / "blocker" / "archive"
+        assert main(["check", *flags(root), "--archive", str(archive)]) == ExitCode.BAD_CONFIG
+        err = capsys.readouterr().err
+        assert f"error: archive: {archive} cannot be created: {root / 'blocker'} is not" in err
+
+    def test_an_unusable_library_is_a_warning(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A library that is a file, or cannot be made, is what run only warns about
+        (library_unavailable): check says so and exits 0."""
+        (tmp_path / "library").write_text("a file")
+        (tmp_path / "blocker").write_text("a file")
+        extra = tmp_path / "blocker" / "scans"
+        options = [*flags(tmp_path), "--library", "library", "--library", str(extra)]
+        assert main(["check", *options]) == ExitCode.OK
+        err = capsys.readouterr().err
+        assert f"warning: library: {tmp_path / 'library'} exists and is not a folder" in err
+        assert f"warning: library: {extra} does not exist and cannot be created" in err
+        assert "library_unavailable" in err
+
+    def test_a_state_folder_on_another_file_system_is_an_error(
+        self, root: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """check refuses, as run does, a state folder that cannot receive inputs by
+        rename, before either exists."""
+        shm = Path("/dev/shm")
+        if not shm.is_dir() or shm.stat().st_dev == root.stat().st_dev:
+            pytest.skip("needs /dev/shm on another file system")
+        state = shm / f"niftidrop-test-{os.getpid()}" / "state"
+        assert main(["check", *flags(root), "--state-dir", str(state)]) == ExitCode.BAD_CONFIG
+        assert f"error: state_dir: {state} is on another file system" in capsys.readouterr().err
+        assert not state.parent.exists()
+
+
 class TestStatusAndHealth:
+    def test_status_of_a_spool_that_does_not_exist_is_an_error(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """status on a root without an inbox says there is no spool there and exits 2,
+        printing no counts and creating nothing."""
+        nowhere = tmp_path / "nowhere"
+        for extra in ([], ["--json"]):
+            assert main(["status", *extra, *flags(nowhere)]) == ExitCode.BAD_CONFIG
+            out, err = capsys.readouterr()
+            assert out == ""
+            assert f"no spool at {nowhere}: the inbox {nowhere / 'inbox'} does not exist" in err
+        assert not nowhere.exists()
+
+    def test_the_real_status_of_a_spool_that_does_not_exist(self, tmp_path: Path) -> None:
+        """`niftidrop status --root /nowhere`: exit 2 and the reason on stderr."""
+        result = niftidrop("status", "--root", str(tmp_path / "nowhere"))
+        assert result.returncode == ExitCode.BAD_CONFIG
+        assert result.stdout == ""
+        assert f"no spool at {tmp_path / 'nowhere'}" in result.stderr
+
+    def test_health_without_a_heartbeat_names_where_it_looked(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """health on a spool without a heartbeat exits 1, naming the heartbeat file."""
+        assert main(["health", *flags(tmp_path)]) == ExitCode.FAILED
+        heartbeat = tmp_path / "inbox" / ".niftidrop" / "heartbeat.json"
+        assert f"unhealthy: no heartbeat at {heartbeat}" in capsys.readouterr().out
+
     def test_status_counts_each_folder(
         self, root: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -280,3 +390,56 @@ class TestRetry:
         assert main(["retry", *flags(root)]) == ExitCode.OK
         assert (root / "inbox" / "lonely.npy").is_file()
         assert "1 input(s) moved back" in capsys.readouterr().out
+
+    def test_a_name_not_in_failed_exits_1_naming_it(
+        self, root: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """retry with names not in failed moves the others and exits 1, naming each
+        missing one."""
+        drop(root, "orphan.npy")
+        main(["run", "--once", *flags(root)])
+        capsys.readouterr()
+        code = main(["retry", *flags(root), "nothere.npy", "orphan.npy", "site/gone.npz"])
+        assert code == ExitCode.FAILED
+        out, err = capsys.readouterr()
+        assert (root / "inbox" / "orphan.npy").is_file()
+        assert "1 input(s) moved back" in out
+        failed = root / "failed"
+        assert f"error: not in failed ({failed}): nothere.npy" in err
+        assert f"error: not in failed ({failed}): site/gone.npz" in err
+        assert "orphan.npy" not in err
+
+    def test_the_real_command_names_what_is_not_in_failed(self, root: Path) -> None:
+        """`niftidrop retry nothere.npy` with nothing failed: exit 1, named on stderr."""
+        assert main(["run", "--once", *flags(root)]) == ExitCode.OK
+        result = niftidrop("retry", "--root", str(root), "nothere.npy")
+        assert result.returncode == ExitCode.FAILED
+        assert "0 input(s) moved back" in result.stdout
+        assert "not in failed" in result.stderr
+        assert "nothere.npy" in result.stderr
+
+    def test_a_path_to_the_failed_file_names_it(
+        self, root: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A NAME may be the failed file's path, absolute or relative (as a shell
+        completes it)."""
+        drop(root, "orphan.npy")
+        drop(root, "lonely.npy")
+        main(["run", "--once", *flags(root)])
+        absolute = str(root / "failed" / "orphan.npy")
+        assert main(["retry", *flags(root), absolute]) == ExitCode.OK
+        monkeypatch.chdir(root)
+        assert main(["retry", *flags(root), "failed/lonely.npy"]) == ExitCode.OK
+        assert {path.name for path in (root / "inbox").glob("*.npy")} == {
+            "orphan.npy",
+            "lonely.npy",
+        }
+
+    def test_retry_without_a_spool_is_an_error(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """retry on a root without an inbox exits 2 and creates nothing."""
+        nowhere = tmp_path / "nowhere"
+        assert main(["retry", *flags(nowhere), "case.npy"]) == ExitCode.BAD_CONFIG
+        assert "no spool at" in capsys.readouterr().err
+        assert not nowhere.exists()

@@ -38,6 +38,20 @@ class TestCommands:
         assert moved.name == "a-1.npy"
         assert (spool.inbox / "a.npy").read_bytes() == b"new"
 
+    def test_names_retry_finds_nothing_for(self, spool: Spool) -> None:
+        """not_failed gives the names that match no failed input (by file name,
+        relative path, or path), keeping their order; retry of such a name moves
+        nothing."""
+        claim = spool.claim(drop(spool, "site/a.npy"))
+        assert claim is not None
+        spool.handle(claim, rejected)
+        path = str(spool.failed_folder / "site" / "a.npy")
+        names = ["zz.npy", "a.npy", "site/a.npy", path, "other/a.npy", "a"]
+        assert spool.not_failed(names) == ["zz.npy", "other/a.npy", "a"]
+        assert spool.retry(["zz.npy"]) == []
+        assert spool.retry([path]) == [spool.inbox / "site" / "a.npy"]
+        assert spool.not_failed(["a.npy"]) == ["a.npy"]
+
     def test_counts(self, spool: Spool) -> None:
         """counts reports inputs per folder and claims."""
         drop(spool, "waiting.npy")
