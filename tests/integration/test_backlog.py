@@ -1,5 +1,5 @@
 """Backlogs go oldest first while new drops keep coming; lost events are found by
-the rescan (SPEC §1.10-11)."""
+the rescan (README: File protocol)."""
 
 from __future__ import annotations
 

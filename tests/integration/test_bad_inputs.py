@@ -1,4 +1,4 @@
-"""Bad input battery (SPEC §4, §1.7-8): every error code from a real file, while
+"""Bad input battery (README: Error codes, File protocol): every error code from a real file, while
 good files keep flowing; hidden and temporary names are left alone."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Crash safety (SPEC §1.4-5): `kill -9` at random moments while files keep arriving.
+"""Crash safety (README: File protocol): `kill -9` at random moments while files keep arriving.
 
 At the end every input is in archive with an output equal to it (or in failed
 with its .error.json), none is missing or duplicated, and no partial or

@@ -1,4 +1,5 @@
-"""Every way producers drop files is converted exactly once, never read early (SPEC §1)."""
+"""Every way producers drop files is converted exactly once, never read early (README: File
+protocol)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Service-level fuzz (SPEC §1.7, §1.12): hundreds of damaged inputs dropped into a
+"""Service-level fuzz (README: File protocol): hundreds of damaged inputs dropped into a
 running service among good ones, with special files beside them. The service never
 exits, every regular file ends in archive or failed exactly once, every good one is
 converted, and the special files are left where they are, reported once each."""

@@ -1,4 +1,4 @@
-"""The service as a real process: signals, systemd notify, graceful stop (SPEC §7)."""
+"""The service as a real process: signals, systemd notify, graceful stop (README: Logs)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Transient faults (SPEC §1.6): inputs wait claimed, `input_retrying` is logged,
+"""Transient faults (README: File protocol): inputs wait claimed, `input_retrying` is logged,
 nothing goes to failed, and everything converts once the cause is gone.
 
 The tests run as root, where a read-only mode bit does not stop writes, so the

@@ -1,4 +1,4 @@
-"""An input the service may not read (SPEC §1.6): retried as transient, converted once
+"""An input the service may not read (README: File protocol): retried as transient, converted once
 readable; never left to time out as truncated. Run by a service without the
 capabilities that let root read any file, so permissions apply as to any user."""
 

@@ -1,4 +1,4 @@
-"""Tests of the spool's folders, lock, owner id and temporaries (SPEC §1)."""
+"""Tests of the spool's folders, lock, owner id and temporaries (README: File protocol)."""
 
 from __future__ import annotations
 

@@ -247,7 +247,7 @@ class TestDtypePolicy:
         ],
     )
     def test_policy(self, tmp_path: Path, values: np.ndarray, policy: str, expected: str) -> None:
-        """auto/keep/explicit give SPEC §3's dtype, and the values are unchanged."""
+        """auto/keep/explicit give the dtype of README: Conversion, and the values are unchanged."""
         (image,) = _convert(values.reshape(-1, 1, 1), None, tmp_path, dtype=policy)
         assert image.get_data_dtype() == np.dtype(expected)
         np.testing.assert_array_equal(_voxels(image).ravel(), values)

@@ -1,4 +1,5 @@
-"""Tests of finishing a claim: archive, failed, transient faults, crash recovery (SPEC §1, §4)."""
+"""Tests of finishing a claim: archive, failed, transient faults, crash recovery (README:
+File protocol, Error codes)."""
 
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ class TestFinish:
         assert files_under(spool.claims_folder) == []
 
     def test_rejected_input_goes_to_failed_with_its_error_file(self, spool: Spool) -> None:
-        """A ConversionError puts the input and <name>.error.json in failed (SPEC §4)."""
+        """A ConversionError puts the input and <name>.error.json in failed (README:
+        Error codes)."""
         claim = spool.claim(drop(spool, "site/a.npy"))
         assert claim is not None
         outcome = spool.handle(claim, rejected)

@@ -1,4 +1,5 @@
-"""Tests of the reference library: index, lookups, waiting and live updates (SPEC §2)."""
+"""Tests of the reference library: index, lookups, waiting and live updates (README:
+Reference matching)."""
 
 from __future__ import annotations
 

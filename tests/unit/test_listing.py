@@ -1,4 +1,5 @@
-"""Tests of inbox scans: every candidate, never outside the inbox, whatever the tree (SPEC §1.1)."""
+"""Tests of inbox scans: every candidate, never outside the inbox, whatever the tree
+(README: File protocol)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of the log set-up: JSON lines with timestamp, level and event (SPEC §7), the
+"""Tests of the log set-up: JSON lines with timestamp, level and event (README: Logs), the
 console view, and log lines above the progress bar."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Tests of the matching rules, on indexes made in memory: no folders, no threads (SPEC §2)."""
+"""Tests of the matching rules, on indexes made in memory: no folders, no threads (README:
+Reference matching)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of the observer choice (polling on network and FUSE file systems, SPEC §1.10)
+"""Tests of the observer choice (polling on network and FUSE file systems, README: File protocol)
 and of keeping folder watches alive."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Tests of readiness: when a sighted candidate is ready, truncated or ignored (SPEC §1.1)."""
+"""Tests of readiness: when a sighted candidate is ready, truncated or ignored (README:
+File protocol)."""
 
 from __future__ import annotations
 

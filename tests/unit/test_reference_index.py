@@ -1,4 +1,4 @@
-"""Tests of reference keys, the key index and the folder scanner (SPEC §2)."""
+"""Tests of reference keys, the key index and the folder scanner (README: Reference matching)."""
 
 from __future__ import annotations
 

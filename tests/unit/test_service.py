@@ -1,4 +1,5 @@
-"""Tests of the service life cycle with a fake library and converter (SPEC §1, §6, §7)."""
+"""Tests of the service life cycle with a fake library and converter (README: File
+protocol, Running the service, Logs)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of the settings model and its sources (SPEC §5)."""
+"""Tests of the settings model and its sources (README: Configuration)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class TestDefaults:
         assert not [name for name in dumped if name.endswith("_dir") and name != "state_dir"]
 
     def test_contract_defaults(self) -> None:
-        """The defaults are the ones SPEC.md promises."""
+        """The defaults are the ones the README (Configuration) promises."""
         settings = Settings()
         assert settings.settle_seconds == 1.0
         assert settings.incomplete_timeout == 600

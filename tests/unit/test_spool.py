@@ -1,4 +1,4 @@
-"""Tests of the spool's commands: retry, counts, heartbeat (SPEC §1)."""
+"""Tests of the spool's commands: retry, counts, heartbeat (README: File protocol)."""
 
 from __future__ import annotations
 

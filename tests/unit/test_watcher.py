@@ -1,4 +1,5 @@
-"""Tests of the inbox watcher: events become sightings, inotify and polling (SPEC §1.1)."""
+"""Tests of the inbox watcher: events become sightings, inotify and polling (README: File
+protocol)."""
 
 from __future__ import annotations
 
