@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ import numpy as np
 
 from niftidrop.convert import convert_input
 from niftidrop.library import Match
-from niftidrop.settings import Settings, load_settings
+from niftidrop.settings import load_settings
 
 AFFINE = [[2.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 1.0]]
 
@@ -21,22 +20,10 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
 
-    def __call__(
-        self,
-        source: Path,
-        out_dir: Path,
-        *,
-        settings: Settings,
-        reference: Path | None,
-        stem: str | None = None,
-        affine: np.ndarray[Any, Any] | None = None,
-        provenance: Mapping[str, object] | None = None,
-        owner: str = "",
-        journal: Path | None = None,
-    ) -> str:
-        self.calls.append(
-            {"source": source, "reference": reference, "affine": affine, "provenance": provenance}
-        )
+    def __call__(self, source: Path, out_dir: Path, **options: Any) -> str:
+        """`convert_file`'s call: the keywords it is given (settings, reference, ...)."""
+        wanted = ("reference", "affine", "provenance")
+        self.calls.append({"source": source, **{name: options.get(name) for name in wanted}})
         return "result"
 
 

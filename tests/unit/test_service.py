@@ -10,7 +10,7 @@ import shutil
 import signal
 import threading
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,19 +66,8 @@ class FakeConverter:
         self.release = threading.Event()
         self.release.set()
 
-    def __call__(
-        self,
-        source: Path,
-        out_dir: Path,
-        *,
-        settings: Settings,
-        reference: Path | None,
-        stem: str | None = None,
-        affine: np.ndarray[Any, Any] | None = None,
-        provenance: Mapping[str, object] | None = None,
-        owner: str = "",
-        journal: Path | None = None,
-    ) -> ConversionResult:
+    def __call__(self, source: Path, out_dir: Path, **options: Any) -> ConversionResult:
+        """`convert_file`'s call; of its keywords only `stem` matters here."""
         self.release.wait()
         self.calls += 1
         if self.crashes:
@@ -89,7 +78,7 @@ class FakeConverter:
             raise OSError(30, "Read-only file system", str(out_dir))
         self.order.append(source.name)
         out_dir.mkdir(parents=True, exist_ok=True)
-        output = out_dir / f"{stem}.nii.gz"
+        output = out_dir / f"{options['stem']}.nii.gz"
         output.write_bytes(source.read_bytes())
         size = source.stat().st_size
         return ConversionResult(source, (output,), (3,), (3,), "f8", "f8", size, size, 0.001)
