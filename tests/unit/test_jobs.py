@@ -85,6 +85,14 @@ def _runner(settings: Settings) -> tuple[JobRunner, Spool]:
     return JobRunner(settings, spool, retries, resolve=library.resolve, metrics=Metrics()), spool
 
 
+def _claimed(spool: Spool, path: Path, content: bytes) -> Claim:
+    """`content` dropped at `path` in the inbox, then claimed."""
+    path.write_bytes(content)
+    claim = spool.claim(path)
+    assert claim is not None
+    return claim
+
+
 def _never_called(*args: Any, **kwargs: Any) -> Any:
     raise AssertionError("the input was to be rejected unread")
 
@@ -94,9 +102,7 @@ class TestJobRunner:
         """A truncated job's claim goes to failed with its record; nothing converts it."""
         runner, spool = _runner(settings)
         path = settings.inbox_dir / "a.npy"
-        path.write_bytes(b"\x93NUMPY")
-        claim = spool.claim(path)
-        assert claim is not None
+        claim = _claimed(spool, path, b"\x93NUMPY")
         with capture_logs() as logs:
             runner.finish(Job(path, truncated=True), claim, _never_called)
         record = json.loads((settings.failed_dir / "a.npy.error.json").read_text())
@@ -110,9 +116,7 @@ class TestJobRunner:
         """A ConversionError out of the conversion moves the input to failed."""
         runner, spool = _runner(settings)
         path = settings.inbox_dir / "a.npy"
-        path.write_bytes(b"x")
-        claim = spool.claim(path)
-        assert claim is not None
+        claim = _claimed(spool, path, b"x")
 
         def reject(*args: Any, **kwargs: Any) -> Any:
             raise ConversionError(ErrorCode.CORRUPT, "a.npy: expected a .npy header")
