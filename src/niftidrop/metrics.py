@@ -27,7 +27,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 
-from niftidrop.settings import parse_address
+from niftidrop.setting_types import parse_address
 
 # Conversion times range from a few milliseconds (small label maps) to minutes
 # (multi-gigabyte probability maps), so the buckets span that whole range.

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Final, Literal, NamedTuple
+from typing import Annotated, Any, ClassVar, Literal
 
-import numpy as np
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
-    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
+from niftidrop import folders
 from niftidrop.config_sources import (
     ENV_PREFIX,
     Sources,
@@ -27,20 +24,18 @@ from niftidrop.config_sources import (
 )
 from niftidrop.errors import ConfigError
 from niftidrop.resources import available_cpus, available_memory
+from niftidrop.setting_types import (
+    ALLOWED,
+    Address,
+    Affine,
+    DtypePolicy,
+    Folders,
+    KeyPattern,
+    parse_address,
+)
 
-DtypePolicy = Annotated[str, Field(description="auto, keep, or a NumPy dtype name")]
-_ADDRESS: Final = "host:port with a port from 1 to 65535, e.g. 127.0.0.1:9464"
-# What the settings whose validators check more than their type accept, in words
-# (the others are described from their type and range: `config_sources.allowed`).
-ALLOWED: Final = {
-    "library": "one or more folders (in the environment: a JSON list, or paths separated "
-    f"by {os.pathsep!r})",
-    "default_affine": "a 4x4 matrix of finite numbers (flags, environment: JSON)",
-    "dtype": "auto, keep, or a numeric NumPy dtype name (uint8, float32...)",
-    "key_pattern": "a regular expression with a group named key, (?P<key>...)",
-    "metrics_address": _ADDRESS,
-}
-
+# Importable from here as before: the CLI and metrics use them with the settings.
+__all__ = ["ALLOWED", "Settings", "load_settings", "parse_address"]
 
 # What one worker costs besides its conversions: its conversion process, idle
 # (an interpreter with NumPy, nibabel and ISA-L loaded: about 55 MB resident).
@@ -56,6 +51,23 @@ def _default_workers() -> int:
 def _most_workers(memory: int) -> int:
     """The most workers `memory` bytes hold, each with its conversion process."""
     return max(1, memory // WORKER_FOOTPRINT_BYTES)
+
+
+def _workers_fit_in_memory(value: int) -> int:
+    # Each worker keeps a conversion process: more than the memory holds would
+    # have the OOM killer end them at random instead of converting anything.
+    memory = available_memory()
+    most = _most_workers(memory)
+    if value > most:
+        raise ValueError(
+            f"expected at most {most} (each worker keeps a conversion process of about "
+            f"{WORKER_FOOTPRINT_BYTES // 1024**2} MiB and niftidrop may use "
+            f"{memory / 1024**3:.1f} GiB of memory)"
+        )
+    return value
+
+
+Workers = Annotated[int, AfterValidator(_workers_fit_in_memory)]
 
 
 def _default_max_memory() -> int:
@@ -94,7 +106,7 @@ class Settings(BaseSettings):
     outbox: Path = Field(default=Path("outbox"), description="where NIfTI outputs appear")
     archive: Path = Field(default=Path("archive"), description="converted inputs")
     failed: Path = Field(default=Path("failed"), description="rejected inputs + .error.json")
-    library: Annotated[list[Path], NoDecode] = Field(
+    library: Folders = Field(
         default_factory=lambda: [Path("library")],
         description="reference NIfTI folders, searched recursively",
     )
@@ -104,40 +116,64 @@ class Settings(BaseSettings):
     settle_seconds: float = Field(default=1.0, ge=0, description="quiet time before a read")
     incomplete_timeout: float = Field(default=600.0, gt=0, description="then: truncated")
     fsync: bool = Field(default=True, description="fsync outputs and folders")
-    after_success: Literal["archive", "delete"] = Field(default="archive")
+    after_success: Literal["archive", "delete"] = Field(
+        default="archive", description="what becomes of a converted input"
+    )
     recursive: bool = Field(default=True, description="watch inbox subfolders")
     rescan_interval: float = Field(default=30.0, gt=0, description="full inbox rescan period")
-    observer: Literal["auto", "inotify", "polling"] = Field(default="auto")
+    observer: Literal["auto", "inotify", "polling"] = Field(
+        default="auto", description="how the inbox is watched (auto: polls network, FUSE)"
+    )
     poll_interval: float = Field(default=1.0, gt=0, description="polling observer period")
 
     # Reference matching (README: Reference matching).
     separators: str = Field(default="_-.", min_length=1, description="key token separators")
-    key_pattern: str | None = Field(default=None, description="regex with a group named key")
+    key_pattern: KeyPattern = Field(default=None, description="regex with a group named key")
     reference_wait: float = Field(default=0.0, ge=0, description="wait for a late reference")
-    missing_reference: Literal["fail", "identity"] = Field(default="fail")
-    default_affine: Annotated[list[list[float]] | None, NoDecode] = Field(
+    missing_reference: Literal["fail", "identity"] = Field(
+        default="fail", description="when no reference is found"
+    )
+    default_affine: Affine = Field(
         default=None, description="4x4 affine used by missing_reference=identity"
     )
 
     # Conversion (README: Conversion).
     npz_key: str | None = Field(default=None, description=".npz member to convert")
     compress: bool = Field(default=True, description="write .nii.gz (else .nii)")
-    on_conflict: Literal["overwrite", "rename", "fail"] = Field(default="overwrite")
+    on_conflict: Literal["overwrite", "rename", "fail"] = Field(
+        default="overwrite", description="when an output name is taken"
+    )
     dtype: DtypePolicy = Field(default="auto")
-    axis_order: Literal["xyz", "zyx"] = Field(default="xyz")
-    channels: Literal["keep", "argmax", "split", "vector"] = Field(default="keep")
-    max_input_bytes: int = Field(default=16 * 1024**3, gt=0)
+    axis_order: Literal["xyz", "zyx"] = Field(
+        default="xyz", description="zyx: arrays from SimpleITK, nnU-Net"
+    )
+    channels: Literal["keep", "argmax", "split", "vector"] = Field(
+        default="keep", description="what a channel axis becomes"
+    )
+    max_input_bytes: int = Field(
+        default=16 * 1024**3, gt=0, description="larger arrays fail as too_large"
+    )
     compression_level: int = Field(default=1, ge=0, le=3, description="igzip level 0-3")
     compression_threads: int = Field(default=0, ge=0, description="0: one per CPU")
     sidecar: bool = Field(default=False, description="write <stem>.json provenance")
 
     # Service (README: Configuration, Logs).
-    workers: int = Field(default_factory=_default_workers, ge=1)
-    shutdown_timeout: float = Field(default=30.0, ge=0)
-    log_format: Literal["auto", "json", "console"] = Field(default="auto")
-    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
-    heartbeat_interval: float = Field(default=5.0, gt=0)
-    metrics_address: str | None = Field(default=None, description="host:port for /metrics")
+    workers: Workers = Field(
+        default_factory=_default_workers, ge=1, description="inputs converted at once"
+    )
+    shutdown_timeout: float = Field(
+        default=30.0, ge=0, description="a stop waits for conversions in flight"
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto: console on a terminal, else JSON"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="the lowest level logged"
+    )
+    heartbeat_interval: float = Field(
+        default=5.0, gt=0, description="health wants one within 3 intervals"
+    )
+    metrics_address: Address = Field(default=None, description="host:port for /metrics")
     max_attempts: int = Field(
         default=3, ge=1, description="tries of a conversion that crashes, then conversion_crashed"
     )
@@ -171,97 +207,6 @@ class Settings(BaseSettings):
         BaseModel.__init__(settings, **values)  # what BaseSettings.__init__ ends with
         return settings
 
-    @field_validator("library", mode="before")
-    @classmethod
-    def _split_library(cls, value: Any) -> Any:
-        # From the environment: a JSON list, or paths separated by os.pathsep.
-        if isinstance(value, str):
-            if value.lstrip().startswith("["):
-                return json.loads(value)
-            return [part for part in value.split(os.pathsep) if part]
-        if isinstance(value, Path):
-            return [value]
-        return value
-
-    @field_validator("library")
-    @classmethod
-    def _library_not_empty(cls, value: list[Path]) -> list[Path]:
-        if not value:
-            raise ValueError("expected at least one folder")
-        return value
-
-    @field_validator("default_affine", mode="before")
-    @classmethod
-    def _parse_affine(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return json.loads(value) if value.strip() else None
-        return value
-
-    @field_validator("default_affine")
-    @classmethod
-    def _affine_is_4x4(cls, value: list[list[float]] | None) -> list[list[float]] | None:
-        if value is not None:
-            matrix = np.asarray(value, dtype=np.float64)
-            if matrix.shape != (4, 4):
-                raise ValueError(f"its shape is {matrix.shape}")
-            if not np.all(np.isfinite(matrix)):
-                raise ValueError("it holds values that are not finite")
-        return value
-
-    @field_validator("dtype")
-    @classmethod
-    def _known_dtype(cls, value: str) -> str:
-        if value in ("auto", "keep"):
-            return value
-        try:
-            dtype = np.dtype(value)
-        except TypeError:
-            raise ValueError("not a NumPy dtype name") from None
-        if dtype.kind not in "biufc":
-            raise ValueError(f"{dtype} is not numeric")
-        if dtype.itemsize > 16:
-            raise ValueError(f"{dtype} is wider than 16 bytes")
-        return dtype.name
-
-    @field_validator("workers")
-    @classmethod
-    def _workers_fit_in_memory(cls, value: int) -> int:
-        # Each worker keeps a conversion process: more than the memory holds would
-        # have the OOM killer end them at random instead of converting anything.
-        memory = available_memory()
-        most = _most_workers(memory)
-        if value > most:
-            raise ValueError(
-                f"expected at most {most} (each worker keeps a conversion process of about "
-                f"{WORKER_FOOTPRINT_BYTES // 1024**2} MiB and niftidrop may use "
-                f"{memory / 1024**3:.1f} GiB of memory)"
-            )
-        return value
-
-    @field_validator("key_pattern")
-    @classmethod
-    def _pattern_has_key(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            pattern = re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a regular expression: {exc}") from None
-        if "key" not in pattern.groupindex:
-            raise ValueError("it has no group named key")
-        return value
-
-    @field_validator("metrics_address")
-    @classmethod
-    def _host_port(cls, value: str | None) -> str | None:
-        if value is None or value == "":
-            return None
-        try:
-            parse_address(value, lowest_port=1)  # port 0 would pick one nobody knows
-        except ValueError:
-            raise ValueError(f"expected {_ADDRESS}") from None
-        return value
-
     # Resolved folders.
 
     def resolve(self, path: Path) -> Path:
@@ -286,17 +231,8 @@ class Settings(BaseSettings):
 
     def folder_overlaps(self) -> list[str]:
         """Every pair of folders that lie one inside the other where niftidrop would
-        feed on its own files (an archive inside the inbox converts its inputs again
-        and again; a library holding the outbox takes outputs for references).
-
-        Folders are compared as real paths (symlinks resolved). A folder may lie in
-        a hidden folder (a name starting with ".") of another: niftidrop never
-        enters, indexes or writes hidden folders there, which is why the default
-        state folder, `<inbox>/.niftidrop`, is fine. Anything inside a non-recursive
-        inbox's subfolders is out of its sight too. The state folder holds nothing
-        but niftidrop's work files. Library folders may overlap each other.
-        """
-        folders = [
+        feed on its own files, in words (see `folders.overlaps`)."""
+        named = [
             ("inbox", self.inbox_dir),
             ("outbox", self.outbox_dir),
             ("archive", self.archive_dir),
@@ -304,8 +240,7 @@ class Settings(BaseSettings):
             ("state_dir", self.state_path),
             *(("library", folder) for folder in self.library_dirs),
         ]
-        placed = [_Placed(name, path, Path(os.path.realpath(path))) for name, path in folders]
-        return _overlaps(placed, self.recursive)
+        return folders.overlaps(named, recursive=self.recursive)
 
     def check_folders(self) -> None:
         """Raise ConfigError naming every overlap of `folder_overlaps`."""
@@ -328,70 +263,6 @@ class Settings(BaseSettings):
         # pool per file costs more than it saves on small outputs: share the CPUs.
         per_worker = max(1, available_cpus() // self.workers)
         return self.model_copy(update={"compression_threads": per_worker})
-
-
-class _Placed(NamedTuple):
-    """A folder setting: its name, its path as configured, and its real path."""
-
-    name: str
-    path: Path
-    real: Path
-
-    def __str__(self) -> str:
-        shown = f"{self.name} {str(self.path)!r}"
-        return shown if self.real == self.path else f"{shown} (really {str(self.real)!r})"
-
-
-# Why a folder may not lie inside each kind of folder.
-_WHY_NOT_INSIDE: Final = {
-    "inbox": "files niftidrop puts there would be taken for new inputs",
-    "outbox": "niftidrop writes outputs there under the inputs' relative paths",
-    "archive": "niftidrop moves converted inputs there under their relative paths",
-    "failed": "niftidrop moves rejected inputs there under their relative paths",
-    "library": "every NIfTI file below it is indexed as a reference",
-    "state_dir": "it holds niftidrop's own work files and nothing else",
-}
-
-
-def _overlaps(placed: list[_Placed], recursive: bool) -> list[str]:
-    """Each pair of `placed` folders (library folders aside) that overlap, in words."""
-    problems = []
-    for number, first in enumerate(placed):
-        for second in placed[number + 1 :]:
-            if first.name == second.name == "library":
-                continue
-            problem = _overlap(first, second, recursive) or _overlap(second, first, recursive)
-            if problem is not None:
-                problems.append(problem)
-    return problems
-
-
-def _overlap(inner: _Placed, outer: _Placed, recursive: bool) -> str | None:
-    """Why `inner` may not lie where it does relative to `outer`; None if it may."""
-    if inner.real == outer.real:
-        return f"{inner} and {outer} are the same folder: each needs a folder of its own"
-    if not inner.real.is_relative_to(outer.real):
-        return None
-    hidden = any(part.startswith(".") for part in inner.real.relative_to(outer.real).parts)
-    if outer.name == "state_dir":
-        return f"{inner} is inside {outer}: {_WHY_NOT_INSIDE[outer.name]}; move it out"
-    if hidden or (outer.name == "inbox" and not recursive):
-        return None
-    return (
-        f"{inner} is inside {outer}: {_WHY_NOT_INSIDE[outer.name]}; move it out, "
-        f"or into a hidden folder there (a name starting with '.')"
-    )
-
-
-def parse_address(address: str, *, lowest_port: int = 0) -> tuple[str, int]:
-    """`"host:port"` (IPv6 hosts in brackets, `[::1]:9464`) as `(host, port)`; a port
-    below `lowest_port` (0: any free port) is refused as a ValueError."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not lowest_port <= int(port) < 65536:
-        raise ValueError(f"expected host:port, found {address!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:

@@ -206,20 +206,6 @@ _ALL_SETTINGS = (
 
 # Help for the settings whose field has no description of its own, and what a
 # default of None means.
-_SETTING_HELP: Final = {
-    "after_success": "what becomes of a converted input",
-    "observer": "how the inbox is watched (auto: polls network, FUSE)",
-    "missing_reference": "when no reference is found",
-    "on_conflict": "when an output name is taken",
-    "axis_order": "zyx: arrays from SimpleITK, nnU-Net",
-    "channels": "what a channel axis becomes",
-    "max_input_bytes": "larger arrays fail as too_large",
-    "workers": "inputs converted at once",
-    "shutdown_timeout": "a stop waits for conversions in flight",
-    "log_format": "auto: console on a terminal, else JSON",
-    "log_level": "the lowest level logged",
-    "heartbeat_interval": "health wants one within 3 intervals",
-}
 _NONE_MEANS: Final = {
     "state_dir": "<inbox>/.niftidrop",
     "npz_key": "the first",
@@ -284,7 +270,7 @@ def default_text(field: FieldInfo, none_means: str = "none") -> str:
 
 def setting_help(name: str, field: FieldInfo) -> str:
     """One setting's help: what it is, then its default."""
-    text = field.description or _SETTING_HELP.get(name, "")
+    text = field.description or ""
     if name == "library":
         text += "; the flag repeats"
     if "(default:" in text:  # the description says it (in words: "1/4 of the memory")
