@@ -8,7 +8,8 @@
 #       FUSE-mounted MOUNTS times (default 2) at DIR/mount1, DIR/mount2, ...
 #   deploy/sharedfs.sh up sshfs DIR [MOUNTS]     sshfs: an sshd on 127.0.0.1 with
 #       its own configuration and keys, serving DIR/export, mounted MOUNTS times
-#       with dir_cache=no
+#       with dir_cache=no (and the options in SHAREDFS_SSHFS_OPTIONS, e.g.
+#       disable_hardlink for a file system without hard links)
 #   deploy/sharedfs.sh down DIR                  unmounts and stops everything
 #       that `up` started in DIR, then removes DIR; safe to run twice
 #
@@ -133,7 +134,8 @@ EOF
         # dir_cache=no: without it a listing may be 20 s old; the spool needs fresh ones.
         sshfs "root@127.0.0.1:$dir/export" "$mount" -p "$port" \
             -o "IdentityFile=$dir/ssh/client_key,StrictHostKeyChecking=no" \
-            -o "UserKnownHostsFile=/dev/null,LogLevel=ERROR,dir_cache=no,reconnect"
+            -o "UserKnownHostsFile=/dev/null,LogLevel=ERROR,dir_cache=no,reconnect" \
+            ${SHAREDFS_SSHFS_OPTIONS:+-o "$SHAREDFS_SSHFS_OPTIONS"}
         record "$dir" "mount $mount"
         wait_for "the mount at $mount" mountpoint -q "$mount"
         echo "$mount"

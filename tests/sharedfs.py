@@ -21,9 +21,12 @@ KINDS: tuple[Kind, ...] = ("gluster", "sshfs")
 
 
 @contextmanager
-def shared_fs(kind: Kind, folder: Path, mounts: int = 2) -> Iterator[list[Path]]:
+def shared_fs(
+    kind: Kind, folder: Path, mounts: int = 2, *, sshfs_options: str = ""
+) -> Iterator[list[Path]]:
     """`mounts` mount points of one new `kind` file system whose server lives in
-    `folder`; everything is unmounted, stopped and removed on the way out."""
+    `folder` (sshfs mounted with `sshfs_options` too); everything is unmounted,
+    stopped and removed on the way out."""
     if os.geteuid() != 0:
         pytest.skip("mounting a shared file system needs root")
     try:
@@ -32,6 +35,7 @@ def shared_fs(kind: Kind, folder: Path, mounts: int = 2) -> Iterator[list[Path]]
             capture_output=True,
             text=True,
             check=True,
+            env={**os.environ, "SHAREDFS_SSHFS_OPTIONS": sshfs_options},
             timeout=600,  # the first run installs the Debian packages
         )
     except subprocess.CalledProcessError as error:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from niftidrop.fs_probe import missing, probe
 from sharedfs import KINDS, Kind, shared_fs
 from waiting import wait_until
 
@@ -28,7 +29,8 @@ def names(folder: Path) -> list[str]:
 
 def running(folder: Path) -> list[str]:
     """Command lines of the processes that name `folder` (servers, clients)."""
-    listing = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True, check=True)
+    command = ["ps", "-ww", "-eo", "args"]
+    listing = subprocess.run(command, capture_output=True, text=True, check=True)
     return [line for line in listing.stdout.splitlines() if str(folder) in line]
 
 
@@ -109,3 +111,33 @@ class TestTearDown:
         )
         assert "niftidrop-gl-" not in namespaces.stdout
         assert not folder.exists()
+
+
+class TestProbe:
+    """What `niftidrop.fs_probe` finds on each shared file system."""
+
+    def test_gluster_gives_everything(self, tmp_path: Path) -> None:
+        """GlusterFS: every capability works."""
+        with shared_fs("gluster", tmp_path / "fs", mounts=1) as (mount,):
+            capabilities = probe(mount)
+            assert all(item.works for item in capabilities), capabilities
+
+    def test_sshfs_counts_no_links(self, tmp_path: Path) -> None:
+        """sshfs: hard links work but st_nlink is 1; nothing needed is missing."""
+        with shared_fs("sshfs", tmp_path / "fs", mounts=1) as (mount,):
+            found = {item.name: item.works for item in probe(mount)}
+            assert found["hard_links"] is True
+            assert found["link_counts"] is False
+            assert missing(probe(mount)) == []
+
+    def test_sshfs_without_hard_links(self, tmp_path: Path) -> None:
+        """sshfs with disable_hardlink: no hard links (EPERM), which niftidrop copies
+        around, so nothing needed is missing; the detail names the errno."""
+        with shared_fs("sshfs", tmp_path / "fs", mounts=1, sshfs_options="disable_hardlink") as (
+            mount,
+        ):
+            capabilities = {item.name: item for item in probe(mount)}
+            assert capabilities["hard_links"].works is False
+            assert "EPERM" in capabilities["hard_links"].detail  # FUSE turns ENOSYS into EPERM
+            assert capabilities["link_counts"].works is False
+            assert missing(list(capabilities.values())) == []
