@@ -8,11 +8,14 @@ from __future__ import annotations
 import fcntl
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from niftidrop.fs_probe import missing, probe
+from niftidrop.instances import InstanceLease, NameTaken, Renewal
 from sharedfs import KINDS, Kind, shared_fs
 from waiting import wait_until
 
@@ -141,3 +144,56 @@ class TestProbe:
             assert "EPERM" in capabilities["hard_links"].detail  # FUSE turns ENOSYS into EPERM
             assert capabilities["link_counts"].works is False
             assert missing(list(capabilities.values())) == []
+
+
+TAKE_NAME = """
+import sys, time
+from pathlib import Path
+from niftidrop.instances import InstanceLease, NameTaken
+lease = InstanceLease(Path(sys.argv[1]), "node-a", lease_timeout=float(sys.argv[3]))
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+try:
+    lease.take()
+except NameTaken:
+    print("refused")
+else:
+    print("took")
+    time.sleep(2)  # hold it while the others try
+"""
+
+
+@pytest.mark.parametrize("kind", KINDS)
+class TestLeases:
+    """Leases on instance names (`niftidrop.instances`) across clients: the check
+    that must not rely on flock, which sshfs does not share."""
+
+    def test_one_name_from_two_mounts_at_once(self, kind: Kind, tmp_path: Path) -> None:
+        """Three processes on each of two mounts take one name at the same instant:
+        exactly one holds it."""
+        with shared_fs(kind, tmp_path / "fs") as mounts:
+            start = time.time() + 2
+            racers = [
+                subprocess.Popen(
+                    [sys.executable, "-c", TAKE_NAME, str(mount), str(start), "60"],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                for mount in mounts
+                for _ in range(3)
+            ]
+            results = sorted(racer.communicate(timeout=60)[0].strip() for racer in racers)
+            assert results == ["refused"] * 5 + ["took"]
+
+    def test_taken_over_across_clients_once_expired(self, kind: Kind, tmp_path: Path) -> None:
+        """A lease held through one mount and not renewed for lease_timeout is taken
+        over through the other; the old holder then finds it lost."""
+        with shared_fs(kind, tmp_path / "fs") as (first, second):
+            old = InstanceLease(first, "node-a", lease_timeout=1)
+            old.take()
+            with pytest.raises(NameTaken):
+                InstanceLease(second, "node-a", lease_timeout=1).take()
+            time.sleep(1.5)  # by the file system's clock: no renewal for 1.5 s
+            new = InstanceLease(second, "node-a", lease_timeout=1)
+            new.take()
+            assert old.renew().lost
+            assert new.renew() == Renewal(lost=False, lapsed=False)
