@@ -68,6 +68,7 @@ code{font:12.5px ui-monospace,SFMono-Regular,Menlo,monospace;word-break:break-al
 img{display:block;max-width:120px;max-height:120px;border-radius:4px;background:#000}
 .message{max-width:48rem;word-break:break-word}
 .empty{color:var(--muted);padding:.6rem}
+time{white-space:nowrap}
 """
 
 
