@@ -20,10 +20,8 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,10 +30,18 @@ from typing import Any
 import nibabel
 import numpy as np
 
+from benchmarks.bench_service import Child
+
 nib: Any = nibabel  # nibabel's functions carry no annotations
 
 LATENCY_BAR = 0.050  # seconds: the 95th percentile of a request, each route
 SHAPE = (16, 16, 8)
+OPTIONS = (  # flag, default, meaning
+    ("--archive", 10_000, "inputs in archive"),
+    ("--failed", 1_000, "inputs in failed"),
+    ("--recent", 50, "inputs the service converts"),
+    ("--requests", 200, "requests per route"),
+)
 
 
 def build_spool(root: Path, archive: int, failed: int) -> None:
@@ -68,43 +74,25 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-class Service:
-    """`python -m niftidrop run` on `root`, its JSON log lines collected by a thread."""
-
-    def __init__(self, root: Path, port: int) -> None:
-        environment = {**os.environ, "NIFTIDROP_LOG_FORMAT": "json"}
-        command = [sys.executable, "-m", "niftidrop", "run", "--root", str(root)]
-        command += ["--metrics-address", f"127.0.0.1:{port}", "--settle-seconds", "0.1"]
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=environment
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def count(self, event: str) -> int:
-        return sum(f'"event": "{event}"' in line for line in list(self.lines))
-
-    def wait_for(self, event: str, count: int = 1, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.count(event) < count:
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError(f"{event} x{count} never came: {''.join(self.lines)[-2000:]}")
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=120)
-        self._reader.join(timeout=10)
+def start_service(root: Path, port: int) -> Child:
+    """`python -m niftidrop run` on `root` with its status page on `port` (JSON logs:
+    its stdout is a pipe)."""
+    command = [sys.executable, "-m", "niftidrop", "run", "--root", str(root)]
+    command += ["--metrics-address", f"127.0.0.1:{port}", "--settle-seconds", "0.1"]
+    return Child(command, root)
 
 
-def request(port: int, path: str) -> tuple[float, int]:
-    """Seconds for one GET on a fresh connection, and the body's size."""
+def wait_for_count(service: Child, event: str, count: int, timeout: float = 300.0) -> None:
+    """Until `count` log lines of `event` have come."""
+    deadline = time.monotonic() + timeout
+    while sum(f'"event": "{event}"' in line for line in list(service.lines)) < count:
+        if time.monotonic() > deadline or service.process.poll() is not None:
+            raise RuntimeError(f"{event} x{count} never came: {''.join(service.lines)[-2000:]}")
+        time.sleep(0.01)
+
+
+def request(port: int, path: str) -> tuple[float, bytes]:
+    """Seconds for one GET on a fresh connection, and the body."""
     started = time.perf_counter()
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
@@ -115,33 +103,33 @@ def request(port: int, path: str) -> tuple[float, int]:
             raise RuntimeError(f"GET {path}: {response.status}")
     finally:
         connection.close()
-    return time.perf_counter() - started, len(body)
+    return time.perf_counter() - started, body
 
 
 def measure(root: Path, recent: int, requests: int) -> dict[str, Any]:
     port = free_port()
     started = time.perf_counter()
-    service = Service(root, port)
+    service = start_service(root, port)
     try:
-        service.wait_for("service_ready")
+        service.wait_for('"service_ready"')
         startup = time.perf_counter() - started
         for index in range(recent):
             temporary = root / "inbox" / f".case_r{index:03d}.npy"  # hidden: not read
             np.save(temporary, np.ones(SHAPE, np.uint8))
             temporary.rename(root / "inbox" / f"case_r{index:03d}.npy")
-        service.wait_for("input_converted", recent)
+        wait_for_count(service, "input_converted", recent)
         results: dict[str, Any] = {"startup_seconds": startup}
         for path in ("/", "/api/status"):
             request(port, path)  # warm
-            timings, sizes = zip(*(request(port, path) for _ in range(requests)), strict=True)
+            timings, bodies = zip(*(request(port, path) for _ in range(requests)), strict=True)
             ordered = sorted(timings)
             results[path] = {
                 "median": statistics.median(ordered),
                 "p95": ordered[int(0.95 * (len(ordered) - 1))],
                 "max": ordered[-1],
-                "bytes": sizes[-1],
+                "bytes": len(bodies[-1]),
             }
-        status = json.loads(http_get(port, "/api/status"))
+        status = json.loads(request(port, "/api/status")[1])
         results["counts"] = status["counts"]
         results["shown"] = {"recent": len(status["recent"]), "failed": len(status["failed"])}
     finally:
@@ -149,22 +137,11 @@ def measure(root: Path, recent: int, requests: int) -> dict[str, Any]:
     return results
 
 
-def http_get(port: int, path: str) -> bytes:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        connection.request("GET", path)
-        return connection.getresponse().read()
-    finally:
-        connection.close()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Build the spool, time the page's requests, print the table and the bar."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_status")
-    parser.add_argument("--archive", type=int, default=10_000, help="inputs in archive")
-    parser.add_argument("--failed", type=int, default=1_000, help="inputs in failed")
-    parser.add_argument("--recent", type=int, default=50, help="inputs the service converts")
-    parser.add_argument("--requests", type=int, default=200, help="requests per route")
+    for flag, default, meaning in OPTIONS:
+        parser.add_argument(flag, type=int, default=default, help=meaning)
     parser.add_argument("--json", action="store_true", help="also print the raw results")
     args = parser.parse_args(argv)
     print(
