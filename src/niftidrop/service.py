@@ -209,7 +209,7 @@ class Service:
                 quick_interval=settings.heartbeat_interval,
                 full_interval=settings.rescan_interval,
             )
-            self._board.start()  # before any input finishes: each one is counted
+            self._board.start()  # before any input finishes: each one is recorded
             self._pool.jobs.record = self._board.record
         self._pool.recover()
         if observer is not None:

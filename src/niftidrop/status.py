@@ -27,9 +27,9 @@ def service_state(heartbeat: Mapping[str, Any] | None) -> str | None:
     return str(heartbeat.get("state", "running"))
 
 
-def status_report(spool: Spool, counts: Mapping[str, int]) -> dict[str, Any]:
+def status_report(spool: Spool, counts: Mapping[str, int | None]) -> dict[str, Any]:
     """The `status --json` object for `spool`, with the folder `counts` given (walked
-    by the command, kept in memory by the service)."""
+    by the command, kept in memory by the service; None: not counted yet)."""
     age = spool.heartbeat_age(time.time())
     heartbeat = read_json(spool.heartbeat_path) if age is not None else None
     state = service_state(heartbeat) if age is not None else None

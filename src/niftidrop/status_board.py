@@ -9,7 +9,9 @@ longer to list than the page may take to answer), so the service keeps here:
 - the newest `FAILED_LIMIT` failed inputs (by their `.error.json`), read from the
   failed folder once at start, then updated by its own failures at once and by
   the recount for what others did (`retry`, a hand move, another instance);
-- the folder counts, walked at start; each input this service archives, fails
+- the folder counts, walked once the service has started (by the board's thread:
+  a big archive does not hold up the start; until then each count is None); each
+  input this service archives, fails
   or converts is counted at once (archive, failed, and its outputs and preview in
   the outbox), and a thread of the board counts again: inbox and claimed every
   `quick_interval` (the heartbeat interval), every folder every `full_interval`
@@ -38,12 +40,13 @@ FAILED_LIMIT: Final = 200
 QUICK_FOLDERS: Final = ("inbox", CLAIMS)
 # A full count walks failed once, for its names; these are the others.
 OTHER_FOLDERS: Final = (*QUICK_FOLDERS, "outbox", "archive")
+ALL_FOLDERS: Final = (*OTHER_FOLDERS, "failed")  # in the order `status` prints them
 
 
 class Snapshot(NamedTuple):
     """What the page shows, copied at one moment."""
 
-    counts: dict[str, int]
+    counts: dict[str, int | None]  # None: not counted yet
     recent: list[dict[str, Any]]  # newest first
     failed: list[dict[str, Any]]  # newest first
 
@@ -62,7 +65,7 @@ class StatusBoard:
         self.quick_interval = quick_interval
         self.full_interval = full_interval
         self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
+        self._counts: dict[str, int | None] = dict.fromkeys(ALL_FOLDERS)
         self._recent: deque[_Recent] = deque(maxlen=RECENT_LIMIT)
         self._previews: dict[str, Path] = {}  # preview name in the outbox → its path
         self._failed: dict[str, dict[str, Any]] = {}  # name in failed → its entry
@@ -77,12 +80,11 @@ class StatusBoard:
     # Start, recount, stop.
 
     def load(self) -> None:
-        """Count every folder and read the failed folder's records (at start)."""
+        """Count every folder and read the failed folder's records."""
         self._count(full=True)
 
     def start(self) -> None:
-        """Load, then keep the counts current in a thread of the board's own."""
-        self.load()
+        """Load and keep the counts current, in a thread of the board's own."""
         self._stop.clear()
         self._thread = threading.Thread(target=self._recount, name="niftidrop-status", daemon=True)
         self._thread.start()
@@ -95,6 +97,8 @@ class StatusBoard:
             thread.join()
 
     def _recount(self) -> None:
+        with contextlib.suppress(OSError):  # a folder gone meanwhile: counted next time
+            self.load()
         last_full = time.monotonic()
         while not self._stop.wait(self.quick_interval):
             full = time.monotonic() - last_full >= self.full_interval
@@ -183,7 +187,9 @@ class StatusBoard:
             self._trim_failed()
 
     def _add(self, folder: str, count: int) -> None:
-        self._counts[folder] = self._counts.get(folder, 0) + count
+        counted = self._counts.get(folder)
+        if counted is not None:  # else the first count, still to come, includes it
+            self._counts[folder] = counted + count
 
     def _trim_failed(self) -> None:
         """Keep the newest FAILED_LIMIT failed entries (the lock is held)."""

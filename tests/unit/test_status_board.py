@@ -165,11 +165,13 @@ class TestRecount:
         assert snapshot.counts["failed"] == 1
 
     def test_the_thread_keeps_the_inbox_count_current(self, spool: Spool) -> None:
-        """Started, the board counts the inbox again every quick interval."""
+        """Started, the board counts every folder, then the inbox every quick interval
+        and the others every full interval."""
         board = StatusBoard(spool, quick_interval=0.05, full_interval=0.2)
+        assert set(board.snapshot().counts.values()) == {None}  # not counted yet
         board.start()
         try:
-            assert board.snapshot().counts["inbox"] == 0
+            wait_until(lambda: board.snapshot().counts["inbox"] == 0, 10, "first count")
             (spool.inbox / "new.npy").write_bytes(b"x")
             wait_until(lambda: board.snapshot().counts["inbox"] == 1, 10, "inbox counted")
             (spool.archive_folder / "by_hand.npy").write_bytes(b"x")
@@ -186,3 +188,12 @@ class TestRecount:
         board._count(full=False)
         counts = board.snapshot().counts
         assert (counts["inbox"], counts["archive"]) == (1, 0)
+
+    def test_own_moves_before_the_first_count_are_left_to_it(
+        self, spool: Spool, board: StatusBoard
+    ) -> None:
+        """An outcome before the first count leaves the counts None; the count has it."""
+        board.record(converted(spool, "early"))
+        assert board.snapshot().counts["archive"] is None
+        board.load()
+        assert board.snapshot().counts["archive"] == 1

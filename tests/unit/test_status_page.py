@@ -162,6 +162,13 @@ class TestPage:
         assert "No conversion since the service started." in text
         assert "No failed input." in text
 
+    def test_folders_not_counted_yet_show_a_dash(self) -> None:
+        """Before the first count a folder shows a dash, not a made-up zero."""
+        status = status_with("case.npy", "bad")
+        status["counts"] = dict.fromkeys(("inbox", "claimed", "outbox", "archive", "failed"))
+        document = render(status)
+        assert "<li id=count-archive><b>&ndash;</b>archive</li>" in document
+
 
 class TestApi:
     def test_api_is_the_status_object_with_lists(
