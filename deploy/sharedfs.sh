@@ -6,6 +6,7 @@
 #   deploy/sharedfs.sh up gluster DIR [MOUNTS]   GlusterFS: glusterd in a network
 #       namespace of its own, on 127.0.0.2 of its loopback, one brick in DIR/brick,
 #       FUSE-mounted MOUNTS times (default 2) at DIR/mount1, DIR/mount2, ...
+#       One at a time per host: the gluster command finds glusterd by one socket.
 #   deploy/sharedfs.sh up sshfs DIR [MOUNTS]     sshfs: an sshd on 127.0.0.1 with
 #       its own configuration and keys, serving DIR/export, mounted MOUNTS times
 #       with dir_cache=no (and the options in SHAREDFS_SSHFS_OPTIONS, e.g.
@@ -66,7 +67,8 @@ gluster_up() {
     # The gluster command reaches glusterd through one socket per host.
     ! pgrep -x glusterd >/dev/null || fail "a glusterd runs on this host already"
     local netns volume
-    netns="niftidrop-gl-$(basename "$dir")"
+    # One namespace per DIR: a name from its whole path, short enough for ip(8).
+    netns="niftidrop-gl-$(echo -n "$dir" | sha256sum | cut -c1-12)"
     volume="niftidrop"
     mkdir -p "$dir/brick" "$dir/glusterd" "$dir/log"
     ip netns add "$netns"

@@ -6,6 +6,8 @@ Debian packages it lacks."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 from collections.abc import Iterator
@@ -16,6 +18,9 @@ from typing import Literal
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "deploy" / "sharedfs.sh"
+# One GlusterFS at a time per host (its command finds glusterd by one socket): test
+# runs side by side take turns through this lock.
+GLUSTER_LOCK = Path("/run/lock/niftidrop-sharedfs-gluster.lock")
 Kind = Literal["gluster", "sshfs"]
 KINDS: tuple[Kind, ...] = ("gluster", "sshfs")
 
@@ -29,6 +34,15 @@ def shared_fs(
     stopped and removed on the way out."""
     if os.geteuid() != 0:
         pytest.skip("mounting a shared file system needs root")
+    with contextlib.ExitStack() as stack:
+        if kind == "gluster":
+            GLUSTER_LOCK.parent.mkdir(parents=True, exist_ok=True)
+            lock = stack.enter_context(GLUSTER_LOCK.open("a"))
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield from _mounted(kind, folder, mounts, sshfs_options)
+
+
+def _mounted(kind: Kind, folder: Path, mounts: int, sshfs_options: str) -> Iterator[list[Path]]:
     try:
         started = subprocess.run(
             ["bash", str(SCRIPT), "up", kind, str(folder), str(mounts)],

@@ -167,9 +167,8 @@ class InstanceLease:
 
     def _create(self) -> bool:
         """Make the lease file, exclusively; False if one exists."""
-        try:
-            descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        descriptor = create_exclusive(self.path)
+        if descriptor is None:
             return False
         self._descriptor = descriptor
         self._write()
@@ -180,11 +179,11 @@ class InstanceLease:
         (made exclusively: of two instances taking over at once, one does, and the
         other then finds a live lease). False if another takeover is in progress."""
         takeover = self.folder / TAKEOVER
-        try:
-            os.close(os.open(takeover, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
+        descriptor = create_exclusive(takeover)
+        if descriptor is None:
             self._clear_stale(takeover)
             return False
+        os.close(descriptor)
         try:
             again = read_lease(self.path, self.name)
             if again is not None and again.token == expired.token:
@@ -200,6 +199,20 @@ class InstanceLease:
         with contextlib.suppress(FileNotFoundError):
             if fs_time(self.folder) - takeover.stat().st_mtime > self.lease_timeout:
                 takeover.unlink()
+
+
+def create_exclusive(path: Path) -> int | None:
+    """A descriptor of the new file `path`, made with an exclusive create; None if
+    a file has that name. sshfs answers a create that lost a race with EPERM, not
+    EEXIST: a refusal is taken for "exists" when the name exists then."""
+    try:
+        return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return None
+    except PermissionError:
+        if os.path.lexists(path):
+            return None
+        raise
 
 
 def read_lease(path: Path, name: str, *, now: float | None = None) -> Lease | None:

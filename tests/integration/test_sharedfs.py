@@ -6,6 +6,7 @@ tearing one down leaves nothing behind."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from niftidrop.fs_probe import missing, probe
-from niftidrop.instances import InstanceLease, NameTaken, Renewal
+from niftidrop.instances import InstanceLease, NameTaken, Renewal, read_lease
 from sharedfs import KINDS, Kind, shared_fs
 from waiting import wait_until
 
@@ -112,7 +113,9 @@ class TestTearDown:
         namespaces = subprocess.run(
             ["ip", "netns", "list"], capture_output=True, text=True, check=True
         )
-        assert "niftidrop-gl-" not in namespaces.stdout
+        # The script names GlusterFS's namespace after the folder's real path.
+        own = "niftidrop-gl-" + hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]
+        assert own not in namespaces.stdout
         assert not folder.exists()
 
 
@@ -176,6 +179,7 @@ class TestLeases:
                 subprocess.Popen(
                     [sys.executable, "-c", TAKE_NAME, str(mount), str(start), "60"],
                     stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
                     text=True,
                 )
                 for mount in mounts
@@ -192,7 +196,9 @@ class TestLeases:
             old.take()
             with pytest.raises(NameTaken):
                 InstanceLease(second, "node-a", lease_timeout=1).take()
-            time.sleep(1.5)  # by the file system's clock: no renewal for 1.5 s
+            # Older than lease_timeout by the file system's clock, which may count
+            # whole seconds only (sshfs) and be read through a cache for a moment.
+            wait_until(lambda: (lease := read_lease(old.path, "node-a")) and lease.age > 1)
             new = InstanceLease(second, "node-a", lease_timeout=1)
             new.take()
             assert old.renew().lost

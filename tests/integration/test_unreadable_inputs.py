@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from support import drop_by_rename, prediction
+from support import prediction, save_npy
 
 from waiting import wait_until
 
@@ -48,8 +48,10 @@ class TestUnreadableInput:
         try:
             events = lambda name: [line for line in list(lines) if line["event"] == name]  # noqa: E731
             wait_until(lambda: events("service_ready"), timeout=60)
-            dropped = drop_by_rename(root / "inbox", "case_locked.npy", prediction(1))
-            dropped.chmod(0o000)
+            # Unreadable before it arrives: the service may claim it the moment it does.
+            hidden = save_npy(root / "inbox" / ".case_locked.npy.tmp", prediction(1))
+            hidden.chmod(0o000)
+            hidden.rename(root / "inbox" / "case_locked.npy")
             wait_until(lambda: events("input_retrying"), timeout=30)
             assert "Permission denied" in events("input_retrying")[0]["error"]
             for path in root.rglob("case_locked.npy"):
