@@ -35,6 +35,9 @@ _NOT_IN_NAMES: Final = ("\t", "\n", "\r")
 BACKGROUND: Final = 0
 # Above this range of values, a slab's values are found by sorting instead of counting.
 _COUNTED_RANGE: Final = 1 << 16
+_INTP_MAX: Final = int(np.iinfo(np.intp).max)
+_INTP_BYTES: Final = np.dtype(np.intp).itemsize
+_PIECE: Final = 1 << 20  # values counted at a time
 
 
 def parse_labels(value: Any) -> LabelTable | None:
@@ -186,14 +189,21 @@ class LabelCensus:
         """Count the distinct values of an integer array."""
         if values.size == 0:
             return
-        low, high = int(values.min()), int(values.max())
-        if high - low < _COUNTED_RANGE:
-            # Counting is linear; sorting (np.unique) is not, and slabs are large.
-            offsets = (values - values.dtype.type(low)).astype(np.intp, copy=False)
-            present = np.flatnonzero(np.bincount(offsets, minlength=high - low + 1))
-            self.values.update(int(offset) + low for offset in present)
-        else:
-            self.values.update(int(value) for value in np.unique(values))
+        flat = values.reshape(-1)
+        low, high = int(flat.min()), int(flat.max())
+        if high - min(low, 0) >= _COUNTED_RANGE or high > _INTP_MAX:
+            self.values.update(int(value) for value in np.unique(flat))
+            return
+        # Counting is linear where sorting (np.unique) is not; in pieces, so that the
+        # offsets (as wide as a pointer) stay small beside a slab.
+        base = min(low, 0)  # label maps hold no negative values: counted as they are
+        counts = np.zeros(high - base + 1, dtype=np.intp)
+        for start in range(0, flat.size, _PIECE):
+            piece = flat[start : start + _PIECE]
+            direct = base == 0 and piece.dtype.itemsize < _INTP_BYTES  # cast safely
+            offsets = piece if direct else piece.astype(np.intp) - base
+            counts += np.bincount(offsets, minlength=counts.size)
+        self.values.update(int(offset) + base for offset in np.flatnonzero(counts))
 
     def missing(self) -> tuple[int, ...]:
         """The values seen that the table does not name, background (0) aside, in order."""
