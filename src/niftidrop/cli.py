@@ -305,7 +305,8 @@ def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
                 bar.write(f"{source} -> {', '.join(str(path) for path in result.outputs)}")
                 if result.labels_missing:  # as the service logs labels_incomplete
                     values = ", ".join(map(str, result.labels_missing))
-                    bar.write(f"niftidrop: warning: {source}: labels_incomplete: {values} unnamed")
+                    warning = f"{source}: labels_incomplete: no name in labels for {values}"
+                    bar.write(f"niftidrop: warning: {warning}", file=sys.stderr)
             except ConversionError as error:
                 failed += 1
                 bar.write(f"{source}: {error.code.value}: {error.message}", file=sys.stderr)
