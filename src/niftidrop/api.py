@@ -8,12 +8,13 @@ functions of the same names, with niftidrop's safety rules.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -155,14 +156,10 @@ def convert_file(
             outputs_found[final] = given
         outputs = tuple(outputs_found[final] for final in finals)
         beside = _Beside(settings, owner, journal, recorded, temps, placed)
-        beside.place_all(
-            out_dir / stem,
-            source=source,
-            reference=ref,
-            plan=plan,
-            outputs=outputs,
-            provenance=provenance,
+        sidecar = functools.partial(
+            _sidecar_text, source=source, reference=ref, plan=plan, outputs=outputs
         )
+        beside.place_all(out_dir / stem, plan, provenance, sidecar)
         if settings.fsync:
             fsync_folder(out_dir)
     except BaseException:
@@ -219,28 +216,18 @@ class _Beside:
     def place_all(
         self,
         stem: Path,
-        *,
-        source: Path,
-        reference: Reference | None,
         plan: Plan,
-        outputs: tuple[Path, ...],
         provenance: Mapping[str, object] | None,
+        sidecar: Callable[[Mapping[str, object] | None], bytes],
     ) -> None:
-        """The label table (beside a label map), then the sidecar (`stem`: the outputs'
-        folder and stem)."""
+        """The label table (beside a label map), then the sidecar, its text from
+        `sidecar(provenance)` (`stem`: the outputs' folder and stem)."""
         labels = self.settings.labels
         if plan.label_map and labels is not None:
             self.place(stem.with_name(stem.name + DSEG_SUFFIX), dseg_text(labels), "dseg")
             provenance = {"labels": sidecar_labels(labels), **(provenance or {})}
         if self.settings.sidecar:
-            text = _sidecar_text(
-                source=source,
-                reference=reference,
-                plan=plan,
-                outputs=outputs,
-                provenance=provenance,
-            )
-            self.place(stem.with_name(stem.name + ".json"), text, "sidecar")
+            self.place(stem.with_name(stem.name + ".json"), sidecar(provenance), "sidecar")
 
 
 def _commit(temp: Temporary, final: Path, *, settings: Settings, input_name: str) -> Path:
@@ -255,12 +242,12 @@ def _commit(temp: Temporary, final: Path, *, settings: Settings, input_name: str
 
 
 def _sidecar_text(
+    provenance: Mapping[str, object] | None,
     *,
     source: Path,
     reference: Reference | None,
     plan: Plan,
     outputs: tuple[Path, ...],
-    provenance: Mapping[str, object] | None,
 ) -> bytes:
     """The provenance `<stem>.json`: what went in, what came out, and how."""
     record: dict[str, object] = {
