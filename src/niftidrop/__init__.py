@@ -1,8 +1,9 @@
 """niftidrop: turn NumPy predictions into NIfTI files with their reference's geometry.
 
 The public API (README: Python API): `numpy_to_nifti` / `nifti_to_numpy`
-(nidataset-compatible), `convert_file` and its `ConversionResult`, the settings
-model `Settings`, and the errors with their codes.
+(nidataset-compatible), `convert_file` and its `ConversionResult`, `drop` (a
+producer's atomic write into the inbox), the settings model `Settings`, and the
+errors with their codes.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,7 @@ from niftidrop.version import __version__
 
 if TYPE_CHECKING:
     from niftidrop.api import ConversionResult, convert_file, nifti_to_numpy, numpy_to_nifti
+    from niftidrop.dropping import drop
     from niftidrop.settings import Settings
 
 # The conversion API and the settings model import numpy, nibabel and pydantic;
@@ -24,6 +26,10 @@ def __getattr__(name: str) -> Any:
         from niftidrop import api
 
         return getattr(api, name)
+    if name == "drop":
+        from niftidrop import dropping
+
+        return dropping.drop
     if name == "Settings":
         from niftidrop import settings
 
@@ -44,6 +50,7 @@ __all__ = [
     "Settings",
     "__version__",
     "convert_file",
+    "drop",
     "nifti_to_numpy",
     "numpy_to_nifti",
 ]

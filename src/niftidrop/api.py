@@ -8,12 +8,13 @@ functions of the same names, with niftidrop's safety rules.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,8 @@ from niftidrop.arrays import open_input
 from niftidrop.conversion import Plan, encode_volume, plan_conversion
 from niftidrop.errors import ConversionError, ErrorCode
 from niftidrop.journal import find_own, identity_of, read_journal, write_journal
-from niftidrop.names import input_stem, nifti_prefix
+from niftidrop.labels import LabelCensus, dseg_text, sidecar_labels
+from niftidrop.names import DSEG_SUFFIX, input_stem, nifti_prefix
 from niftidrop.reference import Reference, file_sha256, nib, read_reference, reference_sha256
 from niftidrop.settings import Settings
 from niftidrop.version import __version__
@@ -61,6 +63,7 @@ class ConversionResult:
     bytes_in: int  # input file size
     bytes_out: int  # total bytes of outputs on disk
     seconds: float
+    labels_missing: tuple[int, ...] = ()  # values in a label map that `labels` does not name
 
 
 def convert_file(
@@ -77,8 +80,9 @@ def convert_file(
 ) -> ConversionResult:
     """Convert one .npy/.npz into out_dir/<stem>.nii.gz (.nii if not settings.compress;
     <stem>_c<N>.nii.gz per channel with channels="split"; optional <stem>.json sidecar
-    with settings.sidecar). stem defaults to the source's stem (the spool passes the
-    original name's stem because the claimed file has another name). reference=None means
+    with settings.sidecar; <stem>.dseg.tsv beside a label map with settings.labels).
+    stem defaults to the source's stem (the spool passes the original name's stem
+    because the claimed file has another name). reference=None means
     no reference: use `affine` (or identity). on_conflict handled here (overwrite = atomic
     replace, rename = unique suffix before the extension, fail = ConversionError
     OUTPUT_CONFLICT). provenance: extra fields for the sidecar (e.g. {"input": "sub/a.npz",
@@ -105,7 +109,9 @@ def convert_file(
         axis_order=settings.axis_order,
         channels=settings.channels,
         version=__version__,
+        labels=settings.labels is not None,
     )
+    census = LabelCensus(settings.labels) if plan.label_map and settings.labels else None
     finals = [out_dir / f"{stem}{volume.suffix}{extension}" for volume in plan.volumes]
     # None with overwrite: a redo writes the same bytes under the same names.
     journal = None if journal is None or settings.on_conflict == "overwrite" else Path(journal)
@@ -125,9 +131,10 @@ def convert_file(
         outputs_found.update({final: path for final, path in done.items() if path is not None})
         for volume, final in zip(plan.volumes, finals, strict=True):
             if final not in outputs_found:
+                chunks = encode_volume(volume, array)
                 temp = write_temp(
                     final,
-                    encode_volume(volume, array),
+                    chunks if census is None else census.watch(chunks, volume.dtype),
                     compress=settings.compress,
                     level=settings.compression_level,
                     threads=settings.threads,
@@ -148,19 +155,11 @@ def convert_file(
             placed.append((given, temp))
             outputs_found[final] = given
         outputs = tuple(outputs_found[final] for final in finals)
-        if settings.sidecar:
-            _place_sidecar(
-                out_dir / f"{stem}.json",
-                _sidecar_text(
-                    source=source, reference=ref, plan=plan, outputs=outputs, provenance=provenance
-                ),
-                settings=settings,
-                owner=owner,
-                journal=journal,
-                recorded=recorded,
-                temps=temps,
-                placed=placed,
-            )
+        beside = _Beside(settings, owner, journal, recorded, temps, placed)
+        sidecar = functools.partial(
+            _sidecar_text, source=source, reference=ref, plan=plan, outputs=outputs
+        )
+        beside.place_all(out_dir / stem, plan, provenance, sidecar)
         if settings.fsync:
             fsync_folder(out_dir)
     except BaseException:
@@ -182,32 +181,53 @@ def convert_file(
         # From the temporaries' descriptors: a consumer may have taken the outputs away.
         bytes_out=sum(recorded[final.name][2] for final in finals),
         seconds=time.perf_counter() - started,
+        labels_missing=() if census is None else census.missing(),
     )
 
 
-def _place_sidecar(
-    sidecar: Path,
-    text: bytes,
-    *,
-    settings: Settings,
-    owner: str,
-    journal: Path | None,
-    recorded: dict[str, list[int]],
-    temps: list[Temporary],
-    placed: list[tuple[Path, Temporary]],
-) -> None:
-    """Write and name the provenance sidecar, unless a crashed run placed it already."""
-    if find_own(sidecar, recorded.get(sidecar.name)) is not None:
-        return
-    temp = write_temp(
-        sidecar, [text], compress=False, fsync=settings.fsync, owner=owner, kind="sidecar"
-    )
-    temps.append(temp)
-    recorded[sidecar.name] = identity_of(temp)
-    if journal is not None:
-        write_journal(journal, recorded, durable=settings.fsync, owner=owner)
-    given = commit(temp, sidecar, on_conflict=settings.on_conflict, fsync=False, kind="sidecar")
-    placed.append((given, temp))
+@dataclass(frozen=True)
+class _Beside:
+    """Where the files beside the outputs (the sidecar, the label table) are placed
+    from: one conversion's settings, owner, journal and the files it wrote."""
+
+    settings: Settings
+    owner: str
+    journal: Path | None
+    recorded: dict[str, list[int]]
+    temps: list[Temporary]
+    placed: list[tuple[Path, Temporary]]
+
+    def place(self, path: Path, text: bytes, kind: str) -> None:
+        """Write and name `path`, unless a crashed run of this conversion placed it
+        already; `kind` names its steps (`sidecar`, `dseg`)."""
+        if find_own(path, self.recorded.get(path.name)) is not None:
+            return
+        settings = self.settings
+        temp = write_temp(
+            path, [text], compress=False, fsync=settings.fsync, owner=self.owner, kind=kind
+        )
+        self.temps.append(temp)
+        self.recorded[path.name] = identity_of(temp)
+        if self.journal is not None:
+            write_journal(self.journal, self.recorded, durable=settings.fsync, owner=self.owner)
+        given = commit(temp, path, on_conflict=settings.on_conflict, fsync=False, kind=kind)
+        self.placed.append((given, temp))
+
+    def place_all(
+        self,
+        stem: Path,
+        plan: Plan,
+        provenance: Mapping[str, object] | None,
+        sidecar: Callable[[Mapping[str, object] | None], bytes],
+    ) -> None:
+        """The label table (beside a label map), then the sidecar, its text from
+        `sidecar(provenance)` (`stem`: the outputs' folder and stem)."""
+        labels = self.settings.labels
+        if plan.label_map and labels is not None:
+            self.place(stem.with_name(stem.name + DSEG_SUFFIX), dseg_text(labels), "dseg")
+            provenance = {"labels": sidecar_labels(labels), **(provenance or {})}
+        if self.settings.sidecar:
+            self.place(stem.with_name(stem.name + ".json"), sidecar(provenance), "sidecar")
 
 
 def _commit(temp: Temporary, final: Path, *, settings: Settings, input_name: str) -> Path:
@@ -222,12 +242,12 @@ def _commit(temp: Temporary, final: Path, *, settings: Settings, input_name: str
 
 
 def _sidecar_text(
+    provenance: Mapping[str, object] | None,
     *,
     source: Path,
     reference: Reference | None,
     plan: Plan,
     outputs: tuple[Path, ...],
-    provenance: Mapping[str, object] | None,
 ) -> bytes:
     """The provenance `<stem>.json`: what went in, what came out, and how."""
     record: dict[str, object] = {

@@ -303,6 +303,10 @@ def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
                 reference = args.reference if library is None else library.resolve(source.name)
                 result = convert_input(source, out_dir, reference, settings=settings)
                 bar.write(f"{source} -> {', '.join(str(path) for path in result.outputs)}")
+                if result.labels_missing:  # as the service logs labels_incomplete
+                    values = ", ".join(map(str, result.labels_missing))
+                    warning = f"{source}: labels_incomplete: no name in labels for {values}"
+                    bar.write(f"niftidrop: warning: {warning}", file=sys.stderr)
             except ConversionError as error:
                 failed += 1
                 bar.write(f"{source}: {error.code.value}: {error.message}", file=sys.stderr)

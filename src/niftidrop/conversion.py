@@ -205,6 +205,7 @@ class Plan:
     volumes: tuple[Volume, ...]
     dtype_in: np.dtype[Any]
     shape_in: tuple[int, ...]
+    label_map: bool = False  # integer outputs of an input with label names
 
     @property
     def dtype_out(self) -> np.dtype[Any]:
@@ -224,6 +225,7 @@ def plan_conversion(
     axis_order: Literal["xyz", "zyx"] = "xyz",
     channels: Channels = "keep",
     version: str = "",
+    labels: bool = False,
 ) -> Plan:
     """Decide the outputs of `source` against `reference` (or `affine`, or identity).
 
@@ -231,6 +233,8 @@ def plan_conversion(
     (`argmax`), one output per channel (`split`), or dimension 5 with dimension 4 of
     size 1 and intent NIFTI_INTENT_VECTOR (`vector`: one C-component image for
     ITK-based readers). An array without one gives one 3-D output for each but `split`.
+    With `labels` (label names are known), integer outputs other than vectors are
+    label maps: intent NIFTI_INTENT_LABEL.
     """
     name = source.path.name
     ref_path = reference.path if reference else None
@@ -249,6 +253,7 @@ def plan_conversion(
     else:
         parts = [("", arranged, channels == "argmax" and has_channels)]
     out_dtype, check = _choose_dtype(source, arranged, parts[0][2], dtype, name)
+    label_map = labels and not vector and out_dtype.kind in "iu"
     volumes = []
     for suffix, view, argmax in parts:
         shape = view.shape[:-1] if argmax else view.shape
@@ -256,8 +261,12 @@ def plan_conversion(
         if vector:
             header.set_intent("vector")
             header["pixdim"][4:6] = 1.0  # no time step, no spacing between components
+        elif label_map:
+            header.set_intent("label")
         volumes.append(Volume(suffix, view, argmax, out_dtype, header, check))
-    return Plan(volumes=tuple(volumes), dtype_in=source.dtype, shape_in=source.shape)
+    return Plan(
+        volumes=tuple(volumes), dtype_in=source.dtype, shape_in=source.shape, label_map=label_map
+    )
 
 
 def _choose_dtype(

@@ -277,6 +277,9 @@ class JobRunner:
             # With rename or fail: what a redo after a crash recognises as its own.
             journal=claim.folder / COMMIT_RECORD if self.spool.remember_conversions else None,
         )
+        if result.labels_missing:  # not an error: the output is written all the same
+            missing = list(result.labels_missing)
+            log.warning("labels_incomplete", input=str(claim.relative), values=missing)
         outputs = [str(path) for path in result.outputs]
         return {
             "input": str(claim.relative),

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
-from niftidrop.names import Limits, is_candidate
+from niftidrop.names import Limits, is_candidate, is_hidden
 
 # An entry of a folder listing: name, whether it is a folder, its (device, inode).
 _Entry = tuple[str, bool, tuple[int, int] | None]
@@ -72,7 +72,7 @@ def _list_folder(folder: Path, identity: tuple[int, int] | None) -> list[_Entry]
         # listing stat through it.
         with os.scandir(descriptor) as entries:
             for entry in entries:
-                if entry.name.startswith("."):
+                if is_hidden(entry.name):
                     continue
                 with contextlib.suppress(OSError):
                     if entry.is_dir(follow_symlinks=False):

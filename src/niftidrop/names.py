@@ -29,9 +29,11 @@ from typing import Final
 
 INPUT_SUFFIXES: Final = (".npy", ".npz")
 NIFTI_SUFFIXES: Final = (".nii.gz", ".nii")  # longest first: ".nii.gz" ends in neither
+# The label table beside a label map (README: Conversion, labels).
+DSEG_SUFFIX: Final = ".dseg.tsv"
 # The extensions a unique suffix goes before (longest first); other names get it
 # before their last dot.
-KNOWN_EXTENSIONS: Final = (*NIFTI_SUFFIXES, *INPUT_SUFFIXES, ".json")
+KNOWN_EXTENSIONS: Final = (*NIFTI_SUFFIXES, *INPUT_SUFFIXES, ".json", DSEG_SUFFIX)
 TEMP_PREFIX: Final = "."
 TEMP_SUFFIX: Final = ".tmp"
 # Characters a temporary name adds to the final name at most, for an owner of up
@@ -233,6 +235,11 @@ def shortened(stem: str, extension: str, size: int) -> str:
 IGNORED_ENDINGS: Final = (".tmp", ".part", ".partial", ".crdownload", "~")
 
 
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder name is hidden: never listed, watched or entered."""
+    return name.startswith(".")
+
+
 class CandidateFilter:
     """Whether a file name is a niftidrop input (README: File protocol): `*.npy`/`*.npz` in any
     case, never hidden, never a temporary or partial download name."""
@@ -248,7 +255,7 @@ class CandidateFilter:
     def __call__(self, name: str) -> bool:
         lowered = name.lower()
         return (
-            not name.startswith(".")
+            not is_hidden(name)
             and lowered.endswith(self.suffixes)
             and not lowered.endswith(self.ignored_endings)
         )
@@ -261,3 +268,24 @@ class CandidateFilter:
 
 
 is_candidate = CandidateFilter()
+
+
+def inbox_path_problem(relative: PurePosixPath) -> str | None:
+    """Why the service would never take a file at `relative` under the inbox (with
+    `recursive`, the default), in words; None if it would: a relative path that stays
+    inside the inbox, through no hidden folder, to a candidate name."""
+    if relative.is_absolute():
+        return "a path relative to the inbox, found an absolute path"
+    if not relative.parts:
+        return "a file name, found none"
+    if ".." in relative.parts:
+        return "a path that stays inside the inbox, found '..'"
+    for folder in relative.parts[:-1]:
+        if is_hidden(folder):
+            return f"no hidden folder on the way, found {folder!r}"
+    if not is_candidate(relative.name):
+        return (
+            "a name ending in .npy or .npz, not hidden (starting with '.') and not ending "
+            f"in {', '.join(IGNORED_ENDINGS)}, found {relative.name!r}"
+        )
+    return None

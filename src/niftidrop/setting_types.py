@@ -3,7 +3,8 @@
 Each is a type with its checks attached, so that the settings model and a profile
 (which may set the same keys) check a value the same way, in one place: a library
 given as one string from the environment, a 4x4 affine, a dtype name, a regular
-expression with a group named key, a `host:port`. `ALLOWED` says in words what each
+expression with a group named key, a `host:port`, a table of label names (or the
+`dataset.json` that holds one). `ALLOWED` says in words what each
 accepts, for configuration errors.
 """
 
@@ -19,6 +20,8 @@ import numpy as np
 from pydantic import AfterValidator, BeforeValidator, Field
 from pydantic_settings import NoDecode
 
+from niftidrop.labels import parse_labels
+
 _ADDRESS: Final = "host:port with a port from 1 to 65535, e.g. 127.0.0.1:9464"
 # What the settings whose validators check more than their type accept, in words
 # (the others are described from their type and range: `config_sources.allowed`).
@@ -29,6 +32,8 @@ ALLOWED: Final = {
     "dtype": "auto, keep, or a numeric NumPy dtype name (uint8, float32...)",
     "key_pattern": "a regular expression with a group named key, (?P<key>...)",
     "metrics_address": _ADDRESS,
+    "labels": 'a table of values and names ({1 = "liver"}, or names to values {liver = 1}; '
+    "flags, environment: JSON), or the path of an nnU-Net dataset.json",
 }
 
 
@@ -115,6 +120,8 @@ DtypePolicy = Annotated[
 ]
 KeyPattern = Annotated[str | None, AfterValidator(_pattern_has_key)]
 Address = Annotated[str | None, AfterValidator(_host_port)]
+# Read once, when the settings are made: a missing or bad dataset.json stops the start.
+Labels = Annotated[dict[int, str] | None, NoDecode, BeforeValidator(parse_labels)]
 
 
 def parse_address(address: str, *, lowest_port: int = 0) -> tuple[str, int]:

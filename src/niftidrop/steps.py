@@ -20,11 +20,13 @@ WRITE_PHASES: Final = ("create", "write", "fsync", "commit")
 WRITTEN: Final = (
     "output",  # a NIfTI output in the outbox
     "sidecar",  # its provenance `<stem>.json`
+    "dseg",  # its label names `<stem>.dseg.tsv` (a label map with `labels`)
     "commit_record",  # `.committing.json` in the claim folder: the outputs' inodes
     "converted_record",  # `.converted.json` in the claim folder
     "failure_record",  # `.failure.json` in the claim folder
     "move_record",  # `.moving.json` in the claim folder: where the input goes
     "error_record",  # `<name>.error.json` in failed
+    "drop",  # an input a producer writes into the inbox (`niftidrop.drop`)
 )
 STEPS: Final = (
     "claim_rename",  # inbox → claim folder

@@ -30,7 +30,7 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final, Literal, TypedDict, Unpack
@@ -46,6 +46,9 @@ from niftidrop.steps import step
 igzip: Any = isal.igzip
 igzip_threaded: Any = isal.igzip_threaded
 Chunk = bytes | memoryview
+# What a file is written from: its chunks, or a function that writes it to a file
+# object (`np.save`, which streams an array of any layout without a copy).
+Content = Iterable[Chunk] | Callable[[IO[bytes]], object]
 # igzip compresses blocks of this size on each thread (each primed with the 32 KiB
 # before it); small blocks keep the queues, and so the memory, small.
 GZIP_BLOCK_BYTES = 256 * 1024
@@ -102,7 +105,7 @@ def make_folders(folder: Path, *, fsync: bool = True) -> None:
 
 def write_temp(
     final: Path,
-    chunks: Iterable[Chunk],
+    chunks: Content,
     *,
     compress: bool,
     level: int = 1,
@@ -113,7 +116,8 @@ def write_temp(
     kind: str = "output",
     make_parents: bool = True,
 ) -> Temporary:
-    """Write `chunks` (gzip-compressed if `compress`) to a temporary file next to `final`.
+    """Write `chunks` (gzip-compressed if `compress`) to a temporary file next to `final`;
+    `chunks` may also be a function that writes to the file object it is given.
 
     `size` is the total of `chunks` when known: below THREADED_GZIP_MIN_BYTES
     it is compressed on this thread whatever `threads` says (the bytes depend
@@ -130,11 +134,9 @@ def write_temp(
             step(f"{kind}_write")
             if compress:
                 with _gzip_writer(raw, level, threads, size) as gz:
-                    for chunk in chunks:
-                        gz.write(chunk)
+                    _fill(gz, chunks)
             else:
-                for chunk in chunks:
-                    raw.write(chunk)
+                _fill(raw, chunks)
             raw.flush()
             if fsync:
                 step(f"{kind}_fsync")
@@ -144,6 +146,15 @@ def write_temp(
         discard(temp)
         raise
     return Temporary(temp, info.st_size, (info.st_dev, info.st_ino))
+
+
+def _fill(file: IO[bytes], chunks: Content) -> None:
+    """Write `chunks` to `file`, or let `chunks` write itself there."""
+    if callable(chunks):
+        chunks(file)
+        return
+    for chunk in chunks:
+        file.write(chunk)
 
 
 def _gzip_writer(raw: IO[bytes], level: int, threads: int, size: int | None) -> Any:
@@ -315,7 +326,7 @@ class WriteOptions(TypedDict, total=False):
 
 def write_file(
     final: Path,
-    chunks: Iterable[Chunk],
+    chunks: Content,
     *,
     compress: bool,
     on_conflict: OnConflict = "overwrite",

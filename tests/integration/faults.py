@@ -68,8 +68,9 @@ class Scenario:
 SCENARIOS = (
     Scenario("archived"),
     Scenario("deleted", {"after_success": "delete"}),
-    Scenario("renamed", {"on_conflict": "rename"}),
-    Scenario("split", {"channels": "split", "sidecar": True}),
+    # Label names: a `dseg.tsv` beside the outputs (its own steps), with a redo's journal.
+    Scenario("renamed", {"on_conflict": "rename", "labels": {"1": "one"}}),
+    Scenario("split", {"channels": "split", "sidecar": True, "labels": {"1": "one"}}),
     Scenario("failed", rejected=True),
     Scenario("copied", other_file_system=True),
     Scenario("copied_failed", rejected=True, other_file_system=True),

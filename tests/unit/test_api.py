@@ -594,3 +594,163 @@ class TestRedoAfterACrash:
             source, tmp_path / "out", settings=_settings(), reference=reference, journal=journal
         )
         assert not journal.exists()
+
+
+# A `labels` table as TOML gives it: values as strings.
+LABELS = {"1": "liver", "2": "tumour"}
+
+
+class TestLabels:
+    """`labels`: label maps get intent NIFTI_INTENT_LABEL and `<stem>.dseg.tsv` beside them."""
+
+    DSEG = "index\tname\n1\tliver\n2\ttumour\n"
+
+    def _convert(
+        self, tmp_path: Path, make_reference: MakeReference, array: np.ndarray, **values: Any
+    ) -> niftidrop.api.ConversionResult:
+        reference = make_reference(shape=(4, 5, 6))
+        source = _saved(tmp_path / "case.npy", array)
+        settings = _settings(labels=LABELS, **values)
+        return convert_file(source, tmp_path / "out", settings=settings, reference=reference)
+
+    @staticmethod
+    def _label_map(top: int = 2) -> np.ndarray:
+        return (np.arange(120) % (top + 1)).astype(np.uint8).reshape(4, 5, 6)
+
+    def test_an_integer_output_is_a_label_map_with_its_table(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """nibabel reads intent code 1002 (label); dseg.tsv has a header and a row per label."""
+        result = self._convert(tmp_path, make_reference, self._label_map())
+        image = nib.load(result.outputs[0])
+        assert int(image.header["intent_code"]) == 1002
+        assert image.header.get_intent()[0] == "label"
+        assert (tmp_path / "out" / "case.dseg.tsv").read_text() == self.DSEG
+        np.testing.assert_array_equal(_voxels(result.outputs[0]), self._label_map())
+        assert result.labels_missing == ()
+
+    def test_labels_from_an_nnunet_dataset_json(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """A dataset.json's name → value labels give the same table, background included."""
+        dataset = tmp_path / "dataset.json"
+        dataset.write_text(json.dumps({"labels": {"background": 0, "liver": 1, "tumour": 2}}))
+        reference = make_reference(shape=(4, 5, 6))
+        source = _saved(tmp_path / "case.npy", self._label_map())
+        settings = _settings(labels=str(dataset))
+        result = convert_file(source, tmp_path / "out", settings=settings, reference=reference)
+        assert int(nib.load(result.outputs[0]).header["intent_code"]) == 1002
+        assert (tmp_path / "out" / "case.dseg.tsv").read_text().splitlines() == [
+            "index\tname",
+            "0\tbackground",
+            "1\tliver",
+            "2\ttumour",
+        ]
+
+    def test_values_the_table_lacks_are_reported(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """Values 3 and 4 have no name: the result lists them (0 is the background); the
+        output is written all the same."""
+        result = self._convert(tmp_path, make_reference, self._label_map(top=4))
+        assert result.labels_missing == (3, 4)
+        np.testing.assert_array_equal(_voxels(result.outputs[0]), self._label_map(top=4))
+
+    def test_a_float_output_is_no_label_map(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """Probabilities keep intent none and get no dseg.tsv."""
+        result = self._convert(tmp_path, make_reference, np.full((4, 5, 6), 0.5, np.float32))
+        assert int(nib.load(result.outputs[0]).header["intent_code"]) == 0
+        assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["case.nii.gz"]
+
+    def test_argmax_of_scores_is_a_label_map(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """channels = argmax turns float scores into integers: a label map."""
+        scores = np.random.default_rng(0).random((3, 4, 5, 6)).astype(np.float32)
+        result = self._convert(tmp_path, make_reference, scores, channels="argmax")
+        assert int(nib.load(result.outputs[0]).header["intent_code"]) == 1002
+        assert (tmp_path / "out" / "case.dseg.tsv").read_text() == self.DSEG
+
+    def test_vectors_keep_their_intent(self, tmp_path: Path, make_reference: MakeReference) -> None:
+        """channels = vector: the output is a vector image (intent 1007), not a label map."""
+        result = self._convert(
+            tmp_path, make_reference, np.ones((4, 5, 6, 2), np.uint8), channels="vector"
+        )
+        assert int(nib.load(result.outputs[0]).header["intent_code"]) == 1007
+        assert not (tmp_path / "out" / "case.dseg.tsv").exists()
+
+    def test_split_channels_share_one_table(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """Each `_c<N>` output is a label map; one `<stem>.dseg.tsv` names their values."""
+        result = self._convert(
+            tmp_path, make_reference, np.ones((4, 5, 6, 2), np.uint8), channels="split"
+        )
+        assert [int(nib.load(path).header["intent_code"]) for path in result.outputs] == [1002] * 2
+        assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+            "case.dseg.tsv",
+            "case_c0.nii.gz",
+            "case_c1.nii.gz",
+        ]
+
+    def test_the_sidecar_lists_the_labels(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """With sidecar = true the provenance names the labels too."""
+        self._convert(tmp_path, make_reference, self._label_map(), sidecar=True)
+        record = json.loads((tmp_path / "out" / "case.json").read_text())
+        assert record["labels"] == {"1": "liver", "2": "tumour"}
+
+    def test_rename_numbers_the_table_like_its_output(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """on_conflict = rename with both names taken: case-1.nii.gz and case-1.dseg.tsv."""
+        self._convert(tmp_path, make_reference, self._label_map())
+        self._convert(tmp_path, make_reference, self._label_map(), on_conflict="rename")
+        assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+            "case-1.dseg.tsv",
+            "case-1.nii.gz",
+            "case.dseg.tsv",
+            "case.nii.gz",
+        ]
+
+    def test_fail_with_the_table_taken_places_nothing(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """on_conflict = fail and a dseg.tsv in the way: output_conflict, and the output
+        this call placed is taken back (all or nothing)."""
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "case.dseg.tsv").write_text("someone else's\n")
+        with pytest.raises(ConversionError) as raised:
+            self._convert(tmp_path, make_reference, self._label_map(), on_conflict="fail")
+        assert raised.value.code is ErrorCode.OUTPUT_CONFLICT
+        assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["case.dseg.tsv"]
+
+    def test_a_redo_keeps_the_table_already_named(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """With rename and the journal, converting again adds no `-1` table."""
+        reference = make_reference(shape=(4, 5, 6))
+        source = _saved(tmp_path / "case.npy", self._label_map())
+        out, journal = tmp_path / "out", tmp_path / "journal.json"
+        settings = _settings(labels=LABELS, on_conflict="rename")
+        for _ in range(2):
+            convert_file(source, out, settings=settings, reference=reference, journal=journal)
+        assert sorted(path.name for path in out.iterdir()) == ["case.dseg.tsv", "case.nii.gz"]
+
+    def test_a_failure_writing_the_table_leaves_no_output(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """A full disk at the table's write: the error comes through, and the output
+        already named is taken back."""
+        from niftidrop.steps import hooked
+
+        def full(name: str) -> None:
+            if name == "dseg_write":
+                raise OSError(28, "No space left on device")
+
+        with hooked(full), pytest.raises(OSError, match="No space left"):
+            self._convert(tmp_path, make_reference, self._label_map())
+        assert list((tmp_path / "out").iterdir()) == []

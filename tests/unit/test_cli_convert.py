@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from niftidrop.cli import ExitCode, main
+from real_command import niftidrop
 
 MakeReference = Callable[..., Path]
 
@@ -155,3 +156,50 @@ class TestProgress:
         """Without a terminal (logs, pipes) there is no progress bar."""
         self._convert_two(make_reference)
         assert capsys.readouterr().err == ""
+
+
+class TestConvertWithLabels:
+    """`niftidrop convert --labels ...` (README: Conversion, labels), as a user runs it."""
+
+    def test_a_label_map_gets_its_table_and_intent(
+        self, make_reference: MakeReference, tmp_path: Path
+    ) -> None:
+        """The real command with a dataset.json: intent 1002, `<stem>.dseg.tsv`, exit 0."""
+        reference = make_reference(shape=(4, 5, 6))
+        dataset = tmp_path / "dataset.json"
+        dataset.write_text(json.dumps({"labels": {"background": 0, "liver": 1, "tumour": 2}}))
+        np.save(tmp_path / "case.npy", (np.arange(120) % 3).astype(np.uint8).reshape(4, 5, 6))
+        done = niftidrop(
+            "convert", "case.npy", "-o", "out", "--reference", str(reference),
+            "--labels", str(dataset), cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == ExitCode.OK, done.stderr
+        assert done.stdout == f"case.npy -> {Path('out/case.nii.gz')}\n"
+        assert done.stderr == ""
+        assert int(nib.load(tmp_path / "out" / "case.nii.gz").header["intent_code"]) == 1002
+        assert (tmp_path / "out" / "case.dseg.tsv").read_text() == (
+            "index\tname\n0\tbackground\n1\tliver\n2\ttumour\n"
+        )
+
+    def test_values_without_a_name_are_a_warning(
+        self, make_reference: MakeReference, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Values the table lacks: a warning on stderr, the input converted, exit 0."""
+        reference = make_reference(shape=(4, 5, 6))
+        np.save("case.npy", (np.arange(120) % 5).astype(np.uint8).reshape(4, 5, 6))
+        code = main(
+            ["convert", "case.npy", "-o", "out", "--reference", str(reference),
+             "--labels", '{"1": "liver", "2": "tumour"}']
+        )  # fmt: skip
+        assert code == ExitCode.OK
+        captured = capsys.readouterr()
+        assert captured.out == f"case.npy -> {Path('out/case.nii.gz')}\n"
+        assert captured.err == (
+            "niftidrop: warning: case.npy: labels_incomplete: no name in labels for 3, 4\n"
+        )
+
+    def test_a_bad_labels_value_exits_2(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """A dataset.json that does not exist is a configuration error: exit 2, named."""
+        code = main(["convert", "case.npy", "--labels", "missing/dataset.json"])
+        assert code == ExitCode.BAD_CONFIG
+        assert capsys.readouterr().err.startswith("niftidrop: flag --labels: expected ")

@@ -598,3 +598,38 @@ class TestCachedReference:
         assert [ext.get_content() for ext in reference.header.extensions] == [
             ext.get_content() for ext in as_stored.extensions
         ]
+
+
+class TestLabelMaps:
+    """With label names (`labels=True`), integer outputs are label maps (README: Conversion)."""
+
+    @pytest.mark.parametrize("dtype", ["uint8", "int16", "bool", "int64"])
+    def test_integer_outputs_get_the_label_intent(self, tmp_path: Path, dtype: str) -> None:
+        """Whole-number and boolean data: intent NIFTI_INTENT_LABEL (1002), as nibabel reads it."""
+        (image,) = _convert(np.ones((3, 4, 5), dtype), None, tmp_path, labels=True)
+        assert int(image.header["intent_code"]) == 1002
+        assert image.header.get_intent()[0] == "label"
+
+    def test_the_plan_says_it_is_a_label_map(self) -> None:
+        """`Plan.label_map` tells the writer to add the label table."""
+        source = _memory_input(np.ones((3, 4, 5), np.uint8))
+        assert plan_conversion(source, None, labels=True).label_map
+        assert not plan_conversion(source, None).label_map
+
+    def test_floats_are_no_label_maps(self, tmp_path: Path) -> None:
+        """Float data keeps intent none, also with label names."""
+        source = _memory_input(np.ones((3, 4, 5), np.float32))
+        plan = plan_conversion(source, None, labels=True)
+        assert not plan.label_map
+        (image,) = _convert(np.ones((3, 4, 5), np.float32), None, tmp_path, labels=True)
+        assert int(image.header["intent_code"]) == 0
+
+    def test_a_cast_to_an_integer_dtype_makes_one(self) -> None:
+        """`dtype = "uint8"` on float data gives integers: a label map."""
+        source = _memory_input(np.ones((3, 4, 5), np.float32))
+        assert plan_conversion(source, None, dtype="uint8", labels=True).label_map
+
+    def test_without_label_names_the_intent_stays_none(self, tmp_path: Path) -> None:
+        """No `labels`: integer outputs keep intent none, as before."""
+        (image,) = _convert(np.ones((3, 4, 5), np.uint8), None, tmp_path)
+        assert int(image.header["intent_code"]) == 0

@@ -305,3 +305,57 @@ class TestFolderOverlaps:
             f"archive {str(tmp_path / 'failed')!r} and failed {str(tmp_path / 'failed')!r} "
             "are the same folder: each needs a folder of its own"
         )
+
+
+class TestLabels:
+    """`labels` (README: Conversion): read and checked when the settings are made."""
+
+    def test_a_toml_table_with_string_keys(self, tmp_path: Path) -> None:
+        """`labels = {1 = "liver", 2 = "tumour"}` in the file: value → name."""
+        config = tmp_path / "n.toml"
+        config.write_text('labels = {1 = "liver", 2 = "tumour"}\n')
+        assert load_settings(config).labels == {1: "liver", 2: "tumour"}
+
+    def test_a_dataset_json_from_the_environment(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """NIFTIDROP_LABELS names an nnU-Net dataset.json: its labels, read once, value → name."""
+        dataset = tmp_path / "dataset.json"
+        dataset.write_text(json.dumps({"labels": {"background": 0, "liver": 1}}))
+        monkeypatch.setenv("NIFTIDROP_LABELS", str(dataset))
+        assert load_settings().labels == {0: "background", 1: "liver"}
+
+    def test_a_json_table_from_a_flag(self) -> None:
+        """`--labels '{"liver": 1}'`: names to values, as JSON."""
+        assert load_settings(labels='{"liver": 1}').labels == {1: "liver"}
+
+    def test_check_prints_the_table(self) -> None:
+        """The settings as `check` prints them (JSON) carry the table read."""
+        dumped = load_settings(labels='{"1": "liver"}').model_dump(mode="json")
+        assert dumped["labels"] == {"1": "liver"}
+
+    @pytest.mark.parametrize(
+        ("value", "reason"),
+        [
+            ("/nowhere/dataset.json", "/nowhere/dataset.json does not exist"),
+            ('{"liver": 1', "not a JSON table"),
+            ('{"one": "liver"}', "label value 'one' is not a whole number"),
+        ],
+    )
+    def test_a_bad_value_is_a_configuration_error(self, value: str, reason: str) -> None:
+        """A missing file, bad JSON or a key that is no number: a ConfigError in the words of
+        every setting's errors (source, what is allowed, the value found), with the reason."""
+        with pytest.raises(ConfigError) as raised:
+            load_settings(labels=value)
+        message = str(raised.value)
+        assert message.startswith("flag --labels: expected a table of values and names")
+        assert f"found {json.dumps(value)} ({reason}" in message
+
+    def test_a_bad_dataset_json_in_the_file_names_the_key(self, tmp_path: Path) -> None:
+        """From the TOML file: the file and key, then what was wrong with the dataset.json."""
+        dataset = tmp_path / "dataset.json"
+        dataset.write_text("{not json")
+        config = tmp_path / "n.toml"
+        config.write_text(f"labels = {json.dumps(str(dataset))}\n")
+        with pytest.raises(ConfigError, match=rf"^{config}, key labels: expected .* is not JSON"):
+            load_settings(config)
