@@ -160,11 +160,9 @@ def run_once(base: Path, *settings: str) -> None:
 
 class TestExamples:
     def test_the_readme_shows_these_examples(self) -> None:
-        """Once the README has its drop examples, they are the ones tested here, as written."""
+        """The README shows the examples tested here, as written."""
         shown = readme_examples()
-        if not shown:
-            pytest.skip("the README's Python API shows no drop example yet")
-        assert shown == list(EXAMPLES)
+        assert [example for example in EXAMPLES if example not in shown] == []
 
     def test_the_monai_loop(self, tmp_path: Path) -> None:
         """The PyTorch/MONAI loop drops one label map per case; the service converts each
