@@ -29,6 +29,8 @@ ALLOWED: Final = {
     "dtype": "auto, keep, or a numeric NumPy dtype name (uint8, float32...)",
     "key_pattern": "a regular expression with a group named key, (?P<key>...)",
     "metrics_address": _ADDRESS,
+    "profiles": "a list of tables, each with a name, a match glob and settings "
+    "(flags, environment: JSON)",
 }
 
 
@@ -49,7 +51,8 @@ def _library_not_empty(value: list[Path]) -> list[Path]:
     return value
 
 
-def _parse_affine(value: Any) -> Any:
+def json_text(value: Any) -> Any:
+    """A flag's or variable's text read as JSON (blank: None); any other value as it is."""
     if isinstance(value, str):
         return json.loads(value) if value.strip() else None
     return value
@@ -107,7 +110,7 @@ Folders = Annotated[
 Affine = Annotated[
     list[list[float]] | None,
     NoDecode,
-    BeforeValidator(_parse_affine),
+    BeforeValidator(json_text),
     AfterValidator(_affine_is_4x4),
 ]
 DtypePolicy = Annotated[

@@ -84,6 +84,7 @@ class TestJsonOutput:
             ],
             "error": None,
             "message": None,
+            "profile": None,
         }
         assert second["error"] == "ambiguous_reference"
         assert second["reference"] is None
