@@ -70,15 +70,17 @@ class ProfileTable(BaseModel):
         return {key: getattr(self, key) for key in PROFILE_KEYS if key in self.model_fields_set}
 
 
-def profile_table(fields: Mapping[str, FieldInfo]) -> type[ProfileTable]:
+def profile_table(fields: Mapping[str, FieldInfo], module: str) -> type[ProfileTable]:
     """The table type of a profile whose keys are the settings' `fields` named in
     `PROFILE_KEYS`: each with the field's type and checks, and no default (a
-    profile that does not set a key leaves the top-level value)."""
+    profile that does not set a key leaves the top-level value). It is to be
+    `module`'s global `Profile`, where pickle finds it (settings go to the
+    conversion processes pickled)."""
     keys: dict[str, Any] = {
         key: (_checked_type(fields[key]), Field(default=None, description=fields[key].description))
         for key in PROFILE_KEYS
     }
-    return create_model("Profile", __base__=ProfileTable, __module__=__name__, **keys)
+    return create_model("Profile", __base__=ProfileTable, __module__=module, **keys)
 
 
 def _checked_type(field: FieldInfo) -> Any:

@@ -289,7 +289,7 @@ class Settings(BaseSettings):
 
 
 if not TYPE_CHECKING:  # the profile's table type needs the settings' fields first
-    Profile = profile_table(Settings.model_fields)
+    Profile = profile_table(Settings.model_fields, __name__)
     Settings.model_rebuild()
 
 
