@@ -151,14 +151,7 @@ def convert_file(
         if settings.sidecar:
             _place_sidecar(
                 out_dir / f"{stem}.json",
-                _sidecar_text(
-                    source=source,
-                    reference=ref,
-                    plan=plan,
-                    outputs=outputs,
-                    provenance=provenance,
-                    settings=settings,
-                ),
+                _sidecar_text(source, ref, plan, outputs, provenance, settings=settings),
                 settings=settings,
                 owner=owner,
                 journal=journal,
@@ -231,12 +224,12 @@ _SIDECAR_SETTINGS = ("axis_order", "channels", "dtype", "npz_key")
 
 
 def _sidecar_text(
-    *,
     source: Path,
     reference: Reference | None,
     plan: Plan,
     outputs: tuple[Path, ...],
     provenance: Mapping[str, object] | None,
+    *,
     settings: Settings,
 ) -> bytes:
     """The provenance `<stem>.json`: what went in, what came out, and how (the

@@ -152,7 +152,6 @@ class SpoolFolders:
                 *(p.settings().get("on_conflict") for p in settings.profiles),
             )
         )
-        self._settings = settings  # its output settings decide the names outputs get
         self._lock_file: IO[bytes] | None = None
 
     def __repr__(self) -> str:

@@ -89,12 +89,8 @@ class TestTwoProducers:
 
         sidecar = json.loads((tmp_path / "outbox" / "nnunet" / "case1.json").read_text())
         assert sidecar["profile"] == "nnunet"
-        assert sidecar["settings"] == {
-            "axis_order": "zyx",
-            "channels": "argmax",
-            "dtype": "auto",
-            "npz_key": "probabilities",
-        }
+        used = {key: NNUNET[key] for key in ("axis_order", "channels", "npz_key")}
+        assert sidecar["settings"] == {**used, "dtype": "auto"}
         top = json.loads((tmp_path / "outbox" / "case1.json").read_text())
         assert (top["profile"], top["settings"]["axis_order"]) == (None, "xyz")
         assert (tmp_path / "archive" / "nnunet" / "case1.npz").is_file()
