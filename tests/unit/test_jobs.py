@@ -139,6 +139,7 @@ class TestJobRunner:
         assert isinstance(outcome, Failed)
         assert outcome.failed_as == settings.failed_dir / "a.npy"
 
+
 class TestProfiles:
     def test_an_input_converts_with_its_profile(self, tmp_path: Path) -> None:
         """An input under a profile's glob is resolved by that profile's rules and
