@@ -107,7 +107,11 @@ def names_once(profiles: list[ProfileTable]) -> list[ProfileTable]:
 def glob_regex(glob: str) -> re.Pattern[str]:
     """The regular expression that matches, whole, the relative paths `glob` fits."""
     parts: list[str] = []
-    names = glob.split("/")
+    # `**/**` is `**`: both may be no folder, which the translation below assumes once.
+    names: list[str] = []
+    for name in glob.split("/"):
+        if not (name == "**" and names[-1:] == ["**"]):
+            names.append(name)
     separated = False  # whether the next name needs a "/" before it
     for number, name in enumerate(names):
         if name == "**":

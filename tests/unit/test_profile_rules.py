@@ -82,6 +82,9 @@ class TestGlob:
             ("a**b", "a/b", False),
             ("[ab].npy", "[ab].npy", True),  # [ is literal
             ("[ab].npy", "a.npy", False),
+            ("?/**/**", "a", True),  # ** twice is ** once: both may be no folder
+            ("**/**/a", "a", True),
+            ("a/**/**/b", "a/x/y/b", True),
         ],
     )
     def test_examples(self, glob: str, relative: str, fits: bool) -> None:
