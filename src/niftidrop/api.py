@@ -157,7 +157,12 @@ def convert_file(
         outputs = tuple(outputs_found[final] for final in finals)
         beside = _Beside(settings, owner, journal, recorded, temps, placed)
         sidecar = functools.partial(
-            _sidecar_text, source=source, reference=ref, plan=plan, outputs=outputs
+            _sidecar_text,
+            source=source,
+            reference=ref,
+            plan=plan,
+            outputs=outputs,
+            settings=settings,
         )
         beside.place_all(out_dir / stem, plan, provenance, sidecar)
         if settings.fsync:
@@ -241,6 +246,10 @@ def _commit(temp: Temporary, final: Path, *, settings: Settings, input_name: str
         raise output_conflict(final, input_name) from None
 
 
+# The conversion settings a sidecar records (README: Conversion).
+_SIDECAR_SETTINGS = ("axis_order", "channels", "dtype", "npz_key")
+
+
 def _sidecar_text(
     provenance: Mapping[str, object] | None,
     *,
@@ -248,14 +257,18 @@ def _sidecar_text(
     reference: Reference | None,
     plan: Plan,
     outputs: tuple[Path, ...],
+    settings: Settings,
 ) -> bytes:
-    """The provenance `<stem>.json`: what went in, what came out, and how."""
+    """The provenance `<stem>.json`: what went in, what came out, and how (the
+    profile, None without one, and the conversion settings it was made with)."""
     record: dict[str, object] = {
         "input": source.name,
         "input_sha256": file_sha256(source),
         "reference": str(reference.path) if reference else None,
         "reference_sha256": reference_sha256(reference.path) if reference else None,
         "rule": None,
+        "profile": None,
+        "settings": {key: getattr(settings, key) for key in _SIDECAR_SETTINGS},
         "outputs": [output.name for output in outputs],
         "shape_in": list(plan.shape_in),
         "shape_out": list(plan.shape_out),

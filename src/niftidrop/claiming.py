@@ -33,6 +33,7 @@ from niftidrop.claims import (
     error_record,
 )
 from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.profiles import Profiles
 from niftidrop.settings import Settings
 from niftidrop.steps import step
 
@@ -44,6 +45,7 @@ class Claimer(SpoolFolders):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self._known_limits: dict[Path, names.Limits] = {}
+        self._profiles = Profiles(settings)  # its inputs' outputs are named by their profile
         # The records a claim folder may hold (no `.committing.json` with overwrite).
         self._markers = (MOVE_RECORD, CONVERTED_MARKER, FAILURE_MARKER) + (
             (COMMIT_RECORD,) if self.remember_conversions else ()
@@ -119,7 +121,8 @@ class Claimer(SpoolFolders):
     ) -> tuple[PurePosixPath, str | None]:
         """Where in the claim `folder` the input goes, and why its name cannot be
         carried through the spool (None when it can)."""
-        why = names.problem(relative, self._destinations(folder, relative.name))
+        made = self._destinations(folder, relative.name, relative=str(relative))
+        why = names.problem(relative, made)
         if why is None:
             return relative, None
         stem, extension = names.split_name(relative.name)
@@ -134,10 +137,11 @@ class Claimer(SpoolFolders):
         return PurePosixPath(short), f"{relative}: expected {why}"
 
     def _destinations(
-        self, folder: Path, name: str, *, failing: bool = False
+        self, folder: Path, name: str, *, failing: bool = False, relative: str = ""
     ) -> list[names.Destination]:
         """Every name the spool makes from an input `name` claimed into `folder`, by
-        the folder it is made in (only those of failing it, with `failing`)."""
+        the folder it is made in (only those of failing it, with `failing`); the
+        outputs as the profile of the input's `relative` path names them."""
         temporary = names.temporary_name
         unique = names.suffixed(name, names.UNIQUE_ROOM)
         found = [
@@ -156,18 +160,22 @@ class Claimer(SpoolFolders):
                     self.archive_folder, self._limits(self.archive_folder), (temporary(unique),)
                 )
             )
-        found.append(names.Destination(self.outbox, self._limits(self.outbox), self._outputs(name)))
+        found.append(
+            names.Destination(self.outbox, self._limits(self.outbox), self._outputs(name, relative))
+        )
         return found
 
-    def _outputs(self, name: str) -> tuple[str, ...]:
-        """The temporary names of the longest outputs of input `name` (see api.convert_file)."""
+    def _outputs(self, name: str, relative: str) -> tuple[str, ...]:
+        """The temporary names of the longest outputs of input `name` (see
+        api.convert_file), made by the settings of its `relative` path's profile."""
+        settings = self._profiles.choose(relative)[1]
         stem = names.input_stem(name)
-        if self._settings.on_conflict == "rename":
+        if settings.on_conflict == "rename":
             stem += names.UNIQUE_ROOM
-        extension = ".nii.gz" if self._settings.compress else ".nii"
-        channel = names.CHANNEL_ROOM if self._settings.channels == "split" else ""
+        extension = ".nii.gz" if settings.compress else ".nii"
+        channel = names.CHANNEL_ROOM if settings.channels == "split" else ""
         made = [f"{stem}{channel}{extension}"]
-        if self._settings.sidecar:
+        if settings.sidecar:
             made.append(f"{stem}.json")
         return tuple(names.temporary_name(output) for output in made)
 

@@ -145,8 +145,13 @@ class SpoolFolders:
         self.recursive = settings.recursive
         self.durable = settings.fsync
         self.delete_after_success = settings.after_success == "delete"
-        self.remember_conversions = settings.on_conflict != "overwrite"
-        self._settings = settings  # its output settings decide the names outputs get
+        self.remember_conversions = any(  # a profile's on_conflict too (README: Profiles)
+            each not in (None, "overwrite")
+            for each in (
+                settings.on_conflict,
+                *(p.settings().get("on_conflict") for p in settings.profiles),
+            )
+        )
         self._lock_file: IO[bytes] | None = None
 
     def __repr__(self) -> str:

@@ -23,6 +23,7 @@ from niftidrop.usage import ExitCode, build_parser
 __all__ = ["ExitCode", "build_parser", "main"]
 
 if TYPE_CHECKING:
+    from niftidrop.profiles import Profiles
     from niftidrop.spool import Spool
 
 
@@ -43,9 +44,13 @@ def _cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     that is missing (notes) and what would stop it (errors, exit 2)."""
     import json
 
+    from niftidrop.profiles import Profiles
+
     notes, problems = _folder_report(settings)
     problems.extend(settings.folder_overlaps())
-    effective = settings.for_service().model_dump(mode="json")  # as `run` uses them
+    used = settings.for_service()  # as `run` uses them
+    effective = used.model_dump(mode="json")
+    effective["profiles"] = Profiles(used).report()  # each with its effective values
     print(json.dumps(effective, indent=2, sort_keys=True))
     for note in notes:
         print(f"niftidrop: {note}", file=sys.stderr)
@@ -71,7 +76,7 @@ def _folder_report(settings: Settings) -> tuple[list[str], list[str]]:
             problems.append(f"{label}: {folder} {unusable}")
         elif not os.path.lexists(folder):
             notes.append(f"{label}: {folder} does not exist yet; run will create it")
-    for folder in settings.library_dirs:
+    for folder in settings.all_library_dirs:
         unusable = _unusable(folder)
         if unusable is not None:
             missing = "" if os.path.lexists(folder) else "does not exist and "
@@ -128,9 +133,23 @@ def _missing_libraries(settings: Settings) -> list[str]:
     they read the library as it is, unlike `run`, which creates it)."""
     return [
         f"library: {folder} " + ("is not a folder" if os.path.lexists(folder) else "does not exist")
-        for folder in settings.library_dirs
+        for folder in settings.all_library_dirs
         if not folder.is_dir()
     ]
+
+
+def _profiles(settings: Settings, args: argparse.Namespace) -> Profiles | None:
+    """The profiles of `settings`, or None after an error when `--profile` names none."""
+    from niftidrop.profiles import Profiles, UnknownProfile
+
+    profiles = Profiles(settings)
+    if args.profile is not None:
+        try:
+            profiles.named(args.profile)
+        except UnknownProfile as error:
+            _report_errors([f"--profile: {error}"])
+            return None
+    return profiles
 
 
 def _cmd_match(settings: Settings, args: argparse.Namespace) -> int:
@@ -138,20 +157,28 @@ def _cmd_match(settings: Settings, args: argparse.Namespace) -> int:
     import json
 
     from niftidrop.library import ReferenceLibrary
+    from niftidrop.profiles import inbox_relative
 
-    if _report_errors(_missing_libraries(settings)):
+    profiles = _profiles(settings, args)
+    if profiles is None or _report_errors(_missing_libraries(settings)):
         return ExitCode.BAD_CONFIG
     library = ReferenceLibrary.from_settings(settings)
     library.build()
     unmatched = 0
     for name in args.names:
-        found = library.describe(name)
+        # A name is a path relative to the inbox (or an absolute one in it).
+        relative = (
+            inbox_relative(Path(name), settings.inbox_dir) if Path(name).is_absolute() else name
+        )
+        profile, _ = profiles.pick(args.profile, relative)
+        found = library.describe(name, profile)
         unmatched += found["error"] is not None
         if args.json:
-            print(json.dumps(found))
+            print(json.dumps({**found, "profile": profile}))
             continue
+        shown = "" if profile is None else f", profile {profile}"
         if found["error"] is None:
-            print(f"{name}: {found['reference']} (rule {found['rule']}, key {found['key']})")
+            print(f"{name}: {found['reference']} (rule {found['rule']}, key {found['key']}{shown})")
         else:
             print(f"{name}: {found['error']}\n    {found['message']}")
         label = "candidate" if found["reference"] is None else "other candidate"
@@ -278,9 +305,13 @@ def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
 
     from niftidrop.convert import convert_input
     from niftidrop.errors import ConversionError
+    from niftidrop.profiles import inbox_relative
 
     out_dir: Path = args.output_dir or settings.outbox_dir
     inputs: list[Path] = args.inputs
+    profiles = _profiles(settings, args)
+    if profiles is None:
+        return ExitCode.BAD_CONFIG
     library = None
     if args.reference is None:
         from niftidrop.library import ReferenceLibrary
@@ -300,8 +331,16 @@ def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
             try:
                 if not source.is_file():
                     raise FileNotFoundError(f"{source}: no such file")
-                reference = args.reference if library is None else library.resolve(source.name)
-                result = convert_input(source, out_dir, reference, settings=settings)
+                profile, chosen = profiles.pick(
+                    args.profile, inbox_relative(source, settings.inbox_dir)
+                )
+                reference = (
+                    args.reference if library is None else library.resolve(source.name, profile)
+                )
+                provenance = {"profile": profile}
+                result = convert_input(
+                    source, out_dir, reference, settings=chosen, provenance=provenance
+                )
                 bar.write(f"{source} -> {', '.join(str(path) for path in result.outputs)}")
                 if result.labels_missing:  # as the service logs labels_incomplete
                     values = ", ".join(map(str, result.labels_missing))

@@ -181,7 +181,8 @@ class Sources:
         if detail["type"] == "extra_forbidden":
             parent = _model_at(model, loc[:-1])
             names = list(parent.model_fields) if parent is not None else []
-            return f"{where}: unknown setting" + _suggestion(str(loc[-1]), names, str)
+            known = _suggestion(str(loc[-1]), names, str, listed=len(loc) > 1)
+            return f"{where}: unknown setting" + known
         name, field = _field_at(model, loc)
         # The value as the user wrote it, unless the problem is inside it (a profile's key).
         top = field is not None and field is model.model_fields.get(str(loc[0]))
@@ -190,17 +191,24 @@ class Sources:
         reason = (
             str(detail.get("ctx", {}).get("error", "")) if detail["type"] == "value_error" else ""
         )
-        if reason.startswith("expected "):
-            return f"{where}: {reason}{found}"
+        if reason.startswith("expected "):  # a reason that names what it found says so
+            return f"{where}: {reason}" + ("" if ", found " in reason else found)
         expected = allowed(name, field, words) if field is not None else detail["msg"].lower()
+        if detail["type"] == "missing":
+            return f"{where}: missing; expected {expected}"
         return f"{where}: expected {expected}{found}" + (f" ({reason})" if reason else "")
 
 
-def _suggestion(name: str, names: Sequence[str], spelled: Callable[[str], str]) -> str:
-    """ "; did you mean `workers`?" for the setting closest to `name`, or where to look."""
+def _suggestion(
+    name: str, names: Sequence[str], spelled: Callable[[str], str], *, listed: bool = False
+) -> str:
+    """ "; did you mean `workers`?" for the setting closest to `name`, or where to look
+    (`listed`: the keys allowed, for a table inside the settings, such as a profile)."""
     close = difflib.get_close_matches(name.lower(), names, n=1)
     if close:
         return f"; did you mean `{spelled(close[0])}`?"
+    if listed:
+        return f"; expected one of: {', '.join(names)}"
     return " (the README's Configuration section lists every setting)"
 
 

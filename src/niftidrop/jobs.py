@@ -25,10 +25,11 @@ from niftidrop.convert import ConvertFile, convert_input
 from niftidrop.errors import ConversionError, ErrorCode
 from niftidrop.logs import get_logger
 from niftidrop.processes import ConversionCrashed
+from niftidrop.profiles import Profiles
 from niftidrop.spool import Spool
 
 if TYPE_CHECKING:
-    from niftidrop.library import Match
+    from niftidrop.library import Match, Resolve
     from niftidrop.metrics import Metrics
     from niftidrop.settings import Settings
 
@@ -165,10 +166,11 @@ class JobRunner:
         spool: Spool,
         retries: Retries,
         *,
-        resolve: Callable[[str], Match],
+        resolve: Resolve,
         metrics: Metrics,
     ) -> None:
         self.settings = settings
+        self.profiles = Profiles(settings)  # each input converts with its profile's
         self.spool = spool
         self.retries = retries
         self.metrics = metrics
@@ -264,7 +266,8 @@ class JobRunner:
                 f"{claim.relative}: expected a complete file (every declared byte present), "
                 f"found it incomplete and unchanged for {settings.incomplete_timeout:g} s",
             )
-        match = self._resolve(claim.name)
+        profile, settings = self.profiles.choose(str(claim.relative))
+        match = self._resolve(claim.name, profile)
         result = convert_input(
             claim.path,
             self.spool.outbox / claim.subfolder,
@@ -272,7 +275,7 @@ class JobRunner:
             settings=settings,
             convert_file=convert_file,
             stem=claim.stem,
-            provenance={"input": str(claim.relative)},
+            provenance={"input": str(claim.relative), "profile": profile},
             owner=self.spool.owner_for(claim),  # its temporaries: removed if it dies
             # With rename or fail: what a redo after a crash recognises as its own.
             journal=claim.folder / COMMIT_RECORD if self.spool.remember_conversions else None,
@@ -285,6 +288,7 @@ class JobRunner:
             "input": str(claim.relative),
             "reference": None if match.reference is None else str(match.reference),
             "rule": match.rule,
+            "profile": profile,
             "output": outputs[0] if len(outputs) == 1 else outputs,
             "shape": list(result.shape_out),
             "dtype_in": result.dtype_in,
@@ -294,10 +298,16 @@ class JobRunner:
             "seconds": round(result.seconds, 6),
         }
 
-    def _resolve(self, name: str) -> Match:
-        """The library's match for `name`, unless the stop came meanwhile."""
+    def _resolve(self, name: str, profile: str | None) -> Match:
+        """The library's match for `name` (by `profile`'s rules), unless the stop came
+        meanwhile."""
         try:
-            match = self._resolve_reference(name)
+            # Without a profile as before: a library need not know of profiles.
+            match = (
+                self._resolve_reference(name)
+                if profile is None
+                else (self._resolve_reference(name, profile))
+            )
         except ConversionError:
             if self.stopping.is_set():  # woken by the stop, not by a reference
                 raise _Cancelled from None

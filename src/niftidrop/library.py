@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from niftidrop import matching
 from niftidrop.errors import ConversionError, ErrorCode
@@ -35,6 +36,7 @@ from niftidrop.reference_index import (
     ReferenceScanner,
     changes_at,
 )
+from niftidrop.reference_views import View, ViewPlan, plan_views
 
 if TYPE_CHECKING:
     from watchdog.observers.api import BaseObserver
@@ -42,7 +44,13 @@ if TYPE_CHECKING:
     from niftidrop.settings import Settings
 
 # `Match` lives in `matching`; it stays importable from here for the service.
-__all__ = ["Match", "ReferenceLibrary"]
+__all__ = ["Match", "ReferenceLibrary", "Resolve"]
+
+
+class Resolve(Protocol):
+    """`ReferenceLibrary.resolve`: the match for an input name, by a profile's rules."""
+
+    def __call__(self, name: str, profile: str | None = None, /) -> Match: ...
 
 
 class ReferenceLibrary:
@@ -64,6 +72,7 @@ class ReferenceLibrary:
         rescan_interval: float = 30.0,
         observer: str = "auto",
         poll_interval: float = 1.0,
+        views: ViewPlan | None = None,
     ) -> None:
         if missing_reference not in ("fail", "identity"):
             raise ValueError(
@@ -71,13 +80,17 @@ class ReferenceLibrary:
             )
         self.folders = tuple(Path(folder).absolute() for folder in folders)
         self._roots = tuple(str(folder) for folder in self.folders)
-        self._rules = MatchRules(separators, key_pattern, self._roots)
+        if views is None:  # one view: every folder, these rules
+            rules = MatchRules(separators, key_pattern, self._roots)
+            views = ViewPlan.single(rules, reference_wait, missing_reference)
+        self._views = views  # per profile (README: Profiles); `_top` for the top level
+        self._top = views.top
         self.reference_wait = reference_wait
         self.missing_reference = missing_reference
         self.rescan_interval = rescan_interval
         self.observer = observer
         self.poll_interval = poll_interval
-        self._key_of = ReferenceKeys(self._rules.pattern)
+        self._key_of = ReferenceKeys(re.compile(views.pattern) if views.pattern else None)
         self._index = ReferenceIndex()
         self._built = False
         # `_lock` guards the index: readers hold it for one lookup, writers to apply
@@ -93,9 +106,9 @@ class ReferenceLibrary:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ReferenceLibrary:
-        """The library described by `settings` (its observer chosen as the inbox's is)."""
+        """The library of `settings`, its profiles' folders and rules included."""
         return cls(
-            settings.library_dirs,
+            settings.all_library_dirs,
             separators=settings.separators,
             key_pattern=settings.key_pattern,
             reference_wait=settings.reference_wait,
@@ -103,17 +116,18 @@ class ReferenceLibrary:
             rescan_interval=settings.rescan_interval,
             observer=settings.observer,
             poll_interval=settings.poll_interval,
+            views=plan_views(settings),
         )
 
     @property
     def separators(self) -> str:
         """The characters that split keys into tokens, each once."""
-        return self._rules.separators
+        return self._top.rules.separators
 
     @property
     def key_pattern(self) -> str | None:
         """The regex whose group named key gives the keys, if any."""
-        return self._rules.key_pattern
+        return self._top.rules.key_pattern
 
     def __len__(self) -> int:
         with self._lock:
@@ -136,6 +150,7 @@ class ReferenceLibrary:
             index = ReferenceIndex(entry for root in self._roots for entry in scanner.scan(root))
             with self._lock:
                 self._index = index
+                self._views.rebuild(index)
                 self._built = True
                 self._changed.notify_all()
             self._after_walk(scanner)
@@ -163,7 +178,7 @@ class ReferenceLibrary:
             self._live.watch_linked_folders(scanner.linked)
 
     def _change_index(
-        self, removals: Iterable[tuple[str, str]], additions: Iterable[tuple[str, str]]
+        self, removals: Sequence[tuple[str, str]], additions: Sequence[tuple[str, str]]
     ) -> None:
         """Apply changes for readers to see at once, and wake `resolve` calls waiting."""
         with self._lock:
@@ -171,6 +186,7 @@ class ReferenceLibrary:
                 self._index.discard(key, path)
             for key, path in additions:
                 self._index.add(key, path)
+            self._views.apply(removals, additions)
             self._changed.notify_all()
 
     def _apply(self, changes: Iterable[tuple[str, bool]]) -> None:
@@ -180,26 +196,31 @@ class ReferenceLibrary:
 
     # Lookups.
 
-    def match(self, name: str) -> Match:
-        """The reference for input `name` by the README's matching rules, from memory only.
+    def _view(self, profile: str | None) -> View:
+        return self._top if profile is None else self._views.view(profile)
+
+    def match(self, name: str, profile: str | None = None) -> Match:
+        """The reference for input `name` by `profile`'s matching rules, from memory only.
 
         Raises `ConversionError` with `no_reference`, or `ambiguous_reference`
         carrying the equally good candidates.
         """
+        view = self._view(profile)
         with self._lock:
-            return matching.match(self._index, name, self._rules)
+            return matching.match(view.keyed.index, name, view.rules)
 
-    def resolve(self, name: str) -> Match:
+    def resolve(self, name: str, profile: str | None = None) -> Match:
         """`match`, but wait up to `reference_wait` for a missing reference, then
-        apply `missing_reference` (`identity` gives a match without a reference).
+        apply `missing_reference` (`identity`: a match without a reference), `profile`'s.
 
         The wait is woken by index updates, so it only helps while `start()`ed.
         """
-        deadline = time.monotonic() + self.reference_wait
+        view = self._view(profile)
+        deadline = time.monotonic() + view.reference_wait
         with self._lock:
             while True:
                 try:
-                    return matching.match(self._index, name, self._rules)
+                    return matching.match(view.keyed.index, name, view.rules)
                 except ConversionError as error:
                     if error.code is not ErrorCode.NO_REFERENCE:
                         raise
@@ -207,19 +228,21 @@ class ReferenceLibrary:
                     if self._watching and remaining > 0:
                         self._changed.wait(remaining)
                         continue
-                    if self.missing_reference == "identity":
-                        key = self.key_for(name) or input_key(name)
+                    if view.missing_reference == "identity":
+                        key = view.rules.key_for(name) or input_key(name)
                         return Match(name, key, None, "identity", ())
                     raise
 
-    def key_for(self, name: str) -> str | None:
-        """The key of input `name` (after `key_pattern`); None if the pattern does not match."""
-        return self._rules.key_for(name)
+    def key_for(self, name: str, profile: str | None = None) -> str | None:
+        """The key of input `name` (after `profile`'s `key_pattern`); None if the
+        pattern does not match."""
+        return self._view(profile).rules.key_for(name)
 
-    def describe(self, name: str) -> MatchReport:
-        """`match(name)` as plain data, an error included (for `niftidrop match --json`)."""
+    def describe(self, name: str, profile: str | None = None) -> MatchReport:
+        """`match(name, profile)` as plain data, an error included (`niftidrop match --json`)."""
+        view = self._view(profile)
         with self._lock:
-            return matching.describe(self._index, name, self._rules)
+            return matching.describe(view.keyed.index, name, view.rules)
 
     # Watching.
 

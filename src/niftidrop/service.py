@@ -56,7 +56,7 @@ class Library(Protocol):
     def build(self) -> None: ...
     def start(self) -> None: ...
     def stop(self) -> None: ...
-    def resolve(self, name: str) -> Match: ...
+    def resolve(self, name: str, profile: str | None = None, /) -> Match: ...
     def __len__(self) -> int: ...
 
 
@@ -180,7 +180,7 @@ class Service:
         settings = self.settings
         settings.check_folders()  # before any folder is created inside another
         self.spool.create_folders()
-        _create_library_folders(settings.library_dirs)
+        _create_library_folders(settings.all_library_dirs)
         self.spool.lock()
         self._guard.start()
         self._pool.start_processes()  # they import while the library is indexed
@@ -194,7 +194,7 @@ class Service:
             outbox=str(self.spool.outbox),
             archive=str(self.spool.archive_folder),
             failed=str(self.spool.failed_folder),
-            library=[str(folder) for folder in settings.library_dirs],
+            library=[str(folder) for folder in settings.all_library_dirs],
             workers=settings.workers,
             observer=observer,
         )
@@ -202,7 +202,7 @@ class Service:
             self.library.build()
         else:
             self.library.start()  # watch first, then walk: nothing added meanwhile is missed
-        _library_indexed(self.library, self.metrics, self.settings.library_dirs)
+        _library_indexed(self.library, self.metrics, self.settings.all_library_dirs)
         if settings.metrics_address and not self._once:
             self._board = StatusBoard(
                 self.spool,
@@ -271,7 +271,7 @@ class Service:
         if self._rescan_requested:
             self._rescan_requested = False
             self.library.build()
-            _library_indexed(self.library, self.metrics, self.settings.library_dirs)
+            _library_indexed(self.library, self.metrics, self.settings.all_library_dirs)
         self._intake.rescan()
 
     def _beat(self) -> None:

@@ -34,6 +34,8 @@ ALLOWED: Final = {
     "metrics_address": _ADDRESS,
     "labels": 'a table of values and names ({1 = "liver"}, or names to values {liver = 1}; '
     "flags, environment: JSON), or the path of an nnU-Net dataset.json",
+    "profiles": "a list of tables, each with a name, a match glob and settings "
+    "(flags, environment: JSON)",
 }
 
 
@@ -54,7 +56,8 @@ def _library_not_empty(value: list[Path]) -> list[Path]:
     return value
 
 
-def _parse_affine(value: Any) -> Any:
+def json_text(value: Any) -> Any:
+    """A flag's or variable's text read as JSON (blank: None); any other value as it is."""
     if isinstance(value, str):
         return json.loads(value) if value.strip() else None
     return value
@@ -112,7 +115,7 @@ Folders = Annotated[
 Affine = Annotated[
     list[list[float]] | None,
     NoDecode,
-    BeforeValidator(_parse_affine),
+    BeforeValidator(json_text),
     AfterValidator(_affine_is_4x4),
 ]
 DtypePolicy = Annotated[

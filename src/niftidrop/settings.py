@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -23,6 +24,7 @@ from niftidrop.config_sources import (
     toml_file_being_read,
 )
 from niftidrop.errors import ConfigError
+from niftidrop.profile_rules import ProfileTable, names_once, profile_table
 from niftidrop.resources import available_cpus, available_memory
 from niftidrop.setting_types import (
     ALLOWED,
@@ -32,8 +34,12 @@ from niftidrop.setting_types import (
     Folders,
     KeyPattern,
     Labels,
+    json_text,
     parse_address,
 )
+
+if TYPE_CHECKING:
+    Profile = ProfileTable  # made from the settings' fields below the model
 
 # Importable from here as before: the CLI and metrics use them with the settings.
 __all__ = ["ALLOWED", "Settings", "load_settings", "parse_address"]
@@ -190,6 +196,14 @@ class Settings(BaseSettings):
         default=600.0, gt=0, description="seconds one conversion may take (then: a crash)"
     )
 
+    # Profiles (README: Configuration, Profiles).
+    profiles: Annotated[
+        list[Profile], NoDecode, BeforeValidator(json_text), AfterValidator(names_once)
+    ] = Field(
+        default_factory=list,
+        description="[[profiles]]: settings per inbox subfolder (flag, environment: JSON)",
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -228,6 +242,15 @@ class Settings(BaseSettings):
         return [self.resolve(folder) for folder in self.library]
 
     @property
+    def all_library_dirs(self) -> list[Path]:
+        """Every library folder, the profiles' included, each once: what is indexed."""
+        folders = [
+            *self.library,
+            *(f for p in self.profiles for f in p.settings().get("library", ())),
+        ]
+        return list(dict.fromkeys(self.resolve(folder) for folder in folders))
+
+    @property
     def state_path(self) -> Path:
         if self.state_dir is None:
             return self.inbox_dir / ".niftidrop"
@@ -242,7 +265,7 @@ class Settings(BaseSettings):
             ("archive", self.archive_dir),
             ("failed", self.failed_dir),
             ("state_dir", self.state_path),
-            *(("library", folder) for folder in self.library_dirs),
+            *(("library", folder) for folder in self.all_library_dirs),
         ]
         return folders.overlaps(named, recursive=self.recursive)
 
@@ -267,6 +290,11 @@ class Settings(BaseSettings):
         # pool per file costs more than it saves on small outputs: share the CPUs.
         per_worker = max(1, available_cpus() // self.workers)
         return self.model_copy(update={"compression_threads": per_worker})
+
+
+if not TYPE_CHECKING:  # the profile's table type needs the settings' fields first
+    Profile = profile_table(Settings.model_fields, __name__)
+    Settings.model_rebuild()
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:

@@ -83,11 +83,10 @@ COMMANDS: Final = (
         "convert",
         "convert .npy/.npz files once, outside the spool",
         "niftidrop convert [-o DIR] [--reference REF] [SETTINGS] IN...",
-        "Convert each input file to NIfTI once and print one line per input: "
-        "'<input> -> <output>', or '<input>: <code>: <message>' when it is rejected. "
-        "With --reference every input takes that scan's geometry; without it, each "
-        "input's reference is found in the library by the service's matching rules. "
-        "Inputs are read, never moved.",
+        "Convert each input file to NIfTI once, with its profile's settings, and "
+        "print '<input> -> <output>' or '<input>: <code>: <message>' for each. With "
+        "--reference every input takes that scan's geometry; else the service's "
+        "matching rules find each input's reference. Inputs are read, never moved.",
         ("config", "library", "missing_reference", *_CONVERSION),
         {
             ExitCode.OK: "every input converted",
@@ -213,6 +212,7 @@ _NONE_MEANS: Final = {
     "default_affine": "the identity",
 }
 _CONFIG_HELP = "TOML settings file (default: ./niftidrop.toml)"
+_PROFILE_HELP = "the profile whose settings apply (default: by path)"
 # A help fits in 40 lines of an 80-column terminal, and is laid out so on any.
 _WIDTH = 80
 
@@ -260,7 +260,7 @@ def default_text(field: FieldInfo, none_means: str = "none") -> str:
     if value is None:
         return none_means
     if isinstance(value, list):
-        return ", ".join(str(item) for item in value)
+        return ", ".join(str(item) for item in value) or "none"
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, int) and field.default_factory is not None:
@@ -391,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--reference", type=Path, metavar="REF", help="reference for every input")
     match = parsers["match"]
+    for chosen in (convert, match):
+        chosen.add_argument("--profile", metavar="NAME", help=_PROFILE_HELP)
     match.add_argument("names", nargs="+", metavar="NAME", help="input file names")
     match.add_argument("--json", action="store_true", help="one JSON object per name")
     parsers["run"].add_argument(

@@ -24,7 +24,7 @@ from niftidrop.processes import ConversionProcess
 
 if TYPE_CHECKING:
     from niftidrop.convert import ConvertFile
-    from niftidrop.library import Match
+    from niftidrop.library import Resolve
     from niftidrop.logs import ProgressBar
     from niftidrop.metrics import Metrics
     from niftidrop.settings import Settings
@@ -44,7 +44,7 @@ class WorkerPool:
         settings: Settings,
         spool: Spool,
         *,
-        resolve: Callable[[str], Match],
+        resolve: Resolve,
         metrics: Metrics,
         convert_file: ConvertFile | None = None,
     ) -> None:

@@ -6,6 +6,7 @@ the reference's geometry and the array's values."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -31,6 +32,7 @@ RECIPES = [
     "MONAI",
     "Names that share only a case id: `key_pattern`",
     "SimpleITK arrays",
+    "nnU-Net and MONAI in one service",
 ]
 # The page's two base folders, /srv (the spool) and /data (scans and predictions),
 # where they begin a path: the tests place them in a temporary folder.
@@ -420,3 +422,37 @@ class TestSimpleITK:
         capsys.readouterr()
         output = assert_geometry(tmp_path / "case001_pair.nii.gz", reference)
         assert_values(output, array.transpose(2, 1, 0, 3))
+
+
+class TestTwoModels:
+    def test_each_subfolder_converts_by_its_profile(self, recipe: Callable[[str], Recipe]) -> None:
+        """nnU-Net's (C, Z, Y, X) probabilities in inbox/nnunet and MONAI's (C, X, Y, Z)
+        ones in inbox/monai, converted by one service: the argmax label map on the
+        `_0000` image from the nnunet profile's library (not the scan of the same
+        case in the top-level library), the 4-D float32 image on MONAI's scan, and
+        each sidecar naming its profile."""
+        page = recipe(RECIPES[4])
+        case, shape, seed = NNUNET_CASES[0]
+        image = write_scan(page.path(f"{NNUNET_IMAGES}/{case}_0000.nii.gz"), shape, seed)
+        write_scan(page.path(f"/data/scans/{case}.nii.gz"), (5, 5, 5), seed=9)  # another's
+        probabilities = nnunet_outputs(page.path("/data/predictions"), case, shape, seed)
+        scan_shape = (20, 18, 12)
+        scan = write_scan(page.path("/data/scans/spleen_12.nii.gz"), scan_shape, seed=3)
+        monai = softmax(np.random.default_rng(3).normal(size=(2, *scan_shape)))
+        page.path("/data/monai").mkdir(parents=True)
+        np.save(page.path("/data/monai/spleen_12_prob.npy"), monai)
+        page.write_toml()
+        page.run_console()
+        page.run_sh()
+        outbox = page.path("/srv/spool/outbox")
+        labels = assert_geometry(outbox / "nnunet" / f"{case}.nii.gz", image)
+        assert_values(labels, np.argmax(probabilities, axis=0).astype(np.uint8))
+        kept = assert_geometry(outbox / "monai" / "spleen_12_prob.nii.gz", scan)
+        assert_values(kept, np.moveaxis(monai, 0, -1))
+        for folder, stem, profile in (
+            ("nnunet", case, "nnunet"),
+            ("monai", "spleen_12_prob", "monai"),
+        ):
+            sidecar = json.loads((outbox / folder / f"{stem}.json").read_text())
+            assert sidecar["profile"] == profile
+        page.done()

@@ -206,6 +206,34 @@ class TestConvertFile:
         assert len(record["input_sha256"]) == len(record["reference_sha256"]) == 64
         assert (record["dtype_in"], record["dtype_out"]) == ("bool", "uint8")
         assert record["niftidrop_version"]
+        assert record["profile"] is None
+
+    def test_sidecar_records_the_profile_and_conversion_settings(
+        self, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """The sidecar names the profile given in the provenance and the conversion
+        settings the output was made with (axis_order, channels, dtype, npz_key)."""
+        reference = make_reference(shape=(4, 5, 6))
+        source = tmp_path / "a.npz"
+        np.savez(source, probabilities=np.zeros((2, 6, 5, 4), np.float32))
+        settings = _settings(
+            sidecar=True, axis_order="zyx", channels="argmax", npz_key="probabilities"
+        )
+        convert_file(
+            source,
+            tmp_path / "out",
+            settings=settings,
+            reference=reference,
+            provenance={"profile": "nnunet"},
+        )
+        record = json.loads((tmp_path / "out" / "a.json").read_text())
+        assert record["profile"] == "nnunet"
+        assert record["settings"] == {
+            "axis_order": "zyx",
+            "channels": "argmax",
+            "dtype": "auto",
+            "npz_key": "probabilities",
+        }
 
     def test_vector_gives_one_image_of_vectors(
         self, tmp_path: Path, make_reference: MakeReference

@@ -350,3 +350,27 @@ class TestClaimFolders:
             spool.handle(claim, converted)
         assert (claim.folder / CONVERTED_MARKER).exists() == marked
         assert claim.path.exists()
+
+
+class TestProfiles:
+    def test_outputs_are_measured_as_the_input_profile_names_them(self, tmp_path: Path) -> None:
+        """Whether an input's outputs fit is judged by its profile's settings: with
+        rename and split they are 11 bytes longer, so in an outbox with room for
+        only the top level's names, the profile's input fails as bad_name and the
+        top level's input of the same length is converted."""
+        path_max = os.pathconf(tmp_path, "PC_PATH_MAX")
+        outbox = deep_folder(tmp_path, path_max - 60)
+        profile = {"name": "long", "match": "b*", "on_conflict": "rename", "channels": "split"}
+        settings = load_settings(root=tmp_path, outbox=outbox, fsync=False, profiles=[profile])
+        spool = Spool(settings)
+        spool.create_folders()
+        outcomes = {}
+        for name in ("aaaa.npy", "bbbb.npy"):
+            claim = spool.claim(drop(spool, name))
+            assert claim is not None
+            outcomes[name] = spool.handle(claim, Recorder())
+        assert isinstance(outcomes["aaaa.npy"], Converted)
+        failed = outcomes["bbbb.npy"]
+        assert isinstance(failed, Failed)
+        assert failed.record["error"] == "bad_name"
+        assert f"paths shorter than {path_max} bytes" in failed.record["message"]

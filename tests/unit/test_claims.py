@@ -88,3 +88,25 @@ class TestTemporaries:
         first.create_folders()
         assert Spool(settings).owner == first.owner
         assert (first.state / "owner").read_text().strip() == first.owner
+
+
+class TestRememberConversions:
+    @pytest.mark.parametrize(
+        ("top", "profile", "remembered"),
+        [
+            ("overwrite", None, False),
+            ("rename", None, True),
+            ("overwrite", "fail", True),
+            ("overwrite", "overwrite", False),
+        ],
+    )
+    def test_a_profile_on_conflict_counts(
+        self, tmp_path: Path, top: str, profile: str | None, remembered: bool
+    ) -> None:
+        """Conversions are journaled (so a redo after a crash finds its outputs)
+        when the top level or any profile names outputs by rename or fail."""
+        table: dict[str, object] = {"name": "p", "match": "p/**"}
+        if profile is not None:
+            table["on_conflict"] = profile
+        settings = load_settings(root=tmp_path, on_conflict=top, profiles=[table])
+        assert Spool(settings).remember_conversions is remembered

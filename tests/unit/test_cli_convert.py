@@ -203,3 +203,78 @@ class TestConvertWithLabels:
         code = main(["convert", "case.npy", "--labels", "missing/dataset.json"])
         assert code == ExitCode.BAD_CONFIG
         assert capsys.readouterr().err.startswith("niftidrop: flag --labels: expected ")
+
+
+class TestProfiles:
+    """Profiles (README: Configuration, Profiles): each input converts with the
+    profile its path in the inbox (or, outside it, its file name) falls under."""
+
+    @pytest.fixture
+    def config(self, tmp_path: Path, make_reference: MakeReference) -> Path:
+        """A library with `case.nii.gz` (4, 5, 6) and a profile for (C, Z, Y, X) argmax."""
+        (tmp_path / "library").mkdir()
+        reference = make_reference("library/case.nii.gz", shape=(4, 5, 6))
+        toml = tmp_path / "niftidrop.toml"
+        toml.write_text(
+            f'root = "{tmp_path}"\nlibrary = ["{reference.parent}"]\n'
+            '[[profiles]]\nname = "nnunet"\nmatch = "nnunet/**"\naxis_order = "zyx"\n'
+            'channels = "argmax"\n'
+        )
+        return toml
+
+    @staticmethod
+    def scores() -> np.ndarray:
+        """Class scores (C, X, Y, Z) for the reference's grid."""
+        return np.random.default_rng(5).random((3, 4, 5, 6)).astype(np.float32)
+
+    def test_an_input_in_the_inbox_takes_its_profile(self, tmp_path: Path, config: Path) -> None:
+        """`inbox/nnunet/case.npy` converts by the nnunet profile (zyx, argmax); the
+        same array outside the inbox converts with the top-level settings (the real
+        command)."""
+        zyx = np.ascontiguousarray(self.scores().transpose(0, 3, 2, 1))
+        (tmp_path / "inbox" / "nnunet").mkdir(parents=True)
+        np.save(tmp_path / "inbox" / "nnunet" / "case.npy", zyx)
+        np.save(tmp_path / "case.npy", self.scores())
+        done = niftidrop(
+            "convert",
+            "--config",
+            str(config),
+            "-o",
+            "by_profile",
+            "inbox/nnunet/case.npy",
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr
+        labels = np.asanyarray(nib.load(tmp_path / "by_profile" / "case.nii.gz").dataobj)
+        assert np.array_equal(labels, np.argmax(self.scores(), axis=0).astype(np.uint8))
+        done = niftidrop("convert", "--config", str(config), "-o", "top", "case.npy", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        kept = np.asanyarray(nib.load(tmp_path / "top" / "case.nii.gz").dataobj)
+        assert np.array_equal(kept, np.moveaxis(self.scores(), 0, -1))
+
+    def test_profile_forces_one_outside_the_inbox(self, tmp_path: Path, config: Path) -> None:
+        """`--profile nnunet` converts a file anywhere by that profile."""
+        np.save(tmp_path / "case.npy", np.ascontiguousarray(self.scores().transpose(0, 3, 2, 1)))
+        argv = [
+            "convert",
+            "--config",
+            str(config),
+            "-o",
+            str(tmp_path / "o"),
+            "--profile",
+            "nnunet",
+        ]
+        assert main([*argv, str(tmp_path / "case.npy")]) == ExitCode.OK
+        labels = np.asanyarray(nib.load(tmp_path / "o" / "case.nii.gz").dataobj)
+        assert np.array_equal(labels, np.argmax(self.scores(), axis=0).astype(np.uint8))
+
+    def test_an_unknown_profile_exits_2(self, tmp_path: Path, config: Path) -> None:
+        """`--profile` naming no profile converts nothing and exits 2, naming those
+        that exist."""
+        np.save(tmp_path / "case.npy", self.scores())
+        done = niftidrop(
+            "convert", "--config", str(config), "--profile", "monai", "case.npy", cwd=tmp_path
+        )
+        assert done.returncode == ExitCode.BAD_CONFIG
+        assert "--profile: no profile named 'monai' (profiles: nnunet)" in done.stderr
+        assert not (tmp_path / "outbox").exists()

@@ -84,6 +84,7 @@ class TestJsonOutput:
             ],
             "error": None,
             "message": None,
+            "profile": None,
         }
         assert second["error"] == "ambiguous_reference"
         assert second["reference"] is None
@@ -137,3 +138,56 @@ class TestMissingLibrary:
         result = niftidrop("match", "--library", str(tmp_path / "nonexistent"), "case.npz")
         assert result.returncode == ExitCode.BAD_CONFIG
         assert f"library: {tmp_path / 'nonexistent'} does not exist" in result.stderr
+
+
+class TestProfiles:
+    """Profiles (README: Configuration, Profiles): a name relative to the inbox takes
+    the profile its path falls under, `--profile` forces one."""
+
+    @pytest.fixture
+    def config(self, tmp_path: Path, library: Path) -> Path:
+        """Settings with a profile whose own library holds `case001_0000`."""
+        (tmp_path / "nnunet_refs").mkdir()
+        (tmp_path / "nnunet_refs" / "case001_0000.nii.gz").touch()
+        toml = tmp_path / "niftidrop.toml"
+        toml.write_text(
+            f'root = "{tmp_path}"\nlibrary = ["{library}"]\n'
+            '[[profiles]]\nname = "nnunet"\nmatch = "nnunet/**"\nlibrary = ["nnunet_refs"]\n'
+        )
+        return toml
+
+    def test_the_path_chooses_the_profile(self, tmp_path: Path, config: Path) -> None:
+        """`nnunet/case001.npz` matches in the profile's library and says so;
+        `case001.npz` in the top level's; an absolute path in the inbox counts as
+        its relative path (the real command)."""
+        inbox_path = str(tmp_path / "inbox" / "nnunet" / "case001.npz")
+        done = niftidrop(
+            "match", "--config", str(config), "nnunet/case001.npz", "case001.npz", inbox_path
+        )
+        assert done.returncode == 0, done.stderr
+        profiled, top, absolute = done.stdout.splitlines()
+        own = tmp_path / "nnunet_refs" / "case001_0000.nii.gz"
+        assert profiled == (
+            f"nnunet/case001.npz: {own} (rule input_prefix, key case001, profile nnunet)"
+        )
+        assert (
+            top
+            == f"case001.npz: {tmp_path / 'library' / 'case001.nii.gz'} (rule exact, key case001)"
+        )
+        assert absolute.endswith("(rule input_prefix, key case001, profile nnunet)")
+
+    def test_profile_forces_one(self, config: Path) -> None:
+        """`--profile nnunet` applies it to any name; --json carries the profile."""
+        done = niftidrop(
+            "match", "--config", str(config), "--profile", "nnunet", "case001.npz", "--json"
+        )
+        assert done.returncode == 0, done.stderr
+        found = json.loads(done.stdout)
+        assert (found["profile"], found["rule"]) == ("nnunet", "input_prefix")
+
+    def test_an_unknown_profile_exits_2_naming_the_profiles(self, config: Path) -> None:
+        """`--profile` naming no profile is a usage error that lists those that exist."""
+        done = niftidrop("match", "--config", str(config), "--profile", "nnunte", "case001.npz")
+        assert done.returncode == ExitCode.BAD_CONFIG
+        assert done.stdout == ""
+        assert "--profile: no profile named 'nnunte' (profiles: nnunet)" in done.stderr

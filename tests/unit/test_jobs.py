@@ -138,3 +138,37 @@ class TestJobRunner:
         [outcome] = recorded
         assert isinstance(outcome, Failed)
         assert outcome.failed_as == settings.failed_dir / "a.npy"
+
+
+class TestProfiles:
+    def test_an_input_converts_with_its_profile(self, tmp_path: Path) -> None:
+        """An input under a profile's glob is resolved by that profile's rules and
+        converted with its settings, and `input_converted` names the profile; an
+        input no profile fits converts with the top-level settings, profile null."""
+        profile = {"name": "nnunet", "match": "nnunet/**", "axis_order": "zyx"}
+        settings = load_settings(root=tmp_path, fsync=False, profiles=[profile])
+        spool = Spool(settings)
+        spool.create_folders()
+        asked: list[tuple[str, str | None]] = []
+        reference = tmp_path / "ref.nii.gz"
+
+        def resolve(name: str, profile: str | None = None) -> Match:
+            asked.append((name, profile))
+            return Match(name, name, reference, "exact", (reference,))
+
+        runner = JobRunner(
+            settings, spool, Retries(lambda job, _: None), resolve=resolve, metrics=Metrics()
+        )
+        used: list[tuple[str, object]] = []
+
+        def convert(source: Path, out_dir: Path, **options: Any) -> Any:
+            used.append((options["settings"].axis_order, options["provenance"]["profile"]))
+            raise ConversionError(ErrorCode.CORRUPT, "stop here: the settings are seen")
+
+        (settings.inbox_dir / "nnunet").mkdir()
+        with capture_logs():
+            for relative in ("nnunet/a.npy", "b.npy"):
+                claim = _claimed(spool, settings.inbox_dir / relative, b"x")
+                runner.finish(Job.claimed(claim), claim, convert)
+        assert asked == [("a.npy", "nnunet"), ("b.npy", None)]
+        assert used == [("zyx", "nnunet"), ("xyz", None)]

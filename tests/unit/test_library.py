@@ -15,7 +15,7 @@ from watchdog.events import FileSystemEvent
 
 from niftidrop.errors import ConversionError, ErrorCode
 from niftidrop.library import Match, ReferenceLibrary
-from niftidrop.reference_index import ChangeHandler
+from niftidrop.reference_index import ChangeHandler, ReferenceScanner
 from niftidrop.settings import load_settings
 from waiting import wait_until
 
@@ -534,3 +534,102 @@ class TestSymlinkLoops:
         library.build()
         assert len(library) == 1
         assert library.match("only.npz").rule == "exact"
+
+
+def profile_library(root: Path, *profiles: dict[str, object]) -> ReferenceLibrary:
+    """The library of settings rooted at `root` with these `profiles`."""
+    settings = load_settings(root=root, profiles=list(profiles))
+    return ReferenceLibrary.from_settings(settings)
+
+
+NNUNET_PROFILE = {"name": "nnunet", "match": "nnunet/**", "library": ["nnunet_refs"]}
+PATTERN_PROFILE = {"name": "runs", "match": "runs/**", "key_pattern": "^(?P<key>case\\d+)"}
+
+
+class TestProfiles:
+    def test_a_profile_library_restricts_matching(self, tmp_path: Path) -> None:
+        """A name whose reference exists in both folders resolves, per profile, to the
+        one in that profile's folders; the top level never sees the profile's."""
+        top = touch(tmp_path / "library", "case1.nii.gz", "only_top.nii.gz")
+        own = touch(tmp_path / "nnunet_refs", "case1_0000.nii.gz")
+        library = profile_library(tmp_path, NNUNET_PROFILE)
+        library.build()
+        assert library.match("case1.npz").reference == top[0]
+        assert library.match("case1.npz", "nnunet").reference == own[0]
+        assert library.match("case1.npz", "nnunet").rule == "input_prefix"
+        with pytest.raises(ConversionError) as raised:
+            library.match("only_top.npz", "nnunet")
+        assert raised.value.code is ErrorCode.NO_REFERENCE
+        assert str(tmp_path / "nnunet_refs") in raised.value.message
+        assert len(library) == 3
+
+    def test_a_profile_key_pattern_keys_the_references_its_way(self, tmp_path: Path) -> None:
+        """With its own key_pattern a profile finds `case002_ct` for `case002_r00`,
+        while the top level matches by its rules in the same folder."""
+        ct, scan = touch(tmp_path / "library", "case002_ct.nii.gz", "case002_r00.nii.gz")
+        library = profile_library(tmp_path, PATTERN_PROFILE)
+        library.build()
+        assert library.match("case002_r00.npz").reference == scan
+        with pytest.raises(ConversionError) as raised:  # two scans keyed case002 there
+            library.match("case002_r00.npz", "runs")
+        assert raised.value.code is ErrorCode.AMBIGUOUS_REFERENCE
+        scan.unlink()
+        library.rescan()
+        found = library.resolve("case002_r01.npz", "runs")
+        assert (found.reference, found.rule, found.key) == (ct, "key_pattern", "case002")
+        assert library.key_for("case002_r01.npz", "runs") == "case002"
+
+    def test_a_profile_missing_reference_applies_to_its_inputs(self, tmp_path: Path) -> None:
+        """`missing_reference = identity` in a profile gives its inputs an identity
+        match; the top level still fails."""
+        (tmp_path / "library").mkdir()
+        library = profile_library(
+            tmp_path, {"name": "id", "match": "**", "missing_reference": "identity"}
+        )
+        library.build()
+        assert library.resolve("x.npz", "id").rule == "identity"
+        with pytest.raises(ConversionError):
+            library.resolve("x.npz")
+
+    def test_every_folder_is_walked_once(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """However many profiles name a folder, a build walks each folder once."""
+        touch(tmp_path / "library", "a.nii")
+        touch(tmp_path / "nnunet_refs", "b.nii")
+        walked: list[str] = []
+        scan = ReferenceScanner.scan
+
+        def counted(self: ReferenceScanner, folder: str) -> list[tuple[str, str]]:
+            walked.append(folder)
+            return scan(self, folder)
+
+        monkeypatch.setattr(ReferenceScanner, "scan", counted)
+        second = {**NNUNET_PROFILE, "name": "again", "match": "again/**"}
+        library = profile_library(tmp_path, NNUNET_PROFILE, second, PATTERN_PROFILE)
+        library.build()
+        assert sorted(walked) == [str(tmp_path / "library"), str(tmp_path / "nnunet_refs")]
+        assert len(library) == 2
+
+    def test_live_updates_reach_each_profile(
+        self, tmp_path: Path, started: list[ReferenceLibrary]
+    ) -> None:
+        """While started, a reference added to or removed from a profile's folder is
+        seen by that profile's matching, through the library's one watch."""
+        (tmp_path / "library").mkdir()
+        (tmp_path / "nnunet_refs").mkdir()
+        library = profile_library(tmp_path, NNUNET_PROFILE)
+        started.append(library)
+        library.start()
+        (added,) = touch(tmp_path / "nnunet_refs", "case7_0000.nii.gz")
+
+        def profile_sees(expected: Path | None) -> bool:
+            try:
+                return library.match("case7.npz", "nnunet").reference == expected
+            except ConversionError:
+                return expected is None
+
+        wait_until(lambda: profile_sees(added), DEADLINE, "the added reference")
+        assert not matches(library, "case7.npz", added)  # not the top level's folder
+        added.unlink()
+        wait_until(lambda: profile_sees(None), DEADLINE, "the removed reference")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from niftidrop.config_sources import flag
 from niftidrop.errors import ConfigError
+from niftidrop.profile_rules import PROFILE_KEYS
 from niftidrop.resources import available_cpus, available_memory
 from niftidrop.settings import (
     WORKER_FOOTPRINT_BYTES,
@@ -20,6 +22,7 @@ from niftidrop.settings import (
     load_settings,
     parse_address,
 )
+from real_command import niftidrop
 
 
 class TestDefaults:
@@ -359,3 +362,141 @@ class TestLabels:
         config.write_text(f"labels = {json.dumps(str(dataset))}\n")
         with pytest.raises(ConfigError, match=rf"^{config}, key labels: expected .* is not JSON"):
             load_settings(config)
+
+
+PROFILES_TOML = """
+axis_order = "xyz"
+
+[[profiles]]
+name = "nnunet"
+match = "nnunet/**"
+axis_order = "zyx"
+channels = "argmax"
+library = ["refs/nnunet"]
+
+[[profiles]]
+name = "monai"
+match = "monai/**"
+"""
+
+
+class TestProfiles:
+    """`[[profiles]]` (README: Configuration, Profiles): read from every source, and
+    each mistake in one refused in the words of any other configuration error."""
+
+    def test_read_from_the_toml_file(self, tmp_path: Path) -> None:
+        """The TOML file's array of tables gives the profiles, in order."""
+        (tmp_path / "niftidrop.toml").write_text(PROFILES_TOML)
+        settings = load_settings(tmp_path / "niftidrop.toml")
+        assert [profile.name for profile in settings.profiles] == ["nnunet", "monai"]
+        assert settings.profiles[0].settings() == {
+            "axis_order": "zyx",
+            "channels": "argmax",
+            "library": [Path("refs/nnunet")],
+        }
+        assert settings.axis_order == "xyz"
+
+    def test_read_from_the_environment_and_a_flag_as_json(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """NIFTIDROP_PROFILES and --profiles take the same tables as JSON; the flag wins."""
+        monkeypatch.setenv("NIFTIDROP_PROFILES", json.dumps([{"name": "a", "match": "a/**"}]))
+        assert load_settings().profiles[0].name == "a"
+        flagged = load_settings(profiles=json.dumps([{"name": "b", "match": "**"}]))
+        assert [profile.name for profile in flagged.profiles] == ["b"]
+
+    @pytest.mark.parametrize(
+        ("table", "problem"),
+        [
+            (
+                'name = "a"\nmatch = "a/**"\ndtype = "int77"',
+                "key profiles[0].dtype: expected auto, keep, or a numeric NumPy dtype name "
+                '(uint8, float32...), found "int77" (not a NumPy dtype name)',
+            ),
+            (
+                'name = "a"\nmatch = "a/**"\ncompression_level = 9',
+                "key profiles[0].compression_level: expected a whole number from 0 to 3, found 9",
+            ),
+            (
+                'name = "a"\nmatch = "a/**"\nchanels = "argmax"',
+                "key profiles[0].chanels: unknown setting; did you mean `channels`?",
+            ),
+            (
+                'name = "a"\nmatch = "a/**"\nworkers = 2',
+                "key profiles[0].workers: unknown setting; expected one of: name, match, "
+                + ", ".join(PROFILE_KEYS),
+            ),
+            ('match = "a/**"', "key profiles[0].name: missing; expected text"),
+            ('name = "a"', "key profiles[0].match: missing; expected text"),
+            (
+                'name = "a"\nmatch = "/srv/inbox/a/**"',
+                "key profiles[0].match: expected a glob on the path relative to the inbox "
+                '(no leading /), found "/srv/inbox/a/**"',
+            ),
+        ],
+    )
+    def test_mistakes_name_the_file_the_profile_and_the_key(
+        self, tmp_path: Path, table: str, problem: str
+    ) -> None:
+        """A bad value, an unknown key (with the closest name, or the keys allowed),
+        a missing name or match and an absolute glob are configuration errors that
+        name the file, the profile's place and key, the value and what is allowed."""
+        toml = tmp_path / "niftidrop.toml"
+        toml.write_text(f"[[profiles]]\n{table}\n")
+        with pytest.raises(ConfigError) as raised:
+            load_settings(toml)
+        assert str(raised.value).startswith(f"{toml}, {problem}")
+
+    def test_two_profiles_with_one_name(self, tmp_path: Path) -> None:
+        """Two profiles of one name are refused, naming both places."""
+        toml = tmp_path / "niftidrop.toml"
+        toml.write_text(PROFILES_TOML.replace('"monai"', '"nnunet"'))
+        with pytest.raises(ConfigError) as raised:
+            load_settings(toml)
+        assert str(raised.value) == (
+            f"{toml}, key profiles: expected each profile name once, found 'nnunet' at "
+            "profiles[0] and profiles[1]"
+        )
+
+    def test_settings_with_profiles_pickle(self) -> None:
+        """Settings with profiles reach the conversion processes pickled, intact."""
+        settings = load_settings(profiles=[{"name": "a", "match": "a/**", "dtype": "uint8"}])
+        copied = pickle.loads(pickle.dumps(settings))
+        assert copied == settings
+        assert copied.profiles[0].settings() == {"dtype": "uint8"}
+
+    def test_json_that_is_not_a_list(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Profiles in the environment that are not JSON tables name the variable."""
+        monkeypatch.setenv("NIFTIDROP_PROFILES", '{"name": "a"')
+        with pytest.raises(ConfigError, match="environment variable NIFTIDROP_PROFILES: "):
+            load_settings()
+
+    def test_a_profile_library_joins_the_folder_checks(self, tmp_path: Path) -> None:
+        """A profile's library folders are indexed, and may not lie in the outbox."""
+        settings = load_settings(
+            root=tmp_path,
+            profiles=[{"name": "a", "match": "**", "library": ["outbox/refs", "library"]}],
+        )
+        assert settings.all_library_dirs == [tmp_path / "library", tmp_path / "outbox" / "refs"]
+        (problem,) = settings.folder_overlaps()
+        assert f"library {str(tmp_path / 'outbox' / 'refs')!r} is inside outbox" in problem
+
+    def test_check_prints_the_profiles_and_refuses_mistakes(self, tmp_path: Path) -> None:
+        """The real `niftidrop check` prints each profile with its effective values,
+        and exits 2 naming a mistake in one."""
+        toml = tmp_path / "niftidrop.toml"
+        toml.write_text(f'root = "{tmp_path}"\nnpz_key = "probabilities"\n{PROFILES_TOML}')
+        done = niftidrop("check", "--config", str(toml))
+        assert done.returncode == 0, done.stderr
+        printed = json.loads(done.stdout)["profiles"]
+        assert [entry["name"] for entry in printed] == ["nnunet", "monai"]
+        assert printed[0]["axis_order"] == "zyx"
+        assert printed[0]["npz_key"] == "probabilities"  # the top level's, in effect
+        assert printed[1]["axis_order"] == "xyz"
+        assert "library: " + str(tmp_path / "refs" / "nnunet") in done.stderr  # run makes it
+        toml.write_text(PROFILES_TOML + 'on_conflict = "skip"\n')
+        done = niftidrop("check", "--config", str(toml))
+        assert done.returncode == 2
+        assert f"{toml}, key profiles[1].on_conflict: expected one of: overwrite, rename, fail" in (
+            done.stderr
+        )
