@@ -42,7 +42,7 @@ HOOK_VARIABLES: Final = {
         ("id", "EVENT_ID"),
         ("input", "INPUT"),
         ("outputs", "OUTPUT"),
-        ("sidecar", "SIDECAR"),
+        ("sidecar", "SIDECAR_FILE"),
         ("archived", "ARCHIVED"),
         ("failed_as", "FAILED_AS"),
         ("error_file", "ERROR_FILE"),

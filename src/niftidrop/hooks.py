@@ -209,6 +209,7 @@ class Deliveries:
         self._queue: list[tuple[float, int, Pending]] = []  # heap of (due, order, event)
         self._order = itertools.count()
         self._busy = 0  # events being delivered
+        self._cut = 0  # events whose delivery the stop cut short (still pending)
         self._stopping = False
         self._stopped = False  # set once the service has stopped: nothing more is said
         self._threads: list[threading.Thread] = []
@@ -254,7 +255,7 @@ class Deliveries:
         for thread in self._threads:
             thread.join(timeout=KILLED_DELIVERY_SECONDS)
         with self._ready:
-            left = len(self._queue) + self._busy
+            left = len(self._queue) + self._busy + self._cut
             self._stopped = True
         if left:
             log.warning("events_left_pending", events=left, reason="delivered after the next start")
@@ -302,6 +303,8 @@ class Deliveries:
             try:
                 self._try(target, kind, pending)
             except _Interrupted:
+                with self._ready:
+                    self._cut += 1
                 return  # the stop killed it: pending, as it was
             except DeliveryFailed as failed:
                 pending.tries[target] = attempt
