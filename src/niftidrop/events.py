@@ -7,8 +7,8 @@ left (outputs, sidecar, the archived or failed input and its `.error.json`),
 `event` ("converted" or "failed") and an `id` unique to that finish.
 
 Delivery is at least once. `EventStore.record` writes the event to
-`<state>/events/<id>.json` (durably, with `fsync`) while the input is still
-claimed, before the unlink that makes its move final; only once the input has
+`<state>/events/<id>.json` while the input is still claimed, before the unlink
+that makes its move final; only once the input has
 left (`released`) is it handed to the delivery. A `kill -9` before the record
 leaves the input claimed: the next start finishes the move and records the event
 then. A kill after it leaves the event pending: the next start delivers it, or,
@@ -16,6 +16,12 @@ if the input is still claimed, keeps it for the redo, which records it again
 under the same `id` (the record names the claimed input and its inode). An event
 leaves the folder once each target has it (`remove`), or has refused it
 `hook_attempts` times.
+
+The record is not fsynced, as the claim's move record is not: the page cache
+keeps it through any crash of the process (`kill -9`, the OOM killer), and a
+fsync per input would cost more than converting a small one. After a power cut
+or a kernel crash within the kernel's writeback delay, an event whose input's
+unlink reached the disk can be lost (README: Hand-off).
 """
 
 from __future__ import annotations
@@ -125,7 +131,6 @@ class EventStore:
     def __init__(self, spool: SpoolFolders, settings: Settings) -> None:
         self.folder = spool.state / EVENTS
         self._spool = spool
-        self._durable = settings.fsync
         notify = [NOTIFY] if settings.notify_url else []
         self._targets = {
             "converted": ([HOOK] if settings.on_converted else []) + notify,
@@ -168,7 +173,7 @@ class EventStore:
                 # Before the write: a write that fails after naming the file is
                 # retried under the same id, not added under a second one.
                 self._unfinished[claimed] = pending
-        self.save(pending, durable=True)
+        self.save(pending)  # not fsynced: see the module docstring
 
     def released(self, claim: Claim) -> None:
         """The input of `claim` has left: its event goes to the listener."""
@@ -205,18 +210,18 @@ class EventStore:
                 ready.append(pending)
         return ready
 
-    def save(self, pending: Pending, *, durable: bool = False) -> None:
-        """Write `pending` (its tries so far); `durable` as the spool's records are."""
+    def save(self, pending: Pending) -> None:
+        """Write `pending` with its tries so far (not fsynced: see the module docstring)."""
         path = self.folder / f"{pending.id}.json"
-        owner, durable = self._spool.owner, durable and self._durable
+        owner = self._spool.owner
         try:
-            write_json_atomic(path, pending.record(), durable=durable, owner=owner, kind="event")
+            write_json_atomic(path, pending.record(), durable=False, owner=owner, kind="event")
         except FileNotFoundError:
             if self.folder.is_dir():
                 raise
             # The first event, or the state folder was removed (the guard makes it again).
             self.folder.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, pending.record(), durable=durable, owner=owner, kind="event")
+            write_json_atomic(path, pending.record(), durable=False, owner=owner, kind="event")
 
     def remove(self, pending: Pending) -> None:
         """`pending` is delivered (or dropped): it leaves the folder."""

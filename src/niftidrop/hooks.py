@@ -8,13 +8,16 @@ The standard library's urllib is enough for one POST with a timeout; the retries
 are ours, not an HTTP client's.
 
 `Deliveries` runs them on a few threads of its own (`DELIVERY_THREADS`), beside
-the workers, so that a slow hook never slows the spool. Each target of an event
-gets `hook_attempts` tries, with a pause that doubles from `FIRST_RETRY_SECONDS`
-up to `MAX_RETRY_SECONDS`; each failed try is logged (`hook_failed`,
-`notify_failed`), and after the last the event is dropped for that target
-(`event_dropped`, error, with the whole event as `payload`). A delivered or dropped event
-leaves the state folder. At a stop, deliveries in flight get until the stop's
-deadline (`shutdown_timeout`); what is left stays pending for the next start.
+the workers, so that a slow hook never slows the spool; those threads, and the
+hooks they start, run at nice `HOOK_NICENESS`, so that conversions keep the CPUs
+first (starting a process costs about as much CPU as converting a small input).
+Each target of an event gets `hook_attempts` tries, with a pause that doubles
+from `FIRST_RETRY_SECONDS` up to `MAX_RETRY_SECONDS`; each failed try is logged
+(`hook_failed`, `notify_failed`), and after the last the event is dropped for
+that target (`event_dropped`, an error, with the whole event as `payload`). A
+delivered or dropped event leaves the state folder. At a stop, deliveries in
+flight get until the stop's deadline (`shutdown_timeout`); what is left stays
+pending for the next start.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ if TYPE_CHECKING:
     from niftidrop.settings import Settings
 
 DELIVERY_THREADS: Final = 4
+# The nice value of the delivery threads, and so of the hooks they start.
+HOOK_NICENESS: Final = 10
 FIRST_RETRY_SECONDS: Final = 1.0
 MAX_RETRY_SECONDS: Final = 60.0
 # How much of a failing hook's stderr its `hook_failed` line quotes (the end of it).
@@ -263,6 +268,10 @@ class Deliveries:
     # On the delivery threads.
 
     def _work(self) -> None:
+        # Conversions first: this thread and the hooks it starts (which inherit its
+        # nice value) take the CPUs the conversions leave.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HOOK_NICENESS)
         while True:
             pending = self._take()
             if pending is None:

@@ -27,7 +27,6 @@ WRITTEN: Final = (
     "move_record",  # `.moving.json` in the claim folder: where the input goes
     "error_record",  # `<name>.error.json` in failed
     "drop",  # an input a producer writes into the inbox (`niftidrop.drop`)
-    "event",  # a hand-off event kept in `<state>/events` until it is delivered
 )
 STEPS: Final = (
     "claim_rename",  # inbox → claim folder
@@ -42,6 +41,9 @@ STEPS: Final = (
     "input_unlink",  # the claimed input leaves the claim folder
     "copy_unlink",  # the copy's temporary name goes, once the input has left
     "release",  # the claim folder is emptied for the next claim
+    "event_create",  # a hand-off event kept in `<state>/events` (no fsync: page cache)
+    "event_write",
+    "event_commit",
     "event_remove",  # a delivered event leaves `<state>/events`
     "heartbeat_create",  # the heartbeat (not durable: no fsync)
     "heartbeat_write",

@@ -253,6 +253,18 @@ class TestDeliveries:
         assert done["target"] == "on_converted"
         assert done["attempt"] == 1
 
+    def test_hooks_run_below_the_conversions_priority(
+        self, tmp_path: Path, running: Callable[[Deliveries], Deliveries]
+    ) -> None:
+        """A hook runs at nice HOOK_NICENESS above the service's: conversions come first."""
+        niceness = tmp_path / "nice"
+        code = "import os, sys; open(sys.argv[1], 'w').write(str(os.nice(0)))"
+        spool, delivery = deliveries(tmp_path, on_converted=python(code, str(niceness)))
+        running(delivery)
+        spool.handle(spool.claim(drop(spool, "a.npy")), converted)  # type: ignore[arg-type]
+        wait_until(lambda: pending_files(spool) == [], 10, "the delivery")
+        assert int(niceness.read_text()) == min(19, os.nice(0) + hooks.HOOK_NICENESS)
+
     @pytest.mark.usefixtures("quick_retries")
     def test_failed_tries_are_logged_then_the_event_is_dropped(
         self, tmp_path: Path, running: Callable[[Deliveries], Deliveries]
