@@ -321,41 +321,27 @@ class Deliveries:
                 continue
             del pending.tries[target]
             seconds = round(time.perf_counter() - started, 6)
-            self._say(
-                "info",
-                "event_delivered",
-                input=pending.input,
-                id=pending.id,
-                target=self._target_name(target, kind),
-                attempt=attempt,
-                seconds=seconds,
-            )
+            self._tell("info", "event_delivered", pending, target, attempt=attempt, seconds=seconds)
         for target, attempt, _ in failures:
             if attempt >= attempts:
                 del pending.tries[target]
         delay = backoff(max(pending.tries.values(), default=0))
         for target, attempt, reason in failures:
-            self._say(
+            logged = "hook_failed" if target == HOOK else "notify_failed"
+            retry_in = delay if attempt < attempts else None
+            self._tell(
                 "warning",
-                "hook_failed" if target == HOOK else "notify_failed",
-                input=pending.input,
-                id=pending.id,
-                target=self._target_name(target, kind),
+                logged,
+                pending,
+                target,
                 attempt=attempt,
                 attempts=attempts,
                 reason=reason,
-                retry_in=delay if attempt < attempts else None,
+                retry_in=retry_in,
             )
             if attempt >= attempts:
-                self._say(
-                    "error",
-                    "event_dropped",
-                    input=pending.input,
-                    id=pending.id,
-                    target=self._target_name(target, kind),
-                    attempts=attempts,
-                    payload=pending.event,  # `event` is the log line's own name
-                )
+                # The whole event, so that it can be replayed (`event` is the line's name).
+                self._tell("error", "event_dropped", pending, target, payload=pending.event)
         self._settle(pending, delay)
 
     def _try(self, target: str, kind: str, pending: Pending) -> None:
@@ -385,9 +371,17 @@ class Deliveries:
         if pending.tries:
             self.submit(pending, delay)
 
-    @staticmethod
-    def _target_name(target: str, kind: str) -> str:
-        return "notify_url" if target == NOTIFY else f"on_{kind}"
+    def _tell(self, level: str, name: str, pending: Pending, target: str, **fields: Any) -> None:
+        """Log what became of one target's try of `pending`."""
+        kind = pending.event.get("event")
+        self._say(
+            level,
+            name,
+            input=pending.input,
+            id=pending.id,
+            target="notify_url" if target == NOTIFY else f"on_{kind}",
+            **fields,
+        )
 
     def _say(self, level: str, name: str, **fields: Any) -> None:
         """Log, unless the service has stopped (nothing about an input after that)."""
