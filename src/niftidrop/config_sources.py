@@ -43,6 +43,7 @@ HOOK_VARIABLES: Final = {
         ("input", "INPUT"),
         ("outputs", "OUTPUT"),
         ("sidecar", "SIDECAR_FILE"),
+        ("dseg", "DSEG_FILE"),
         ("archived", "ARCHIVED"),
         ("failed_as", "FAILED_AS"),
         ("error_file", "ERROR_FILE"),

@@ -3,7 +3,7 @@ kept in the state folder until every target has it.
 
 An event is one JSON object per input that reaches archive or failed: the fields
 of its `input_converted` or `input_failed` log line, the absolute paths of what it
-left (outputs, sidecar, the archived or failed input and its `.error.json`),
+left (outputs, sidecar, label table, the archived or failed input and its `.error.json`),
 `event` ("converted" or "failed") and an `id` unique to that finish.
 
 Delivery is at least once. `EventStore.record` writes the event to
@@ -99,6 +99,7 @@ def event_of(outcome: Outcome, event_id: str) -> dict[str, Any]:
             **summary,
             "outputs": [str(path) for path in outputs],
             "sidecar": summary.get("sidecar"),
+            "dseg": summary.get("dseg"),  # the label table, beside a label map with labels
             "archived": None if outcome.archived_as is None else str(outcome.archived_as),
         }
     record = outcome.record

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from niftidrop.errors import ServiceError
 from niftidrop.guard import SpoolGuard
-from niftidrop.hooks import Deliveries
 from niftidrop.intake import Intake
 from niftidrop.logs import ProgressBar, get_logger
 from niftidrop.observers import choose_observer
@@ -125,7 +124,6 @@ class Service:
             convert_file=convert_file,
         )
         self.tally = self._pool.jobs.tally
-        self._deliveries = Deliveries(settings, self.spool.events)  # README: Hand-off
         self._intake = Intake(settings, self.spool, self._pool)
         self._watcher: InboxWatcher | None = None
         self._guard = SpoolGuard(self.spool)
@@ -214,7 +212,6 @@ class Service:
             self._board.start()  # before any input finishes: each one is recorded
             self._pool.jobs.record = self._board.record
         self._pool.recover()
-        self._deliveries.start()  # the events a previous run left, once its claims are known
         if observer is not None:
             self._watcher = self._intake.watcher(observer)
             self._watcher.start()
@@ -283,7 +280,7 @@ class Service:
 
     def _once_done(self, outstanding: int, patience_over: bool) -> bool:
         """`run --once` ends when every job is done and nothing is still settling."""
-        if outstanding or len(self._pool.retries) or not self._deliveries.idle():
+        if outstanding or len(self._pool.retries) or not self._pool.deliveries.idle():
             return False
         if len(self._intake) and not patience_over:
             return False
@@ -291,7 +288,6 @@ class Service:
         return True
 
     def shutdown(self) -> None:
-        deadline = time.monotonic() + self.settings.shutdown_timeout
         log.info("service_stopping", force=self._force_stop)
         self.notifier.notify("STOPPING=1")
         self._pool.stop_taking()
@@ -303,7 +299,6 @@ class Service:
         left = self._pool.stop(force=lambda: self._force_stop)
         if left:
             log.warning("inputs_left_claimed", inputs=left, reason="stopped before they finished")
-        self._deliveries.stop(deadline, force=lambda: self._force_stop)
         if self._pool.progress is not None:
             self._pool.progress.close()
         self._write_heartbeat(state="stopped")

@@ -61,6 +61,7 @@ class TestEventOf:
             "id": "id-1",
             **summary,
             "outputs": ["/o/site/a.nii.gz"],
+            "dseg": None,
             "archived": "/a/site/a.npy",
         }
 
