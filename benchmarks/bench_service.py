@@ -12,6 +12,9 @@ file at a time. niftidrop runs as `python -m niftidrop run` with its defaults
    the output being visible in the outbox. The baseline pays watchdog's pairing
    delay: each archive move is a move out of the watched folder, held 0.5 s.
 3. Idle CPU of the running service over IDLE seconds, from /proc/<pid>/stat.
+4. Hooks: the throughput run again with `on_converted = ["true"]` (a hook that exits
+   at once), in the same rounds; its wall time to the last input archived against
+   niftidrop's without a hook, and the time to the last hook run.
 
     python -m benchmarks service            # or: python -m benchmarks.bench_service
     python -m benchmarks.bench_service --files 200 --drops 10 --idle 5
@@ -41,6 +44,8 @@ nib: Any = nibabel  # nibabel's functions carry no annotations
 THROUGHPUT_BAR = 2.0  # niftidrop at least this many times the baseline's files per second
 LATENCY_BAR = 0.025  # median seconds from rename to visible output
 IDLE_CPU_BAR = 0.01  # fraction of one core while idle
+HOOK_BAR = 1.05  # wall time with a hook that exits at once, at most this times without
+HOOK = ["--on-converted", json.dumps(["true"])]
 SHAPE = (64, 64, 64)
 
 
@@ -117,11 +122,15 @@ class Child:
         self._reader.join(timeout=10)
 
 
-def start_niftidrop(root: Path) -> Child:
-    command = [sys.executable, "-m", "niftidrop", "run", "--log-format", "json"]
+def start_niftidrop(root: Path, *extra: str) -> Child:
+    command = [sys.executable, "-m", "niftidrop", "run", "--log-format", "json", *extra]
     child = Child(command, root)
     child.wait_for('"service_ready"')
     return child
+
+
+def start_hooked(root: Path) -> Child:
+    return start_niftidrop(root, *HOOK)
 
 
 def start_baseline(root: Path) -> Child:
@@ -191,15 +200,26 @@ def count_files(folder: Path) -> int:
         return 0
 
 
-def throughput(root: Path, staging: Path, files: int) -> float:
-    """Files per second from the first rename into the inbox to the last archived."""
+def throughput(
+    root: Path, staging: Path, files: int, hooks: Child | None = None
+) -> tuple[float, float | None]:
+    """Files per second from the first rename into the inbox to the last archived; with
+    `hooks` (a service with on_converted), also the seconds to the last hook run."""
     names = sorted(path.name for path in staging.iterdir())[:files]
     started = time.perf_counter()
     for name in names:
         (staging / name).rename(root / "inbox" / name)
     while count_files(root / "archive") < files:
         time.sleep(0.005)
-    return files / (time.perf_counter() - started)
+    rate = files / (time.perf_counter() - started)
+    if hooks is None:
+        return rate, None
+    deadline = time.monotonic() + 600
+    while sum('"event_delivered"' in line for line in list(hooks.lines)) < files:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the hooks did not all run")
+        time.sleep(0.005)
+    return rate, time.perf_counter() - started
 
 
 def latency(root: Path, staging: Path, drops: int) -> list[float]:
@@ -243,16 +263,29 @@ def measure(parent: Path, files: int, drops: int, idle: float, rounds: int) -> d
     for the one before it. Dirty pages are written out before each run.
     """
     source = build_spool(parent / "source", files + drops)
-    results: dict[str, Any] = {"niftidrop_files_per_second": [], "baseline_files_per_second": []}
-    methods = [("niftidrop", start_niftidrop), ("baseline", start_baseline)]
+    results: dict[str, Any] = {
+        "niftidrop_files_per_second": [],
+        "baseline_files_per_second": [],
+        "hooked_files_per_second": [],
+        "hooked_last_hook_seconds": [],
+    }
+    methods = [
+        ("niftidrop", start_niftidrop),
+        ("hooked", start_hooked),
+        ("baseline", start_baseline),
+    ]
     for turn in range(rounds):
         for method, start in methods if turn % 2 == 0 else methods[::-1]:
             root, staging = fresh_root(parent, f"{method}-{turn}", source)
             os.sync()
             child = start(root)
             try:
-                results[f"{method}_files_per_second"].append(throughput(root, staging, files))
-                if turn == 0:
+                hooks = child if method == "hooked" else None
+                rate, last_hook = throughput(root, staging, files, hooks)
+                results[f"{method}_files_per_second"].append(rate)
+                if last_hook is not None:
+                    results["hooked_last_hook_seconds"].append(last_hook)
+                if turn == 0 and method != "hooked":
                     results[f"{method}_latency"] = latency(root, staging, drops)
                     if method == "niftidrop":
                         results["niftidrop_idle_cpu"] = idle_cpu(child.process.pid, idle)
@@ -273,6 +306,13 @@ def report(results: dict[str, Any], files: int, idle: float) -> list[tuple[str, 
     worst = max(results["niftidrop_latency"]) * 1e3
     print(f"{'drop latency, worst (ms)':28}{worst:12.1f}")
     print(f"{f'idle CPU over {idle:g} s (%)':28}{results['niftidrop_idle_cpu'] * 100:12.2f}")
+    plain_wall, hooked_wall = files / ours, files / max(results["hooked_files_per_second"])
+    last_hook = min(results["hooked_last_hook_seconds"])
+    print(f"{'wall time, no hook (s)':28}{plain_wall:12.2f}  (best run)")
+    print(
+        f"{'wall time, on_converted (s)':28}{hooked_wall:12.2f}  (best run, to the last archived)"
+    )
+    print(f"{'  to the last hook run (s)':28}{last_hook:12.2f}  (best run)")
     return [
         (
             f"throughput {ours / theirs:.1f}x the baseline (bar {THROUGHPUT_BAR:g}x)",
@@ -285,6 +325,11 @@ def report(results: dict[str, Any], files: int, idle: float) -> list[tuple[str, 
         (
             f"idle CPU {idle_share * 100:.2f}% of a core (bar {IDLE_CPU_BAR * 100:g}%)",
             idle_share < IDLE_CPU_BAR,
+        ),
+        (
+            f"a hook that exits at once adds {(hooked_wall / plain_wall - 1) * 100:+.1f}% "
+            f"to the wall time (bar {(HOOK_BAR - 1) * 100:+.0f}%)",
+            hooked_wall <= HOOK_BAR * plain_wall,
         ),
     ]
 

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,8 @@ class ConversionResult:
     bytes_out: int  # total bytes of outputs on disk
     seconds: float
     labels_missing: tuple[int, ...] = ()  # values in a label map that `labels` does not name
+    # The files placed beside the outputs, by kind: "sidecar", "dseg" (those written).
+    beside: Mapping[str, Path] = field(default_factory=dict)
 
 
 def convert_file(
@@ -164,7 +166,7 @@ def convert_file(
             outputs=outputs,
             settings=settings,
         )
-        beside.place_all(out_dir / stem, plan, provenance, sidecar)
+        placed_beside = beside.place_all(out_dir / stem, plan, provenance, sidecar)
         if settings.fsync:
             fsync_folder(out_dir)
     except BaseException:
@@ -187,6 +189,7 @@ def convert_file(
         bytes_out=sum(recorded[final.name][2] for final in finals),
         seconds=time.perf_counter() - started,
         labels_missing=() if census is None else census.missing(),
+        beside=placed_beside,
     )
 
 
@@ -202,11 +205,12 @@ class _Beside:
     temps: list[Temporary]
     placed: list[tuple[Path, Temporary]]
 
-    def place(self, path: Path, text: bytes, kind: str) -> None:
+    def place(self, path: Path, text: bytes, kind: str) -> Path:
         """Write and name `path`, unless a crashed run of this conversion placed it
-        already; `kind` names its steps (`sidecar`, `dseg`)."""
-        if find_own(path, self.recorded.get(path.name)) is not None:
-            return
+        already; `kind` names its steps (`sidecar`, `dseg`). Returns the name given."""
+        found = find_own(path, self.recorded.get(path.name))
+        if found is not None:
+            return found
         settings = self.settings
         temp = write_temp(
             path, [text], compress=False, fsync=settings.fsync, owner=self.owner, kind=kind
@@ -217,6 +221,7 @@ class _Beside:
             write_journal(self.journal, self.recorded, durable=settings.fsync, owner=self.owner)
         given = commit(temp, path, on_conflict=settings.on_conflict, fsync=False, kind=kind)
         self.placed.append((given, temp))
+        return given
 
     def place_all(
         self,
@@ -224,15 +229,20 @@ class _Beside:
         plan: Plan,
         provenance: Mapping[str, object] | None,
         sidecar: Callable[[Mapping[str, object] | None], bytes],
-    ) -> None:
+    ) -> dict[str, Path]:
         """The label table (beside a label map), then the sidecar, its text from
-        `sidecar(provenance)` (`stem`: the outputs' folder and stem)."""
+        `sidecar(provenance)` (`stem`: the outputs' folder and stem); their names."""
         labels = self.settings.labels
+        given = {}
         if plan.label_map and labels is not None:
-            self.place(stem.with_name(stem.name + DSEG_SUFFIX), dseg_text(labels), "dseg")
+            table = stem.with_name(stem.name + DSEG_SUFFIX)
+            given["dseg"] = self.place(table, dseg_text(labels), "dseg")
             provenance = {"labels": sidecar_labels(labels), **(provenance or {})}
         if self.settings.sidecar:
-            self.place(stem.with_name(stem.name + ".json"), sidecar(provenance), "sidecar")
+            given["sidecar"] = self.place(
+                stem.with_name(stem.name + ".json"), sidecar(provenance), "sidecar"
+            )
+        return given
 
 
 def _commit(temp: Temporary, final: Path, *, settings: Settings, input_name: str) -> Path:

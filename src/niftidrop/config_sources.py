@@ -31,8 +31,24 @@ from pydantic_core import ErrorDetails
 from niftidrop.errors import ConfigError
 
 ENV_PREFIX: Final = "NIFTIDROP_"
-# The one NIFTIDROP_* variable that is no setting: it names the TOML file.
+# A NIFTIDROP_* variable that is no setting: it names the TOML file.
 CONFIG_VARIABLE: Final = ENV_PREFIX + "CONFIG"
+# The variables the service gives its hook commands (README: Hand-off), by the event's
+# key they carry: no settings, so a hook that runs niftidrop itself is not refused.
+HOOK_VARIABLES: Final = {
+    key: ENV_PREFIX + name
+    for key, name in (
+        ("event", "EVENT"),
+        ("id", "EVENT_ID"),
+        ("input", "INPUT"),
+        ("outputs", "OUTPUT"),
+        ("sidecar", "SIDECAR_FILE"),
+        ("dseg", "DSEG_FILE"),
+        ("archived", "ARCHIVED"),
+        ("failed_as", "FAILED_AS"),
+        ("error_file", "ERROR_FILE"),
+    )
+}
 SYSTEM_CONFIG: Final = Path("/etc/niftidrop/niftidrop.toml")
 LOCAL_CONFIG: Final = Path("niftidrop.toml")
 # A value quoted in a message is cut after this many characters (a pasted matrix).
@@ -147,6 +163,7 @@ class Sources:
         """A problem for each `NIFTIDROP_*` variable that names no setting."""
         settings = list(names)
         known = {ENV_PREFIX + name.upper() for name in settings} | {CONFIG_VARIABLE}
+        known |= set(HOOK_VARIABLES.values())
         return [
             f"environment variable {variable}: unknown setting"
             + _suggestion(

@@ -14,7 +14,7 @@ import os
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from niftidrop import names
 from niftidrop.arrays import file_kind
@@ -35,7 +35,9 @@ from niftidrop.claims import (
     read_json,
 )
 from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.events import EventStore
 from niftidrop.names import is_owned_by, temp_path_for
+from niftidrop.settings import Settings
 from niftidrop.steps import step
 from niftidrop.writer import (
     NO_HARD_LINKS,
@@ -46,10 +48,17 @@ from niftidrop.writer import (
     make_folders,
 )
 
+Finish = TypeVar("Finish", Converted, Failed)
+
 
 class Finisher(Claimer):
     """Claims taken to their end: converted and archived (or deleted), or failed with
     their `.error.json`; moves a crash interrupted are finished."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        # The hand-off's events (None without hooks), recorded before a move is final.
+        self.events = EventStore.of(self, settings)
 
     def handle(self, claim: Claim, convert: Converter) -> Outcome | None:
         """Take a claim to its end: resume what a crash interrupted, or convert it.
@@ -103,8 +112,7 @@ class Finisher(Claimer):
         if not self.delete_after_success:
             move = {"to": ARCHIVE, "summary": summary}
             archived_as = self._move(claim, move)
-        self._leave(claim, move)
-        return Converted(claim, summary, archived_as)
+        return self._leave(claim, move, Converted(claim, summary, archived_as))
 
     def fail(self, claim: Claim, record: dict[str, Any]) -> Failed:
         """Move the claimed input to failed together with its `.error.json`."""
@@ -114,8 +122,7 @@ class Finisher(Claimer):
         move: dict[str, Any] = {"to": FAILED}
         failed_as = self._move(claim, move, companion=ERROR_SUFFIX)
         self._write_error(failed_as, record)
-        self._leave(claim, move)
-        return Failed(claim, record, failed_as)
+        return self._leave(claim, move, Failed(claim, record, failed_as))
 
     def _write_error(self, failed_as: Path, record: Mapping[str, Any]) -> None:
         error_path = failed_as.with_name(failed_as.name + ERROR_SUFFIX)
@@ -183,14 +190,19 @@ class Finisher(Claimer):
         if not link_exclusive(target.with_name(move["copy"]), target):
             raise FileExistsError(errno.EEXIST, "taken meanwhile", str(target))
 
-    def _leave(self, claim: Claim, move: Mapping[str, Any] | None) -> None:
+    def _leave(self, claim: Claim, move: Mapping[str, Any] | None, outcome: Finish) -> Finish:
         """The input has its place in archive or failed (or is not kept): unlink its
-        copy's temporary name (the record keeps the copy's inode), then its claimed
-        name, and release the claim."""
+        copy's temporary name (the record keeps the copy's inode), record its event,
+        then unlink its claimed name and release the claim; returns `outcome`."""
         self._drop_copy(claim, move)
+        if self.events is not None:
+            self.events.record(outcome)  # before the move is final: at least once
         step("input_unlink")
         claim.path.unlink()
         self.release(claim)
+        if self.events is not None:
+            self.events.released(claim)
+        return outcome
 
     def _drop_copy(self, claim: Claim, move: Mapping[str, Any] | None) -> None:
         copy = None if move is None else move.get("copy")
@@ -234,13 +246,11 @@ class Finisher(Claimer):
             record = read_json(claim.folder / FAILURE_MARKER) or {}
             if not os.path.lexists(target.with_name(name + ERROR_SUFFIX)):
                 self._write_error(target, record)
-            self._leave(claim, move)
-            return Failed(claim, record, target)
+            return self._leave(claim, move, Failed(claim, record, target))
         summary = move.get("summary")
         if not isinstance(summary, dict):
             summary = read_json(claim.folder / CONVERTED_MARKER) or {}
-        self._leave(claim, move)
-        return Converted(claim, summary, target)
+        return self._leave(claim, move, Converted(claim, summary, target))
 
     def _resume_linked(self, claim: Claim, info: os.stat_result) -> Outcome | None:
         """A claim of an earlier version, after a crash between link and unlink: finish
@@ -253,11 +263,9 @@ class Finisher(Claimer):
                 record = read_json(claim.folder / FAILURE_MARKER) or {}
                 if not twin.with_name(twin.name + ERROR_SUFFIX).exists():
                     self._write_error(twin, record)
-                self._leave(claim, None)
-                return Failed(claim, record, twin)
+                return self._leave(claim, None, Failed(claim, record, twin))
             summary = read_json(claim.folder / CONVERTED_MARKER) or {}
-            self._leave(claim, None)
-            return Converted(claim, summary, twin)
+            return self._leave(claim, None, Converted(claim, summary, twin))
         return None
 
 

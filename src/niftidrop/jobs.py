@@ -296,6 +296,7 @@ class JobRunner:
             "bytes_in": result.bytes_in,
             "bytes_out": result.bytes_out,
             "seconds": round(result.seconds, 6),
+            **{kind: str(path) for kind, path in result.beside.items()},  # sidecar, dseg
         }
 
     def _resolve(self, name: str, profile: str | None) -> Match:

@@ -280,7 +280,7 @@ class Service:
 
     def _once_done(self, outstanding: int, patience_over: bool) -> bool:
         """`run --once` ends when every job is done and nothing is still settling."""
-        if outstanding or len(self._pool.retries):
+        if outstanding or len(self._pool.retries) or not self._pool.deliveries.idle():
             return False
         if len(self._intake) and not patience_over:
             return False

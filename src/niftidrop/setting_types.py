@@ -4,8 +4,8 @@ Each is a type with its checks attached, so that the settings model and a profil
 (which may set the same keys) check a value the same way, in one place: a library
 given as one string from the environment, a 4x4 affine, a dtype name, a regular
 expression with a group named key, a `host:port`, a table of label names (or the
-`dataset.json` that holds one). `ALLOWED` says in words what each
-accepts, for configuration errors.
+`dataset.json` that holds one), a hook command, an http(s) URL. `ALLOWED` says in
+words what each accepts, for configuration errors.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Final
 
@@ -36,6 +37,12 @@ ALLOWED: Final = {
     "flags, environment: JSON), or the path of an nnU-Net dataset.json",
     "profiles": "a list of tables, each with a name, a match glob and settings "
     "(flags, environment: JSON)",
+    **dict.fromkeys(
+        ("on_converted", "on_failed"),
+        "a command as a list of strings, the program first, run without a shell "
+        '(flags, environment: JSON, e.g. ["/usr/local/bin/upload", "--site", "a"])',
+    ),
+    "notify_url": "an http:// or https:// URL, e.g. http://127.0.0.1:8080/events",
 }
 
 
@@ -109,6 +116,31 @@ def _host_port(value: str | None) -> str | None:
     return value
 
 
+def _parse_command(value: Any) -> Any:
+    # From flags and the environment: JSON. An empty value is no command.
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        if value.lstrip().startswith("["):
+            return json.loads(value)
+    return value
+
+
+def _command_has_program(value: list[str] | None) -> list[str] | None:
+    if value is not None and (not value or not value[0]):
+        raise ValueError("expected a program to run (the first string)")
+    return value
+
+
+def _http_url(value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL with a host")
+    return value
+
+
 Folders = Annotated[
     list[Path], NoDecode, BeforeValidator(_split_library), AfterValidator(_library_not_empty)
 ]
@@ -125,6 +157,13 @@ KeyPattern = Annotated[str | None, AfterValidator(_pattern_has_key)]
 Address = Annotated[str | None, AfterValidator(_host_port)]
 # Read once, when the settings are made: a missing or bad dataset.json stops the start.
 Labels = Annotated[dict[int, str] | None, NoDecode, BeforeValidator(parse_labels)]
+Command = Annotated[
+    list[str] | None,
+    NoDecode,
+    BeforeValidator(_parse_command),
+    AfterValidator(_command_has_program),
+]
+HttpUrl = Annotated[str | None, AfterValidator(_http_url)]
 
 
 def parse_address(address: str, *, lowest_port: int = 0) -> tuple[str, int]:

@@ -30,8 +30,10 @@ from niftidrop.setting_types import (
     ALLOWED,
     Address,
     Affine,
+    Command,
     DtypePolicy,
     Folders,
+    HttpUrl,
     KeyPattern,
     Labels,
     json_text,
@@ -194,6 +196,17 @@ class Settings(BaseSettings):
     )
     conversion_timeout: float = Field(
         default=600.0, gt=0, description="seconds one conversion may take (then: a crash)"
+    )
+
+    # Hand-off to what comes next (README: Hand-off).
+    on_converted: Command = Field(default=None, description="command run for each converted input")
+    on_failed: Command = Field(default=None, description="command run for each failed input")
+    hook_timeout: float = Field(
+        default=30.0, gt=0, description="seconds a hook may run, then its process group is killed"
+    )
+    notify_url: HttpUrl = Field(default=None, description="URL each event is POSTed to")
+    hook_attempts: int = Field(
+        default=5, ge=1, description="tries of each delivery of an event, then it is dropped"
     )
 
     # Profiles (README: Configuration, Profiles).

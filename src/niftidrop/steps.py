@@ -41,6 +41,10 @@ STEPS: Final = (
     "input_unlink",  # the claimed input leaves the claim folder
     "copy_unlink",  # the copy's temporary name goes, once the input has left
     "release",  # the claim folder is emptied for the next claim
+    "event_create",  # a hand-off event kept in `<state>/events` (no fsync: page cache)
+    "event_write",
+    "event_commit",
+    "event_remove",  # a delivered event leaves `<state>/events`
     "heartbeat_create",  # the heartbeat (not durable: no fsync)
     "heartbeat_write",
     "heartbeat_commit",

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from niftidrop.errors import ServiceError
+from niftidrop.hooks import Deliveries
 from niftidrop.jobs import Job, JobRunner, Retries
 from niftidrop.logs import get_logger
 from niftidrop.processes import ConversionProcess
@@ -52,6 +53,8 @@ class WorkerPool:
         self.spool = spool
         self.retries = Retries(self.submit)
         self.jobs = JobRunner(settings, spool, self.retries, resolve=resolve, metrics=metrics)
+        # The hand-off's events, on threads of their own (README: Hand-off).
+        self.deliveries = Deliveries(settings, spool.events)
         self.progress: ProgressBar | None = None  # a bar advanced per job done (`--once`)
         # None: `niftidrop.api.convert_file` in a child process per worker; a
         # converter given here (tests) runs in the worker threads themselves.
@@ -98,6 +101,7 @@ class WorkerPool:
             log.info("spool_recovered", claims=len(claims), temporary_files_removed=removed)
         for claim in claims:
             self.submit(Job.claimed(claim), _mtime_ns(claim.path))
+        self.deliveries.start()  # the events it left, its claims known (their redo)
 
     def start_processes(self) -> None:
         """Start the conversion processes without waiting for them (see `start`)."""
@@ -145,7 +149,8 @@ class WorkerPool:
 
     def stop(self, *, force: Callable[[], bool]) -> int:
         """Let the workers finish their jobs (up to `shutdown_timeout`, unless `force()`),
-        then end the conversion processes; returns how many jobs were left running."""
+        then end the conversion processes, and let the deliveries in flight finish
+        within the same deadline; returns how many jobs were left running."""
         for _ in self._workers:
             self._queue.put((-1, next(self._order), None))
         deadline = time.monotonic() + self.settings.shutdown_timeout
@@ -154,6 +159,7 @@ class WorkerPool:
                 worker.join(timeout=0.1)
         left = sum(worker.is_alive() for worker in self._workers)
         self._stop_processes(force())
+        self.deliveries.stop(deadline, force=force)  # the rest of the same deadline
         return left
 
     def stopped(self) -> None:

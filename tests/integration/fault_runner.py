@@ -22,6 +22,7 @@ from faults import (
     Faults,
     Scenario,
     audit_final,
+    audit_hand_off,
     expected_outputs,
     fast_folder,
     input_digest,
@@ -88,6 +89,8 @@ def run_case(scenario: Scenario, name: str, occurrence: int) -> list[str] | None
         if code not in ((0, 1) if scenario.rejected else (0,)):
             problems.append(f"the restart exited with {code}")
         problems += audit_final(root, scenario, data, expected, renamed=False)
+        if scenario.hooked:
+            problems += audit_hand_off(root, delivered=True, twice=name == "event_remove")
         return [f"{where}: {problem}" for problem in problems]
 
 

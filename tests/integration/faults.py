@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import signal
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,6 +57,7 @@ class Scenario:
     settings: dict[str, Any] = field(default_factory=dict)
     rejected: bool = False  # its shape does not fit the reference: it ends in failed
     other_file_system: bool = False  # links into archive and failed are refused (EXDEV)
+    hooked: bool = False  # on_converted records each event it is given (README: Hand-off)
 
     def array(self) -> np.ndarray[Any, Any]:
         shape = (5, 5, 5) if self.rejected else (*SHAPE, 2) if self.split else SHAPE
@@ -74,7 +77,11 @@ SCENARIOS = (
     Scenario("failed", rejected=True),
     Scenario("copied", other_file_system=True),
     Scenario("copied_failed", rejected=True, other_file_system=True),
+    Scenario("hooked", hooked=True),
 )
+# The hooked scenario's on_converted: appends the event it reads to the file it names.
+HOOK = "import sys; open(sys.argv[1], 'a').write(sys.stdin.read() + '\\n')"
+HOOK_LOG = "hooked.jsonl"
 
 
 @contextmanager
@@ -104,6 +111,8 @@ def settings_for(root: Path, scenario: Scenario) -> Settings:
         "shutdown_timeout": 10,
         **scenario.settings,
     }
+    if scenario.hooked:
+        values["on_converted"] = [sys.executable, "-c", HOOK, str(root / HOOK_LOG)]
     return load_settings(**values)
 
 
@@ -292,6 +301,28 @@ def audit_final(
         temporaries = [name for name in files(root / folder) if is_temp_name(Path(name).name)]
         if temporaries:
             problems.append(f"temporary files left in {folder}: {temporaries}")
+    return problems
+
+
+def audit_hand_off(root: Path, *, delivered: bool, twice: bool = False) -> list[str]:
+    """The hooked scenario's event: still pending once (`delivered` False: nothing ran
+    the delivery), or delivered and gone; delivered once, or with `twice` (a kill
+    between the delivery and the event's removal) maybe twice, under one id."""
+    events = root / "inbox" / ".niftidrop" / "events"
+    kept = sorted(events.glob("*.json")) if events.is_dir() else []
+    log = root / HOOK_LOG
+    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    if not delivered:
+        if len(kept) != 1 or runs:
+            return [f"expected one pending event and no hook run: {kept} {runs}"]
+        return []
+    problems = []
+    if kept:
+        problems.append(f"events left pending after the restart: {kept}")
+    if len(runs) not in ((1, 2) if twice else (1,)) or len({run["id"] for run in runs}) != 1:
+        problems.append(f"expected the hook run once{' (or twice)' if twice else ''}: {runs}")
+    elif runs[0]["archived"] != str(root / "archive" / INPUT):
+        problems.append(f"the event names {runs[0]['archived']}, not the archived input")
     return problems
 
 

@@ -28,6 +28,7 @@ from faults import (
     Scenario,
     audit_consistent,
     audit_final,
+    audit_hand_off,
     expected_outputs,
     fast_folder,
     input_digest,
@@ -45,6 +46,8 @@ RUNNER = Path(__file__).with_name("fault_runner.py")
 HEARTBEAT_STEPS = {name for name in STEPS if name.startswith("heartbeat_")}
 # The producer's write into the inbox: its faults are tested in tests/unit/test_drop.py.
 DROP_STEPS = {name for name in STEPS if name.startswith("drop_")}
+# Taken by the service's deliveries, not by an input's life (`live`): killed on their own.
+DELIVERY_STEPS = {"event_remove"}
 
 
 @cache
@@ -73,6 +76,8 @@ def errno_case(scenario: Scenario, at: int, code: int) -> list[str]:
         problems = audit_consistent(root, scenario, data)
         retry(life, scenario)
         problems += audit_final(root, scenario, data, expected, renamed=code == errno.EEXIST)
+        if scenario.hooked:
+            problems += audit_hand_off(root, delivered=False)
         return [f"{where}: {problem}" for problem in problems]
 
 
@@ -80,7 +85,7 @@ class TestRegistry:
     def test_every_step_is_taken_by_some_scenario(self) -> None:
         """A new step without a scenario that reaches it fails here: the matrix is whole."""
         taken = {name for scenario in SCENARIOS for name in golden(scenario)[1]}
-        assert taken | HEARTBEAT_STEPS | DROP_STEPS == set(STEPS)
+        assert taken | HEARTBEAT_STEPS | DROP_STEPS | DELIVERY_STEPS == set(STEPS)
 
     def test_an_unregistered_step_name_is_caught(self) -> None:
         """Every name the protocol announces is in the registry."""
@@ -135,8 +140,10 @@ def kill_cases() -> list[tuple[str, str, int]]:
             cases[(scenario.name, name, occurrence)] = None
     for name in sorted(HEARTBEAT_STEPS):  # the service writes one as it starts
         cases[("archived", name, 0)] = None
+    for name in sorted(DELIVERY_STEPS):
+        cases[("hooked", name, 0)] = None
     for scenario in SCENARIOS:
-        if scenario.name in ("archived", "copied", "failed"):
+        if scenario.name in ("archived", "copied", "failed", "hooked"):
             trace = golden(scenario)[1]
             for index, name in enumerate(trace):
                 cases[(scenario.name, name, trace[:index].count(name))] = None
@@ -199,6 +206,14 @@ class TestKills:
         killed, problems = run_kills(cases)
         assert problems == []
         assert killed == len(cases)
+
+    def test_kill_9_between_archiving_and_the_hook(self) -> None:
+        """Killed with the input archived and its event kept (before the unlink, after it,
+        after the delivery): the hook still runs after the restart, for the same event."""
+        cases = [("hooked", name, 0) for name in ("input_unlink", "release", "event_remove")]
+        killed, problems = run_kills(cases)
+        assert killed == len(cases)
+        assert problems == []
 
     def test_kill_9_before_the_converted_record_with_rename(self) -> None:
         """on_conflict = rename, killed between the outputs' commit and the record: once."""

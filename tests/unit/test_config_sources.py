@@ -13,7 +13,14 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from niftidrop.config_sources import Sources, allowed, find_config_file, read_toml
+from niftidrop.config_sources import (
+    ENV_PREFIX,
+    HOOK_VARIABLES,
+    Sources,
+    allowed,
+    find_config_file,
+    read_toml,
+)
 from niftidrop.errors import ConfigError
 from niftidrop.settings import ALLOWED, Settings, load_settings
 
@@ -135,6 +142,19 @@ class TestThroughLoadSettings:
         toml.write_text("workers = 1\n")
         monkeypatch.setenv("NIFTIDROP_CONFIG", str(toml))
         assert load_settings().workers == 1
+
+    def test_the_hook_variables_are_no_unknown_settings(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A hook that runs niftidrop inherits NIFTIDROP_EVENT and the others: accepted."""
+        for name in HOOK_VARIABLES.values():
+            monkeypatch.setenv(name, "/srv/spool/archive/a.npy")
+        assert load_settings(workers=1).workers == 1
+
+    def test_no_hook_variable_names_a_setting(self) -> None:
+        """A hook variable is never read as a setting by a niftidrop the hook runs."""
+        settings = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+        assert not settings & set(HOOK_VARIABLES.values())
 
     def test_a_name_close_to_nothing_points_to_the_readme(
         self, monkeypatch: pytest.MonkeyPatch

@@ -173,6 +173,13 @@ class TestValidation:
             ("compression_level", 9),
             ("observer", "fsevents"),
             ("default_affine", "[[1, 0], [0, 1]]"),
+            ("on_converted", "upload.sh"),
+            ("on_converted", "[]"),
+            ("on_failed", '[""]'),
+            ("notify_url", "ftp://example.org/events"),
+            ("notify_url", "http://"),
+            ("hook_timeout", 0),
+            ("hook_attempts", 0),
         ],
     )
     def test_invalid_value_names_the_setting(self, name: str, value: object) -> None:
@@ -193,6 +200,41 @@ class TestValidation:
         expected = rf"^flag --workers: expected at most {most} \(each worker .*found {most + 1}"
         with pytest.raises(ConfigError, match=expected):
             load_settings(workers=most + 1)
+
+
+class TestHandOffSettings:
+    def test_defaults(self) -> None:
+        """No hook and no URL unless configured; 30 s and 5 tries (README: Hand-off)."""
+        settings = Settings()
+        assert settings.on_converted is None
+        assert settings.on_failed is None
+        assert settings.notify_url is None
+        assert settings.hook_timeout == 30
+        assert settings.hook_attempts == 5
+
+    def test_a_command_from_each_source(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A command is a list of strings: a TOML array, or JSON in a flag or variable."""
+        config = tmp_path / "n.toml"
+        config.write_text('on_converted = ["/usr/local/bin/upload", "--site", "a b"]\n')
+        assert load_settings(config).on_converted == ["/usr/local/bin/upload", "--site", "a b"]
+        monkeypatch.setenv("NIFTIDROP_ON_FAILED", '["report", "$(x)"]')
+        assert load_settings().on_failed == ["report", "$(x)"]
+        assert load_settings(on_failed='["flag"]').on_failed == ["flag"]
+
+    def test_an_empty_command_or_url_is_none(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An empty variable turns a hook or the URL off, as an unset one does."""
+        monkeypatch.setenv("NIFTIDROP_ON_CONVERTED", "")
+        monkeypatch.setenv("NIFTIDROP_NOTIFY_URL", "")
+        settings = load_settings()
+        assert settings.on_converted is None
+        assert settings.notify_url is None
+
+    def test_a_url_keeps_its_spelling(self) -> None:
+        """http and https URLs with a host are accepted as given."""
+        url = "https://pacs.example.org:8443/api/events?site=a"
+        assert load_settings(notify_url=url).notify_url == url
 
 
 class TestParseAddress:
