@@ -22,11 +22,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from niftidrop.arrays import open_input
+from niftidrop.arrays import InputArray, open_input
 from niftidrop.conversion import Plan, encode_volume, plan_conversion
 from niftidrop.errors import ConversionError, ErrorCode
 from niftidrop.journal import find_own, identity_of, read_journal, write_journal
 from niftidrop.names import input_stem, nifti_prefix
+from niftidrop.preview import preview_png
+from niftidrop.preview_slices import OutputWatch, watch_output, watched
 from niftidrop.reference import Reference, file_sha256, nib, read_reference, reference_sha256
 from niftidrop.settings import Settings
 from niftidrop.version import __version__
@@ -61,6 +63,8 @@ class ConversionResult:
     bytes_in: int  # input file size
     bytes_out: int  # total bytes of outputs on disk
     seconds: float
+    preview: Path | None = None  # the `<stem>.png` placed (settings.preview)
+    preview_error: str | None = None  # why the preview failed (the input converted anyway)
 
 
 def convert_file(
@@ -77,8 +81,10 @@ def convert_file(
 ) -> ConversionResult:
     """Convert one .npy/.npz into out_dir/<stem>.nii.gz (.nii if not settings.compress;
     <stem>_c<N>.nii.gz per channel with channels="split"; optional <stem>.json sidecar
-    with settings.sidecar). stem defaults to the source's stem (the spool passes the
-    original name's stem because the claimed file has another name). reference=None means
+    with settings.sidecar; a <stem>.png preview with settings.preview, whose failure
+    is reported in the result's preview_error, not raised). stem defaults to the
+    source's stem (the spool passes the original name's stem because the claimed file
+    has another name). reference=None means
     no reference: use `affine` (or identity). on_conflict handled here (overwrite = atomic
     replace, rename = unique suffix before the extension, fail = ConversionError
     OUTPUT_CONFLICT). provenance: extra fields for the sidecar (e.g. {"input": "sub/a.npz",
@@ -117,6 +123,8 @@ def convert_file(
         check_free([final for final in finals if done[final] is None], source.name)
     temps: list[Temporary] = []
     placed: list[tuple[Path, Temporary]] = []
+    # With a preview, the centre of the prediction is found as the output is written.
+    watch = watch_output(plan) if settings.preview else None
     outputs_found: dict[Path, Path] = {}
     try:
         # All or nothing: every output is complete on disk and every final name is
@@ -127,7 +135,7 @@ def convert_file(
             if final not in outputs_found:
                 temp = write_temp(
                     final,
-                    encode_volume(volume, array),
+                    watched(encode_volume(volume, array), watch),
                     compress=settings.compress,
                     level=settings.compression_level,
                     threads=settings.threads,
@@ -148,8 +156,22 @@ def convert_file(
             placed.append((given, temp))
             outputs_found[final] = given
         outputs = tuple(outputs_found[final] for final in finals)
+        preview, preview_error = _preview(
+            out_dir / f"{stem}.png",
+            plan,
+            ref,
+            array,
+            name=str((provenance or {}).get("input", source.name)),
+            watch=watch,
+            settings=settings,
+            owner=owner,
+            journal=journal,
+            recorded=recorded,
+            temps=temps,
+            placed=placed,
+        )
         if settings.sidecar:
-            _place_sidecar(
+            _place_file(
                 out_dir / f"{stem}.json",
                 _sidecar_text(
                     source=source, reference=ref, plan=plan, outputs=outputs, provenance=provenance
@@ -182,11 +204,37 @@ def convert_file(
         # From the temporaries' descriptors: a consumer may have taken the outputs away.
         bytes_out=sum(recorded[final.name][2] for final in finals),
         seconds=time.perf_counter() - started,
+        preview=preview,
+        preview_error=preview_error,
     )
 
 
-def _place_sidecar(
-    sidecar: Path,
+def _preview(
+    path: Path,
+    plan: Plan,
+    reference: Reference | None,
+    array: InputArray,
+    *,
+    name: str,
+    watch: OutputWatch | None,
+    settings: Settings,
+    **placing: Any,
+) -> tuple[Path | None, str | None]:
+    """With settings.preview: render `<stem>.png` and place it as `_place_file` does
+    (on_conflict, the journal); returns its name, or why it could not be rendered.
+    A preview that fails to render is reported in the result (the service logs
+    `preview_failed`), never raised: it must not fail the input."""
+    if not settings.preview:
+        return None, None
+    try:
+        png = preview_png(plan, reference, name=name, release=array.release_pages, watch=watch)
+    except Exception as error:
+        return None, f"{type(error).__name__}: {error}"
+    return _place_file(path, png, settings=settings, kind="preview", **placing), None
+
+
+def _place_file(
+    path: Path,
     text: bytes,
     *,
     settings: Settings,
@@ -195,19 +243,21 @@ def _place_sidecar(
     recorded: dict[str, list[int]],
     temps: list[Temporary],
     placed: list[tuple[Path, Temporary]],
-) -> None:
-    """Write and name the provenance sidecar, unless a crashed run placed it already."""
-    if find_own(sidecar, recorded.get(sidecar.name)) is not None:
-        return
-    temp = write_temp(
-        sidecar, [text], compress=False, fsync=settings.fsync, owner=owner, kind="sidecar"
-    )
+    kind: str = "sidecar",
+) -> Path:
+    """Write and name a small file beside the outputs (the provenance sidecar, the
+    preview), unless a crashed run placed it already; returns its name."""
+    own = find_own(path, recorded.get(path.name))
+    if own is not None:
+        return own
+    temp = write_temp(path, [text], compress=False, fsync=settings.fsync, owner=owner, kind=kind)
     temps.append(temp)
-    recorded[sidecar.name] = identity_of(temp)
+    recorded[path.name] = identity_of(temp)
     if journal is not None:
         write_journal(journal, recorded, durable=settings.fsync, owner=owner)
-    given = commit(temp, sidecar, on_conflict=settings.on_conflict, fsync=False, kind="sidecar")
+    given = commit(temp, path, on_conflict=settings.on_conflict, fsync=False, kind=kind)
     placed.append((given, temp))
+    return given
 
 
 def _commit(temp: Temporary, final: Path, *, settings: Settings, input_name: str) -> Path:

@@ -306,6 +306,8 @@ def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
                 reference = args.reference if library is None else library.resolve(source.name)
                 result = convert_input(source, out_dir, reference, settings=settings)
                 bar.write(f"{source} -> {', '.join(str(path) for path in result.outputs)}")
+                if result.preview_error is not None:  # converted all the same: exit 0
+                    bar.write(f"{source}: preview_failed: {result.preview_error}", file=sys.stderr)
             except ConversionError as error:
                 failed += 1
                 bar.write(f"{source}: {error.code.value}: {error.message}", file=sys.stderr)

@@ -275,6 +275,8 @@ class JobRunner:
             journal=claim.folder / COMMIT_RECORD if self.spool.remember_conversions else None,
         )
         outputs = [str(path) for path in result.outputs]
+        if result.preview_error is not None:  # the input converted all the same
+            log.warning("preview_failed", input=str(claim.relative), error=result.preview_error)
         return {
             "input": str(claim.relative),
             "reference": None if match.reference is None else str(match.reference),
@@ -286,6 +288,7 @@ class JobRunner:
             "bytes_in": result.bytes_in,
             "bytes_out": result.bytes_out,
             "seconds": round(result.seconds, 6),
+            **({"preview": str(result.preview)} if result.preview is not None else {}),
         }
 
     def _resolve(self, name: str) -> Match:

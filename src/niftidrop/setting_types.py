@@ -3,8 +3,8 @@
 Each is a type with its checks attached, so that the settings model and a profile
 (which may set the same keys) check a value the same way, in one place: a library
 given as one string from the environment, a 4x4 affine, a dtype name, a regular
-expression with a group named key, a `host:port`. `ALLOWED` says in words what each
-accepts, for configuration errors.
+expression with a group named key, a `host:port`, `preview` (which needs Pillow).
+`ALLOWED` says in words what each accepts, for configuration errors.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ ALLOWED: Final = {
     "dtype": "auto, keep, or a numeric NumPy dtype name (uint8, float32...)",
     "key_pattern": "a regular expression with a group named key, (?P<key>...)",
     "metrics_address": _ADDRESS,
+    "preview": "true or false; true needs Pillow (pip install 'niftidrop[preview]')",
 }
 
 
@@ -91,6 +92,19 @@ def _pattern_has_key(value: str | None) -> str | None:
     return value
 
 
+def _pillow_installed(value: bool) -> bool:
+    # Checked once, at start: a missing extra would otherwise fail every input's preview.
+    if value:
+        try:
+            from PIL import Image, ImageDraw, ImageFont  # noqa: F401
+        except ImportError as exc:
+            raise ValueError(
+                "previews need Pillow, which is not installed: "
+                f"pip install 'niftidrop[preview]' ({exc})"
+            ) from None
+    return value
+
+
 def _host_port(value: str | None) -> str | None:
     if value is None or value == "":
         return None
@@ -115,6 +129,7 @@ DtypePolicy = Annotated[
 ]
 KeyPattern = Annotated[str | None, AfterValidator(_pattern_has_key)]
 Address = Annotated[str | None, AfterValidator(_host_port)]
+PreviewSwitch = Annotated[bool, AfterValidator(_pillow_installed)]
 
 
 def parse_address(address: str, *, lowest_port: int = 0) -> tuple[str, int]:

@@ -31,6 +31,7 @@ from niftidrop.setting_types import (
     DtypePolicy,
     Folders,
     KeyPattern,
+    PreviewSwitch,
     parse_address,
 )
 
@@ -156,6 +157,9 @@ class Settings(BaseSettings):
     compression_level: int = Field(default=1, ge=0, le=3, description="igzip level 0-3")
     compression_threads: int = Field(default=0, ge=0, description="0: one per CPU")
     sidecar: bool = Field(default=False, description="write <stem>.json provenance")
+    preview: PreviewSwitch = Field(
+        default=False, description="write <stem>.png, a QC picture (needs niftidrop[preview])"
+    )
 
     # Service (README: Configuration, Logs).
     workers: Workers = Field(

@@ -20,6 +20,7 @@ WRITE_PHASES: Final = ("create", "write", "fsync", "commit")
 WRITTEN: Final = (
     "output",  # a NIfTI output in the outbox
     "sidecar",  # its provenance `<stem>.json`
+    "preview",  # its QC picture `<stem>.png`
     "commit_record",  # `.committing.json` in the claim folder: the outputs' inodes
     "converted_record",  # `.converted.json` in the claim folder
     "failure_record",  # `.failure.json` in the claim folder

@@ -69,7 +69,7 @@ SCENARIOS = (
     Scenario("archived"),
     Scenario("deleted", {"after_success": "delete"}),
     Scenario("renamed", {"on_conflict": "rename"}),
-    Scenario("split", {"channels": "split", "sidecar": True}),
+    Scenario("split", {"channels": "split", "sidecar": True, "preview": True}),
     Scenario("failed", rejected=True),
     Scenario("copied", other_file_system=True),
     Scenario("copied_failed", rejected=True, other_file_system=True),
