@@ -153,13 +153,19 @@ def preview_png(
     else:
         grey = [np.zeros(part.shape, dtype=np.float32) for part in predicted]
     orientation = Orientation.of(plan.volumes[0].header.get_best_affine())
-    notes = [f"{len(prediction.channels)} channels: their argmax"] * (len(prediction.channels) > 1)
-    if found is None:
+    notes = notes_for(len(prediction.channels), found is not None, orientation)
+    return _draw(orientation, grey, predicted, labels=prediction.labels, lines=[name, *notes])
+
+
+def notes_for(channels: int, found: bool, orientation: Orientation) -> list[str]:
+    """The lines a preview adds under the name and labels: what it chose and why."""
+    notes = [f"{channels} channels: their argmax"] if channels > 1 else []
+    if not found:
         notes.append("empty prediction: volume centre")
     if orientation.obliquity > OBLIQUE_RADIANS:
         degrees = math.degrees(orientation.obliquity)
         notes.append(f"oblique ({degrees:.1f} deg): closest orthogonal orientation")
-    return _draw(orientation, grey, predicted, labels=prediction.labels, lines=[name, *notes])
+    return notes
 
 
 def _draw(

@@ -98,10 +98,7 @@ def _pillow_installed(value: bool) -> bool:
         try:
             from PIL import Image, ImageDraw, ImageFont  # noqa: F401
         except ImportError as exc:
-            raise ValueError(
-                "previews need Pillow, which is not installed: "
-                f"pip install 'niftidrop[preview]' ({exc})"
-            ) from None
+            raise ValueError(f"Pillow is not installed: {exc}") from None
     return value
 
 
