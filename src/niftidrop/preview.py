@@ -14,19 +14,22 @@ shown in its closest orthogonal orientation, and the picture says so. Each
 panel is scaled to physical size (mm): one pixel size for all three, bilinear
 for the reference and nearest-neighbour for the prediction (labels never blend).
 
-Pillow is imported only here, and only when a preview is drawn: it is the
-optional extra `niftidrop[preview]`.
+Pillow (the optional extra `niftidrop[preview]`) is imported only here, and only
+when a preview is drawn: it resizes the panels and writes the text in its own
+bitmap font. The PNG file itself is written by `png_bytes`, with ISA-L.
 """
 
 from __future__ import annotations
 
 import colorsys
-import io
 import math
+import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+import isal.isal_zlib
 import numpy as np
 import numpy.typing as npt
 
@@ -42,6 +45,7 @@ from niftidrop.preview_slices import (
 from niftidrop.reference import SPATIAL, Reference, nib
 
 Array = npt.NDArray[Any]
+isal_zlib: Any = isal.isal_zlib  # ISA-L ships without type hints
 
 # The longest side of a panel, in pixels, for the volume's longest physical extent.
 PANEL_PIXELS: Final = 256
@@ -190,7 +194,7 @@ def _draw(
     counts = (backgrounds[0].shape[1], backgrounds[0].shape[0], backgrounds[1].shape[0])
     extents = [n * zoom for n, zoom in zip(counts, orientation.zooms, strict=True)]
     scale = PANEL_PIXELS / max(extents)
-    magnitude = _magnitude(predicted)
+    magnitude = 1.0 if labels else _magnitude(predicted)
     panels, values_shown = [], []
     for (_, world_axis, _), background, overlay in zip(PANELS, backgrounds, overlays, strict=True):
         cols_axis, rows_axis = (axis for axis in range(SPATIAL) if axis != world_axis)
@@ -214,9 +218,33 @@ def _draw(
         left += panel.shape[1] + GAP
     image = Image.fromarray(canvas, mode="RGB")
     _write_text(ImageDraw.Draw(image), panels, lines, top)
-    stream = io.BytesIO()
-    image.save(stream, format="PNG", compress_level=1)  # fast: the preview must be cheap
-    return stream.getvalue()
+    return png_bytes(np.asarray(image))
+
+
+def png_bytes(rgb: Array) -> bytes:
+    """An RGB image (rows x columns x 3, uint8) as a PNG file.
+
+    Written here rather than by Pillow: rows unfiltered and deflated by ISA-L at
+    level 1 make a file as small as Pillow's fastest in about a twentieth of the
+    time (its adaptive row filters cost more than the picture is worth here).
+    """
+    height, width = rgb.shape[:2]
+    rows = np.empty((height, width * 3 + 1), dtype=np.uint8)
+    rows[:, 0] = 0  # filter type None
+    rows[:, 1:] = rgb.reshape(height, width * 3)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"".join(
+        [
+            b"\x89PNG\r\n\x1a\n",
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", isal_zlib.compress(rows.tobytes(), 1)),
+            _png_chunk(b"IEND", b""),
+        ]
+    )
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def _window(grey: list[Array]) -> tuple[float, float]:

@@ -152,6 +152,7 @@ def converter(spool: Spool, settings: Settings) -> Callable[[Claim], dict[str, A
             settings=settings,
             reference=reference,
             stem=claim.stem,
+            provenance={"input": str(claim.relative)},  # as the workers pass it
             owner=spool.owner_for(claim),
             journal=claim.folder / COMMIT_RECORD if spool.remember_conversions else None,
         )

@@ -10,6 +10,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from niftidrop import steps
@@ -25,6 +27,7 @@ from niftidrop.preview import (
     heat_colours,
     label_colour,
     notes_for,
+    png_bytes,
 )
 from niftidrop.settings import Settings
 
@@ -289,6 +292,17 @@ class TestContent:
 
 
 class TestWriting:
+    @given(
+        hnp.arrays(np.uint8, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=40)).map(
+            lambda plane: np.stack([plane, plane[::-1], 255 - plane], axis=-1)
+        )
+    )
+    def test_png_bytes_read_back_as_the_pixels(self, rgb: np.ndarray) -> None:
+        """Any RGB image written by png_bytes reads back, with Pillow, pixel for pixel."""
+        with Image.open(io.BytesIO(png_bytes(rgb))) as image:
+            assert image.mode == "RGB"
+            assert np.array_equal(np.asarray(image), rgb)
+
     def test_the_png_never_shows_partial_under_its_name(self, tmp_path: Path) -> None:
         """Until its commit the name does not exist; at the commit the temporary holds the
         whole PNG (a fault at any step leaves no partial file: the fault matrix)."""
