@@ -8,12 +8,13 @@ functions of the same names, with niftidrop's safety rules.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -125,6 +126,15 @@ def convert_file(
     placed: list[tuple[Path, Temporary]] = []
     # With a preview, the centre of the prediction is found as the output is written.
     watch = watch_output(plan) if settings.preview else None
+    place = functools.partial(
+        _place_file,
+        settings=settings,
+        owner=owner,
+        journal=journal,
+        recorded=recorded,
+        temps=temps,
+        placed=placed,
+    )
     outputs_found: dict[Path, Path] = {}
     try:
         # All or nothing: every output is complete on disk and every final name is
@@ -163,26 +173,14 @@ def convert_file(
             array,
             name=str((provenance or {}).get("input", source.name)),
             watch=watch,
-            settings=settings,
-            owner=owner,
-            journal=journal,
-            recorded=recorded,
-            temps=temps,
-            placed=placed,
+            place=place,
+            enabled=settings.preview,
         )
         if settings.sidecar:
-            _place_file(
-                out_dir / f"{stem}.json",
-                _sidecar_text(
-                    source=source, reference=ref, plan=plan, outputs=outputs, provenance=provenance
-                ),
-                settings=settings,
-                owner=owner,
-                journal=journal,
-                recorded=recorded,
-                temps=temps,
-                placed=placed,
+            sidecar = _sidecar_text(
+                source=source, reference=ref, plan=plan, outputs=outputs, provenance=provenance
             )
+            place(out_dir / f"{stem}.json", sidecar)
         if settings.fsync:
             fsync_folder(out_dir)
     except BaseException:
@@ -217,20 +215,20 @@ def _preview(
     *,
     name: str,
     watch: OutputWatch | None,
-    settings: Settings,
-    **placing: Any,
+    place: Callable[..., Path],
+    enabled: bool,
 ) -> tuple[Path | None, str | None]:
-    """With settings.preview: render `<stem>.png` and place it as `_place_file` does
-    (on_conflict, the journal); returns its name, or why it could not be rendered.
-    A preview that fails to render is reported in the result (the service logs
-    `preview_failed`), never raised: it must not fail the input."""
-    if not settings.preview:
+    """When `enabled` (settings.preview): render `<stem>.png` and `place` it (as
+    `_place_file` does: on_conflict, the journal); returns its name, or why it could
+    not be rendered. A preview that fails to render is reported in the result (the
+    service logs `preview_failed`), never raised: it must not fail the input."""
+    if not enabled:
         return None, None
     try:
         png = preview_png(plan, reference, name=name, release=array.release_pages, watch=watch)
     except Exception as error:
         return None, f"{type(error).__name__}: {error}"
-    return _place_file(path, png, settings=settings, kind="preview", **placing), None
+    return place(path, png, kind="preview"), None
 
 
 def _place_file(

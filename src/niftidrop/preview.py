@@ -50,21 +50,24 @@ isal_zlib: Any = isal.isal_zlib  # ISA-L ships without type hints
 # The longest side of a panel, in pixels, for the volume's longest physical extent.
 PANEL_PIXELS: Final = 256
 OPACITY: Final = 0.5
-# Labels 1 to 12 (Sasha Trubetskoy's distinct colours, the greys left out); higher
-# values step round the hue circle by the golden angle, so neighbours differ.
-PALETTE: Final = (
-    (230, 25, 75),  # red
-    (60, 180, 75),  # green
-    (0, 130, 200),  # blue
-    (255, 225, 25),  # yellow
-    (245, 130, 48),  # orange
-    (145, 30, 180),  # purple
-    (70, 240, 240),  # cyan
-    (240, 50, 230),  # magenta
-    (210, 245, 60),  # lime
-    (250, 190, 212),  # pink
-    (0, 128, 128),  # teal
-    (170, 110, 40),  # brown
+# Labels 1 to 12 (Sasha Trubetskoy's distinct colours, the greys left out).
+# Higher values step round the hue circle by the golden angle, so neighbours differ.
+PALETTE: Final = tuple(
+    (int(code[0:2], 16), int(code[2:4], 16), int(code[4:6], 16))
+    for code in [
+        "e6194b",  # red
+        "3cb44b",  # green
+        "0082c8",  # blue
+        "ffe119",  # yellow
+        "f58230",  # orange
+        "911eb4",  # purple
+        "46f0f0",  # cyan
+        "f032e6",  # magenta
+        "d2f53c",  # lime
+        "fabed4",  # pink
+        "008080",  # teal
+        "aa6e28",  # brown
+    ]
 )
 _GOLDEN: Final = (math.sqrt(5) - 1) / 2
 # An affine this far (radians) from its closest orthogonal orientation is "oblique".

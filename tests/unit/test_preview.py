@@ -89,6 +89,13 @@ def panels(image: Image.Image, widths: list[int], height: int) -> list[np.ndarra
     return found
 
 
+def axial_panel(folder: Path, data: np.ndarray) -> np.ndarray:
+    """The axial panel of `data`'s preview over a black RAS reference of its shape."""
+    ref = reference(folder, RAS, data.shape[:3], "ref.nii")
+    image, _ = convert(folder, data, ref)
+    return panels(image, [PANEL_PIXELS] * 3, PANEL_PIXELS)[0]
+
+
 def blended(colour: tuple[int, int, int], grey: float = 0.0) -> np.ndarray:
     """A colour laid over `grey` at the preview's opacity, as the PNG stores it."""
     return np.round(grey + OPACITY * (np.array(colour, dtype=np.float64) - grey))
@@ -188,14 +195,11 @@ class TestScaling:
 class TestColours:
     def test_each_label_gets_its_palette_colour(self, tmp_path: Path) -> None:
         """Labels 1, 2 and 13 are drawn in their own colours; 0 is not drawn."""
-        shape = (SIZE, SIZE, SIZE)
-        ref = reference(tmp_path, RAS, shape, "ref.nii")
-        data = np.zeros(shape, np.int16)
+        data = np.zeros((SIZE, SIZE, SIZE), np.int16)
         data[2:8, 8:12, 8:12] = 1
         data[8:12, 8:12, 8:12] = 2
         data[12:18, 8:12, 8:12] = 13
-        image, _ = convert(tmp_path, data, ref)
-        axial = panels(image, [PANEL_PIXELS] * 3, PANEL_PIXELS)[0]
+        axial = axial_panel(tmp_path, data)
         for value in (1, 2, 13):
             where(axial, blended(label_colour(value)))
         assert len({label_colour(value) for value in range(1, 40)}) == 39
@@ -214,13 +218,10 @@ class TestColours:
 
     def test_float_maps_are_a_heat_map(self, tmp_path: Path) -> None:
         """Float values: the hot colour map, scaled to the largest value shown."""
-        shape = (SIZE, SIZE, SIZE)
-        ref = reference(tmp_path, RAS, shape, "ref.nii")
-        data = np.zeros(shape, np.float32)
+        data = np.zeros((SIZE, SIZE, SIZE), np.float32)
         data[4:16, 4:16, 4:16] = 0.5
         data[8:12, 8:12, 8:12] = 1.0
-        image, _ = convert(tmp_path, data, ref)
-        axial = panels(image, [PANEL_PIXELS] * 3, PANEL_PIXELS)[0]
+        axial = axial_panel(tmp_path, data)
         for value in (0.5, 1.0):
             colour = heat_colours(np.array([value]))[0]
             where(axial, blended((int(colour[0]), int(colour[1]), int(colour[2]))))
