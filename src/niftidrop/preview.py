@@ -75,6 +75,7 @@ OBLIQUE_RADIANS: Final = 1e-3
 WINDOW_SAMPLE: Final = 65536
 GAP: Final = 4  # pixels between panels
 TEXT_LINE: Final = 12  # pixels per line of the bitmap font
+LETTER: Final = (8, 11)  # the patch behind an edge letter, in pixels
 # Display axes: R (patient left -> right), A (posterior -> anterior), S (inferior -> superior).
 _RAS: Final = nib.orientations.axcodes2ornt(("R", "A", "S"))
 # Each panel: its name, the world axis it cuts, and the letters at its left/right and top/bottom.
@@ -334,8 +335,13 @@ def _write_text(draw: Any, panels: list[Array], lines: list[str], top: int) -> N
         height, width = panel.shape[:2]
         draw.text((left + 2, top + height), title, fill=white, font=font)
         middle_row, middle_col = top + height // 2 - 4, left + width // 2 - 3
-        draw.text((left + 2, middle_row), west, fill=white, font=font)
-        draw.text((left + width - 8, middle_row), east, fill=white, font=font)
-        draw.text((middle_col, top + 1), north, fill=white, font=font)
-        draw.text((middle_col, top + height - 10), south, fill=white, font=font)
+        for letter, x, y in (
+            (west, left + 1, middle_row),
+            (east, left + width - 8, middle_row),
+            (north, middle_col, top + 1),
+            (south, middle_col, top + height - 11),
+        ):
+            # On a black patch: the letters stay legible over bright tissue.
+            draw.rectangle((x, y, x + LETTER[0] - 1, y + LETTER[1] - 1), fill=(0, 0, 0))
+            draw.text((x + 1, y), letter, fill=white, font=font)
         left += width + GAP
