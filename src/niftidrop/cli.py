@@ -180,22 +180,21 @@ def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     """Print how many files each spool folder holds and the heartbeat's age."""
     import json
-    import time
 
     from niftidrop.spool import Spool
+    from niftidrop.status import status_report
 
     if _report_errors(_no_spool(settings)):
         return ExitCode.BAD_CONFIG
     spool = Spool(settings)
-    age = spool.heartbeat_age(time.time())
-    state = _service_state(spool)
-    report: dict[str, object] = {**spool.counts(), "heartbeat_age": age, "state": state}
+    counts = spool.counts()
+    report = status_report(spool, counts)
     if args.json:
         print(json.dumps(report))
         return ExitCode.OK
-    for name, count in report.items():
-        if name not in ("heartbeat_age", "state"):
-            print(f"{name:<9} {count}")
+    for name, count in counts.items():
+        print(f"{name:<9} {count}")
+    age, state = report["heartbeat_age"], report["state"]
     print("heartbeat", "none" if age is None else f"{age:.1f} s ago ({state})")
     return ExitCode.OK
 
@@ -203,11 +202,9 @@ def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 def _service_state(spool: Spool) -> str | None:
     """What the last heartbeat says: "running", "stopped", or None (no heartbeat)."""
     from niftidrop.claims import read_json
+    from niftidrop.status import service_state
 
-    heartbeat = read_json(spool.heartbeat_path)
-    if heartbeat is None:
-        return None
-    return str(heartbeat.get("state", "running"))
+    return service_state(read_json(spool.heartbeat_path))
 
 
 def _cmd_health(settings: Settings, args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ one (see `niftidrop.spool`).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Mapping
@@ -36,7 +37,14 @@ from niftidrop.claims import (
 from niftidrop.errors import ConversionError, ErrorCode
 from niftidrop.names import is_owned_by, temp_path_for
 from niftidrop.steps import step
-from niftidrop.writer import NO_HARD_LINKS, copy_file, discard, fsync_folder, make_folders
+from niftidrop.writer import (
+    NO_HARD_LINKS,
+    copy_file,
+    discard,
+    fsync_folder,
+    link_exclusive,
+    make_folders,
+)
 
 
 class Finisher(Claimer):
@@ -170,7 +178,10 @@ class Finisher(Claimer):
             move["inode"] = copy_file(claim.path, copy, fsync=self.durable)
             self._write_record(claim.folder / MOVE_RECORD, move, "move_record")
         step("copy_link")
-        os.link(target.with_name(move["copy"]), target, follow_symlinks=False)
+        # Where no file may have two names, the copy is renamed to `target` instead:
+        # it keeps the inode the record names, which is how a redo recognises it.
+        if not link_exclusive(target.with_name(move["copy"]), target):
+            raise FileExistsError(errno.EEXIST, "taken meanwhile", str(target))
 
     def _leave(self, claim: Claim, move: Mapping[str, Any] | None) -> None:
         """The input has its place in archive or failed (or is not kept): unlink its

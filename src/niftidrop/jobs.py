@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from niftidrop.claims import COMMIT_RECORD, Claim, Converted, Failed
+from niftidrop.claims import COMMIT_RECORD, Claim, Converted, Failed, Outcome
 from niftidrop.convert import ConvertFile, convert_input
 from niftidrop.errors import ConversionError, ErrorCode
 from niftidrop.logs import get_logger
@@ -179,6 +179,7 @@ class JobRunner:
         self.stopped = threading.Event()
         self._resolve_reference = resolve
         self._lock = threading.Lock()  # the tally's
+        self.record: Callable[[Outcome], None] | None = None  # the status page's memory
 
     def __repr__(self) -> str:
         return f"JobRunner({self.spool!r})"
@@ -220,6 +221,8 @@ class JobRunner:
                 message=record.get("message"),
                 failed_as=str(outcome.failed_as),
             )
+        if outcome is not None and self.record is not None:
+            self.record(outcome)
 
     def _retry_later(self, claim: Claim, error: OSError) -> None:
         """Environmental trouble: keep the input claimed and try again later."""

@@ -1,5 +1,8 @@
 """Prometheus metrics and the `/metrics` + `/healthz` endpoint (README: Metrics).
 
+The same server answers the paths of the status page (`pages`, given by the
+service: `niftidrop.status_page`).
+
 The service counts what it does through one `Metrics` object; with
 `metrics_address` set it also calls `serve()`, which answers scrapes on a small
 threaded HTTP server of its own. The exposition format is produced by the
@@ -37,6 +40,9 @@ METRICS_PATH = "/metrics"
 HEALTH_PATH = "/healthz"
 SHUTDOWN_POLL_SECONDS = 0.1
 
+# More pages on the same server: a path's (status, body, content type), None if not one.
+Pages = Callable[[str], tuple[HTTPStatus, bytes, str] | None]
+
 
 class _MetricsServer(ThreadingHTTPServer):
     """Answers scrapes; one short-lived thread per request, none outlives the process."""
@@ -48,6 +54,7 @@ class _MetricsServer(ThreadingHTTPServer):
         address: tuple[str, int],
         registry: CollectorRegistry,
         healthy: Callable[[], bool],
+        pages: Pages | None = None,
     ) -> None:
         # The family follows the host, so "[::1]:9464" binds IPv6 and
         # "127.0.0.1:9464" IPv4; the class attribute is what `server_bind` reads.
@@ -56,6 +63,7 @@ class _MetricsServer(ThreadingHTTPServer):
         ][0]
         self.registry = registry
         self.healthy = healthy
+        self.pages = pages
         super().__init__(address, _ScrapeHandler)
 
     def server_bind(self) -> None:
@@ -67,7 +75,7 @@ class _MetricsServer(ThreadingHTTPServer):
 
 
 class _ScrapeHandler(BaseHTTPRequestHandler):
-    """GET /metrics and GET /healthz; everything else is 404."""
+    """GET /metrics, GET /healthz and the server's `pages`; everything else is 404."""
 
     server: _MetricsServer
     server_version = "niftidrop"
@@ -82,6 +90,8 @@ class _ScrapeHandler(BaseHTTPRequestHandler):
                 self._reply(HTTPStatus.OK, b"ok\n")
             else:
                 self._reply(HTTPStatus.SERVICE_UNAVAILABLE, b"unhealthy\n")
+        elif self.server.pages is not None and (page := self.server.pages(path)) is not None:
+            self._reply(*page)
         else:
             self._reply(HTTPStatus.NOT_FOUND, b"not found\n")
 
@@ -98,6 +108,7 @@ class _ScrapeHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")  # HTML and PNG as labelled
         self.end_headers()
         self.wfile.write(body)
 
@@ -165,8 +176,8 @@ class Metrics:
         """Record how many references the library index holds."""
         self._library_size.set(size)
 
-    def serve(self, address: str, healthy: Callable[[], bool]) -> None:
-        """Answer `/metrics` and `/healthz` on `address` ("host:port") in a thread.
+    def serve(self, address: str, healthy: Callable[[], bool], pages: Pages | None = None) -> None:
+        """Answer `/metrics`, `/healthz` (and `pages`) on `address` ("host:port") in a thread.
 
         `healthy()` is asked on every `/healthz` request: 200 "ok" when it is
         true, 503 otherwise. Port 0 picks a free port (see `port`). Raises
@@ -175,7 +186,7 @@ class Metrics:
         with self._lock:
             if self._server is not None:
                 raise RuntimeError(f"metrics: already serving on port {self.port}")
-            server = _MetricsServer(parse_address(address), self.registry, healthy)
+            server = _MetricsServer(parse_address(address), self.registry, healthy, pages)
             thread = threading.Thread(
                 target=server.serve_forever,
                 # How often the loop checks for close(): keeps a stop short.

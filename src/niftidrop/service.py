@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -28,6 +29,8 @@ from niftidrop.logs import ProgressBar, get_logger
 from niftidrop.observers import choose_observer
 from niftidrop.periodic import Periodic, Task
 from niftidrop.spool import Spool
+from niftidrop.status_board import StatusBoard
+from niftidrop.status_page import StatusPage
 from niftidrop.systemd import SystemdNotifier
 from niftidrop.version import __version__
 from niftidrop.workers import WorkerPool
@@ -124,6 +127,7 @@ class Service:
         self._intake = Intake(settings, self.spool, self._pool)
         self._watcher: InboxWatcher | None = None
         self._guard = SpoolGuard(self.spool)
+        self._board: StatusBoard | None = None  # the status page's memory, when served
         self._once = False
         self._last_tick = time.monotonic()
 
@@ -199,14 +203,24 @@ class Service:
         else:
             self.library.start()  # watch first, then walk: nothing added meanwhile is missed
         _library_indexed(self.library, self.metrics, self.settings.library_dirs)
+        if settings.metrics_address and not self._once:
+            self._board = StatusBoard(
+                self.spool,
+                quick_interval=settings.heartbeat_interval,
+                full_interval=settings.rescan_interval,
+            )
+            self._board.start()  # before any input finishes: each one is recorded
+            self._pool.jobs.record = self._board.record
         self._pool.recover()
         if observer is not None:
             self._watcher = self._intake.watcher(observer)
             self._watcher.start()
         self._intake.rescan()
         self._pool.start()
-        if settings.metrics_address and not self._once:
-            self.metrics.serve(settings.metrics_address, self.healthy)
+        if self._board is not None and settings.metrics_address:
+            self.metrics.serve(
+                settings.metrics_address, self.healthy, StatusPage(self._board).respond
+            )
         self.notifier.notify("READY=1")
         self.notifier.notify(f"STATUS=watching {self.spool.inbox}")
         self._write_heartbeat()
@@ -305,6 +319,8 @@ class Service:
             self._watcher = None
         self.library.stop()
         self.metrics.close()
+        if self._board is not None:
+            self._board.stop()
         self._pool.release()
         self.spool.remove_spare_folders()
         self.spool.unlock()
@@ -319,6 +335,7 @@ class Service:
             self.spool.write_heartbeat(
                 {
                     "pid": os.getpid(),
+                    "host": socket.gethostname(),  # the status page's instance
                     "state": state,
                     "queued": outstanding,
                     "waiting": len(self._intake),

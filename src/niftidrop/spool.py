@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -110,16 +110,20 @@ class Spool(Finisher):
             name in (failed_input.name, relative) or Path(name).resolve() == path for name in names
         )
 
-    def counts(self) -> dict[str, int]:
-        """How many files each folder holds (inputs, outputs, claims)."""
-        return {
-            "inbox": sum(1 for _ in scan_inbox(self.inbox, recursive=self.recursive)),
+    def counts(self, only: Collection[str] | None = None) -> dict[str, int]:
+        """How many files each folder holds (inputs, outputs, claims); with `only`,
+        just the folders named in it (the others are not walked)."""
+        counters: dict[str, Callable[[], int]] = {
+            "inbox": lambda: sum(1 for _ in scan_inbox(self.inbox, recursive=self.recursive)),
             # Counted, not listed: `claims()` tidies up, which is the service's business.
-            CLAIMS: sum(self._holds_input(folder) for folder in _folders(self.claims_folder)),
-            "outbox": _count_files(self.outbox, lambda name: not name.endswith(".json")),
-            "archive": _count_files(self.archive_folder, is_candidate),
-            "failed": len(self.failed_inputs()),
+            CLAIMS: lambda: sum(
+                self._holds_input(folder) for folder in _folders(self.claims_folder)
+            ),
+            "outbox": lambda: _count_files(self.outbox, lambda name: not name.endswith(".json")),
+            "archive": lambda: _count_files(self.archive_folder, is_candidate),
+            "failed": lambda: len(self.failed_inputs()),
         }
+        return {name: count() for name, count in counters.items() if only is None or name in only}
 
     def write_heartbeat(self, details: Mapping[str, Any]) -> None:
         """Replace the heartbeat file (atomically: readers never see half of it)."""

@@ -234,7 +234,7 @@ def link_exclusive(temp: Path, candidate: Path) -> bool:
     """Give `temp` the name `candidate` unless that name exists (race free with links);
     on file systems without hard links `temp` is renamed instead. False if it exists."""
     try:
-        os.link(temp, candidate)
+        os.link(temp, candidate, follow_symlinks=False)
     except FileExistsError:
         return False
     except OSError as exc:
@@ -266,7 +266,7 @@ def link_unique(source: Path, folder: Path, *, name: str = "", fsync: bool = Tru
                 copy = temp_path_for(target)
                 copy_file(source, copy, fsync=fsync)
                 linked = copy
-                if not _link_if_free(copy, target):
+                if not link_exclusive(copy, target):
                     continue
             if fsync:
                 fsync_folder(folder)
@@ -275,14 +275,6 @@ def link_unique(source: Path, folder: Path, *, name: str = "", fsync: bool = Tru
     finally:
         if copy is not None:
             discard(copy)
-
-
-def _link_if_free(source: Path, target: Path) -> bool:
-    try:
-        os.link(source, target, follow_symlinks=False)
-    except FileExistsError:
-        return False
-    return True
 
 
 def copy_file(source: Path, copy: Path, *, fsync: bool) -> list[int]:

@@ -63,6 +63,8 @@ class TestOutbox:
                 lambda: len(files_in(root / "archive")) == INPUTS, timeout=90, what="archived"
             )
             wait_until(lambda: sum(seen.values()) >= INPUTS, what="every output taken")
+            # Logged just after the archive move: the last line may follow a moment later.
+            wait_until(lambda: len(service.events("input_converted")) >= INPUTS, what="every line")
         finally:
             stop.set()
             consumer.join()

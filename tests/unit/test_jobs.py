@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from niftidrop.claims import Claim
+from niftidrop.claims import Claim, Failed
 from niftidrop.errors import ConversionError, ErrorCode
 from niftidrop.jobs import FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS, Job, JobRunner, Retries
 from niftidrop.library import Match
@@ -125,3 +125,16 @@ class TestJobRunner:
             runner.finish(Job.claimed(claim), claim, reject)
         record = json.loads((settings.failed_dir / "a.npy.error.json").read_text())
         assert record["error"] == "corrupt"
+
+    def test_each_outcome_is_recorded_once(self, settings: Settings) -> None:
+        """`record` (the status page's memory) gets each input's outcome, once."""
+        runner, spool = _runner(settings)
+        recorded: list[object] = []
+        runner.record = recorded.append
+        path = settings.inbox_dir / "a.npy"
+        claim = _claimed(spool, path, b"\x93NUMPY")
+        with capture_logs():
+            runner.finish(Job(path, truncated=True), claim, _never_called)
+        [outcome] = recorded
+        assert isinstance(outcome, Failed)
+        assert outcome.failed_as == settings.failed_dir / "a.npy"

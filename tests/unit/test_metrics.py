@@ -6,6 +6,7 @@ import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from http import HTTPStatus
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -206,3 +207,32 @@ class TestClose:
             assert _get(_serve(metrics), "/healthz")[0] == 200
         finally:
             metrics.close()
+
+
+class TestPages:
+    def test_pages_answer_their_paths(self, metrics: Metrics) -> None:
+        """A path the `pages` callable answers is served with its status and type."""
+
+        def pages(path: str) -> tuple[HTTPStatus, bytes, str] | None:
+            return (HTTPStatus.OK, b"<p>hi</p>", "text/html") if path == "/" else None
+
+        metrics.serve("127.0.0.1:0", lambda: True, pages)
+        assert metrics.port is not None
+        assert _get(metrics.port, "/?refresh=1") == (200, "text/html", "<p>hi</p>")
+        assert _get(metrics.port, "/other")[0] == 404
+        assert _get(metrics.port, "/healthz")[0] == 200
+
+    def test_replies_say_not_to_sniff_their_type(self, metrics: Metrics) -> None:
+        """Every reply carries `X-Content-Type-Options: nosniff`."""
+        with _OPENER.open(f"http://127.0.0.1:{_serve(metrics)}/healthz", timeout=10) as response:
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+    def test_only_get_is_answered(self, metrics: Metrics) -> None:
+        """POST, PUT and DELETE are refused (501): the server is read-only."""
+        port = _serve(metrics)
+        for method in ("POST", "PUT", "DELETE"):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/", b"x", method=method)
+            with pytest.raises(urllib.error.HTTPError) as raised:
+                _OPENER.open(request, timeout=10)
+            raised.value.close()
+            assert raised.value.code == 501

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -315,6 +316,27 @@ class TestService:
         assert "niftidrop_library_references 1.0" in text
         with urllib.request.urlopen(base + "/healthz", timeout=10) as response:
             assert response.status == 200
+
+    def test_status_page_lists_the_outcomes(
+        self, make_service: Callable[..., Running], settings: Settings
+    ) -> None:
+        """With metrics_address, /api/status lists what the service converted and failed,
+        and names this host as its instance; the board's thread ends with the service."""
+        running = make_service(metrics_address="127.0.0.1:0")
+        drop(settings, "a.npy")
+        drop(settings, "orphan.npy")
+        wait_until(lambda: len(running.events("input_converted")) == 1)
+        wait_until(lambda: len(running.events("input_failed")) == 1)
+        port = running.service.metrics.port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=10) as reply:
+            report = json.loads(reply.read())
+        assert [entry["input"] for entry in report["recent"]] == ["a.npy"]
+        assert [entry["input"] for entry in report["failed"]] == ["orphan.npy"]
+        assert report["counts"]["archive"] == report["counts"]["failed"] == 1
+        assert [item["host"] for item in report["instances"]] == [socket.gethostname()]
+        running.service.request_stop()
+        running.thread.join(timeout=30)
+        assert "niftidrop-status" not in [thread.name for thread in threading.enumerate()]
 
     def test_second_service_on_the_same_spool_is_refused(
         self, make_service: Callable[..., Running], settings: Settings

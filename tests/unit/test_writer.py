@@ -178,7 +178,7 @@ class TestConflicts:
     ) -> None:
         """On file systems without links, rename/fail check before renaming."""
 
-        def no_links(source: object, target: object) -> None:
+        def no_links(source: object, target: object, **options: object) -> None:
             raise OSError(1, "Operation not permitted")
 
         monkeypatch.setattr(writer.os, "link", no_links)
