@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from PIL import Image
-from support import ThreadedService, drop_by_rename, files_in, write_reference
+from structlog.testing import capture_logs
+from support import (
+    ThreadedService,
+    drop_by_rename,
+    files_in,
+    service_settings,
+    write_reference,
+)
 
 from waiting import wait_until
 
 SHAPE = (6, 5, 4)
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class TestPreviewInTheService:
@@ -51,3 +61,25 @@ class TestPreviewInTheService:
         assert not service.events("input_failed")
         image = nib.load(root / "outbox" / "broken.nii.gz")
         assert np.array_equal(np.asarray(image.dataobj), np.ones(SHAPE, np.uint8))
+
+    def test_the_status_page_shows_the_real_preview(self, root: Path) -> None:
+        """With the status page on, the converted input's thumbnail is the PNG written."""
+        settings = service_settings(root, preview=True)
+        settings = settings.model_copy(update={"metrics_address": "127.0.0.1:0"})
+        with capture_logs() as logs:
+            service = ThreadedService(settings, logs).start()
+            try:
+                labels = np.zeros(SHAPE, np.uint8)
+                labels[2:4, 2:4, 1:3] = 2
+                drop_by_rename(root / "inbox", "case_7.npy", labels)
+                wait_until(lambda: service.events("input_converted"), what="the conversion")
+                port = service.service.metrics.port
+                url = f"http://127.0.0.1:{port}"
+                with _OPENER.open(f"{url}/api/status", timeout=10) as response:
+                    (entry,) = json.loads(response.read())["recent"]
+                assert entry["preview"] == "/preview/case_7.png"
+                with _OPENER.open(url + entry["preview"], timeout=10) as response:
+                    served = response.read()
+                assert served == (root / "outbox" / "case_7.png").read_bytes()
+            finally:
+                service.stop()
