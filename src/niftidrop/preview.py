@@ -14,9 +14,10 @@ shown in its closest orthogonal orientation, and the picture says so. Each
 panel is scaled to physical size (mm): one pixel size for all three, bilinear
 for the reference and nearest-neighbour for the prediction (labels never blend).
 
-Pillow (the optional extra `niftidrop[preview]`) is imported only here, and only
-when a preview is drawn: it resizes the panels and writes the text in its own
-bitmap font. The PNG file itself is written by `png_bytes`, with ISA-L.
+Pillow (the optional extra `niftidrop[preview]`) draws only here, and is imported
+only when a preview is drawn (`setting_types` checks at start that it is there): it
+resizes the panels and writes the text in its own bitmap font. The PNG file itself
+is written by `png_bytes`, with ISA-L.
 """
 
 from __future__ import annotations
