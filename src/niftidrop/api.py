@@ -9,14 +9,12 @@ functions of the same names, with niftidrop's safety rules.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +22,14 @@ import numpy as np
 import numpy.typing as npt
 
 from niftidrop.arrays import open_input
-from niftidrop.conversion import Plan, encode_volume, plan_conversion
+from niftidrop.beside import Beside, place_preview, sidecar_text
+from niftidrop.conversion import encode_volume, plan_conversion
 from niftidrop.errors import ConversionError, ErrorCode
 from niftidrop.journal import find_own, identity_of, read_journal, write_journal
-from niftidrop.labels import LabelCensus, dseg_text, sidecar_labels
-from niftidrop.names import DSEG_SUFFIX, input_stem, nifti_prefix
-from niftidrop.reference import Reference, file_sha256, nib, read_reference, reference_sha256
+from niftidrop.labels import LabelCensus
+from niftidrop.names import input_stem, nifti_prefix
+from niftidrop.preview_slices import watch_output, watched
+from niftidrop.reference import nib, read_reference
 from niftidrop.settings import Settings
 from niftidrop.version import __version__
 from niftidrop.writer import (
@@ -66,6 +66,8 @@ class ConversionResult:
     labels_missing: tuple[int, ...] = ()  # values in a label map that `labels` does not name
     # The files placed beside the outputs, by kind: "sidecar", "dseg" (those written).
     beside: Mapping[str, Path] = field(default_factory=dict)
+    preview: Path | None = None  # the `<stem>.png` placed (settings.preview)
+    preview_error: str | None = None  # why the preview failed (the input converted anyway)
 
 
 def convert_file(
@@ -82,9 +84,10 @@ def convert_file(
 ) -> ConversionResult:
     """Convert one .npy/.npz into out_dir/<stem>.nii.gz (.nii if not settings.compress;
     <stem>_c<N>.nii.gz per channel with channels="split"; optional <stem>.json sidecar
-    with settings.sidecar; <stem>.dseg.tsv beside a label map with settings.labels).
-    stem defaults to the source's stem (the spool passes the original name's stem
-    because the claimed file has another name). reference=None means
+    with settings.sidecar; <stem>.dseg.tsv beside a label map with settings.labels; a
+    <stem>.png preview with settings.preview, whose failure is reported in the result's
+    preview_error, not raised). stem defaults to the source's stem (the spool passes
+    the original name's stem because the claimed file has another name). reference=None means
     no reference: use `affine` (or identity). on_conflict handled here (overwrite = atomic
     replace, rename = unique suffix before the extension, fail = ConversionError
     OUTPUT_CONFLICT). provenance: extra fields for the sidecar (e.g. {"input": "sub/a.npz",
@@ -125,6 +128,9 @@ def convert_file(
         check_free([final for final in finals if done[final] is None], source.name)
     temps: list[Temporary] = []
     placed: list[tuple[Path, Temporary]] = []
+    # With a preview, the centre of the prediction is found as the output is written.
+    watch = watch_output(plan) if settings.preview else None
+    beside = Beside(settings, owner, journal, recorded, temps, placed)
     outputs_found: dict[Path, Path] = {}
     try:
         # All or nothing: every output is complete on disk and every final name is
@@ -136,7 +142,9 @@ def convert_file(
                 chunks = encode_volume(volume, array)
                 temp = write_temp(
                     final,
-                    chunks if census is None else census.watch(chunks, volume.dtype),
+                    watched(
+                        chunks if census is None else census.watch(chunks, volume.dtype), watch
+                    ),
                     compress=settings.compress,
                     level=settings.compression_level,
                     threads=settings.threads,
@@ -157,9 +165,18 @@ def convert_file(
             placed.append((given, temp))
             outputs_found[final] = given
         outputs = tuple(outputs_found[final] for final in finals)
-        beside = _Beside(settings, owner, journal, recorded, temps, placed)
+        preview, preview_error = place_preview(
+            out_dir / f"{stem}.png",
+            plan,
+            ref,
+            array,
+            name=str((provenance or {}).get("input", source.name)),
+            watch=watch,
+            place=beside.place,
+            enabled=settings.preview,
+        )
         sidecar = functools.partial(
-            _sidecar_text,
+            sidecar_text,
             source=source,
             reference=ref,
             plan=plan,
@@ -190,59 +207,9 @@ def convert_file(
         seconds=time.perf_counter() - started,
         labels_missing=() if census is None else census.missing(),
         beside=placed_beside,
+        preview=preview,
+        preview_error=preview_error,
     )
-
-
-@dataclass(frozen=True)
-class _Beside:
-    """Where the files beside the outputs (the sidecar, the label table) are placed
-    from: one conversion's settings, owner, journal and the files it wrote."""
-
-    settings: Settings
-    owner: str
-    journal: Path | None
-    recorded: dict[str, list[int]]
-    temps: list[Temporary]
-    placed: list[tuple[Path, Temporary]]
-
-    def place(self, path: Path, text: bytes, kind: str) -> Path:
-        """Write and name `path`, unless a crashed run of this conversion placed it
-        already; `kind` names its steps (`sidecar`, `dseg`). Returns the name given."""
-        found = find_own(path, self.recorded.get(path.name))
-        if found is not None:
-            return found
-        settings = self.settings
-        temp = write_temp(
-            path, [text], compress=False, fsync=settings.fsync, owner=self.owner, kind=kind
-        )
-        self.temps.append(temp)
-        self.recorded[path.name] = identity_of(temp)
-        if self.journal is not None:
-            write_journal(self.journal, self.recorded, durable=settings.fsync, owner=self.owner)
-        given = commit(temp, path, on_conflict=settings.on_conflict, fsync=False, kind=kind)
-        self.placed.append((given, temp))
-        return given
-
-    def place_all(
-        self,
-        stem: Path,
-        plan: Plan,
-        provenance: Mapping[str, object] | None,
-        sidecar: Callable[[Mapping[str, object] | None], bytes],
-    ) -> dict[str, Path]:
-        """The label table (beside a label map), then the sidecar, its text from
-        `sidecar(provenance)` (`stem`: the outputs' folder and stem); their names."""
-        labels = self.settings.labels
-        given = {}
-        if plan.label_map and labels is not None:
-            table = stem.with_name(stem.name + DSEG_SUFFIX)
-            given["dseg"] = self.place(table, dseg_text(labels), "dseg")
-            provenance = {"labels": sidecar_labels(labels), **(provenance or {})}
-        if self.settings.sidecar:
-            given["sidecar"] = self.place(
-                stem.with_name(stem.name + ".json"), sidecar(provenance), "sidecar"
-            )
-        return given
 
 
 def _commit(temp: Temporary, final: Path, *, settings: Settings, input_name: str) -> Path:
@@ -254,41 +221,6 @@ def _commit(temp: Temporary, final: Path, *, settings: Settings, input_name: str
         if error.code is not ErrorCode.OUTPUT_CONFLICT:
             raise
         raise output_conflict(final, input_name) from None
-
-
-# The conversion settings a sidecar records (README: Conversion).
-_SIDECAR_SETTINGS = ("axis_order", "channels", "dtype", "npz_key")
-
-
-def _sidecar_text(
-    provenance: Mapping[str, object] | None,
-    *,
-    source: Path,
-    reference: Reference | None,
-    plan: Plan,
-    outputs: tuple[Path, ...],
-    settings: Settings,
-) -> bytes:
-    """The provenance `<stem>.json`: what went in, what came out, and how (the
-    profile, None without one, and the conversion settings it was made with)."""
-    record: dict[str, object] = {
-        "input": source.name,
-        "input_sha256": file_sha256(source),
-        "reference": str(reference.path) if reference else None,
-        "reference_sha256": reference_sha256(reference.path) if reference else None,
-        "rule": None,
-        "profile": None,
-        "settings": {key: getattr(settings, key) for key in _SIDECAR_SETTINGS},
-        "outputs": [output.name for output in outputs],
-        "shape_in": list(plan.shape_in),
-        "shape_out": list(plan.shape_out),
-        "dtype_in": plan.dtype_in.name,
-        "dtype_out": plan.dtype_out.name,
-        "niftidrop_version": __version__,
-        "converted_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-    }
-    record.update(provenance or {})
-    return (json.dumps(record, indent=2, default=str) + "\n").encode()
 
 
 # The nidataset-compatible functions (README: Python API).

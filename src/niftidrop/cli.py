@@ -346,6 +346,8 @@ def _cmd_convert(settings: Settings, args: argparse.Namespace) -> int:
                     values = ", ".join(map(str, result.labels_missing))
                     warning = f"{source}: labels_incomplete: no name in labels for {values}"
                     bar.write(f"niftidrop: warning: {warning}", file=sys.stderr)
+                if result.preview_error is not None:  # converted all the same: exit 0
+                    bar.write(f"{source}: preview_failed: {result.preview_error}", file=sys.stderr)
             except ConversionError as error:
                 failed += 1
                 bar.write(f"{source}: {error.code.value}: {error.message}", file=sys.stderr)

@@ -284,6 +284,8 @@ class JobRunner:
             missing = list(result.labels_missing)
             log.warning("labels_incomplete", input=str(claim.relative), values=missing)
         outputs = [str(path) for path in result.outputs]
+        if result.preview_error is not None:  # the input converted all the same
+            log.warning("preview_failed", input=str(claim.relative), error=result.preview_error)
         return {
             "input": str(claim.relative),
             "reference": None if match.reference is None else str(match.reference),
@@ -297,6 +299,7 @@ class JobRunner:
             "bytes_out": result.bytes_out,
             "seconds": round(result.seconds, 6),
             **{kind: str(path) for kind, path in result.beside.items()},  # sidecar, dseg
+            **({"preview": str(result.preview)} if result.preview is not None else {}),
         }
 
     def _resolve(self, name: str, profile: str | None) -> Match:

@@ -33,6 +33,7 @@ PROFILE_KEYS: Final = (
     "compression_level",
     "on_conflict",
     "sidecar",
+    "preview",
     "labels",
     "library",
     "key_pattern",

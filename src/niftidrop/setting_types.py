@@ -4,8 +4,8 @@ Each is a type with its checks attached, so that the settings model and a profil
 (which may set the same keys) check a value the same way, in one place: a library
 given as one string from the environment, a 4x4 affine, a dtype name, a regular
 expression with a group named key, a `host:port`, a table of label names (or the
-`dataset.json` that holds one), a hook command, an http(s) URL. `ALLOWED` says in
-words what each accepts, for configuration errors.
+`dataset.json` that holds one), a hook command, an http(s) URL, `preview` (which
+needs Pillow). `ALLOWED` says in words what each accepts, for configuration errors.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ ALLOWED: Final = {
         '(flags, environment: JSON, e.g. ["/usr/local/bin/upload", "--site", "a"])',
     ),
     "notify_url": "an http:// or https:// URL, e.g. http://127.0.0.1:8080/events",
+    "preview": "true or false; true needs Pillow (pip install 'niftidrop[preview]')",
 }
 
 
@@ -106,6 +107,16 @@ def _pattern_has_key(value: str | None) -> str | None:
     return value
 
 
+def _pillow_installed(value: bool) -> bool:
+    # Checked once, at start: a missing extra would otherwise fail every input's preview.
+    if value:
+        try:
+            from PIL import Image, ImageDraw, ImageFont  # noqa: F401
+        except ImportError as exc:
+            raise ValueError(f"Pillow is not installed: {exc}") from None
+    return value
+
+
 def _host_port(value: str | None) -> str | None:
     if value is None or value == "":
         return None
@@ -164,6 +175,7 @@ Command = Annotated[
     AfterValidator(_command_has_program),
 ]
 HttpUrl = Annotated[str | None, AfterValidator(_http_url)]
+PreviewSwitch = Annotated[bool, AfterValidator(_pillow_installed)]
 
 
 def parse_address(address: str, *, lowest_port: int = 0) -> tuple[str, int]:

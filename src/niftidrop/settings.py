@@ -36,6 +36,7 @@ from niftidrop.setting_types import (
     HttpUrl,
     KeyPattern,
     Labels,
+    PreviewSwitch,
     json_text,
     parse_address,
 )
@@ -167,6 +168,9 @@ class Settings(BaseSettings):
     sidecar: bool = Field(default=False, description="write <stem>.json provenance")
     labels: Labels = Field(
         default=None, description="label names: a table, or an nnU-Net dataset.json"
+    )
+    preview: PreviewSwitch = Field(
+        default=False, description="write <stem>.png, a QC picture (needs niftidrop[preview])"
     )
 
     # Service (README: Configuration, Logs).

@@ -21,6 +21,7 @@ WRITTEN: Final = (
     "output",  # a NIfTI output in the outbox
     "sidecar",  # its provenance `<stem>.json`
     "dseg",  # its label names `<stem>.dseg.tsv` (a label map with `labels`)
+    "preview",  # its QC picture `<stem>.png`
     "commit_record",  # `.committing.json` in the claim folder: the outputs' inodes
     "converted_record",  # `.converted.json` in the claim folder
     "failure_record",  # `.failure.json` in the claim folder

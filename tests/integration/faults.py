@@ -73,7 +73,9 @@ SCENARIOS = (
     Scenario("deleted", {"after_success": "delete"}),
     # Label names: a `dseg.tsv` beside the outputs (its own steps), with a redo's journal.
     Scenario("renamed", {"on_conflict": "rename", "labels": {"1": "one"}}),
-    Scenario("split", {"channels": "split", "sidecar": True, "labels": {"1": "one"}}),
+    Scenario(
+        "split", {"channels": "split", "sidecar": True, "labels": {"1": "one"}, "preview": True}
+    ),
     Scenario("failed", rejected=True),
     Scenario("copied", other_file_system=True),
     Scenario("copied_failed", rejected=True, other_file_system=True),
@@ -162,6 +164,7 @@ def converter(spool: Spool, settings: Settings) -> Callable[[Claim], dict[str, A
             settings=settings,
             reference=reference,
             stem=claim.stem,
+            provenance={"input": str(claim.relative)},  # as the workers pass it
             owner=spool.owner_for(claim),
             journal=claim.folder / COMMIT_RECORD if spool.remember_conversions else None,
         )

@@ -278,3 +278,26 @@ class TestProfiles:
         assert done.returncode == ExitCode.BAD_CONFIG
         assert "--profile: no profile named 'monai' (profiles: nnunet)" in done.stderr
         assert not (tmp_path / "outbox").exists()
+
+
+class TestConvertPreview:
+    def test_preview_beside_the_output(self, make_reference: MakeReference) -> None:
+        """--preview: `<stem>.png` is written next to the output."""
+        reference = make_reference(shape=(4, 5, 6))
+        np.save("a.npy", np.ones((4, 5, 6), np.uint8))
+        code = main(["convert", "a.npy", "-o", "out", "--reference", str(reference), "--preview"])
+        assert code == ExitCode.OK
+        assert Path("out/a.png").read_bytes().startswith(b"\x89PNG")
+
+    def test_a_failed_preview_is_said_and_the_exit_is_0(
+        self, make_reference: MakeReference, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """An unreadable reference slice: the output is written, `preview_failed` on
+        stderr, exit 0 (the input converted)."""
+        reference = make_reference("short.nii", shape=(4, 5, 6))
+        reference.write_bytes(reference.read_bytes()[:400])
+        np.save("a.npy", np.ones((4, 5, 6), np.uint8))
+        code = main(["convert", "a.npy", "-o", "out", "--reference", str(reference), "--preview"])
+        assert code == ExitCode.OK
+        assert Path("out/a.nii.gz").exists()
+        assert "a.npy: preview_failed: " in capsys.readouterr().err

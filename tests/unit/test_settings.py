@@ -542,3 +542,52 @@ class TestProfiles:
         assert f"{toml}, key profiles[1].on_conflict: expected one of: overwrite, rename, fail" in (
             done.stderr
         )
+
+
+# Blocks Pillow (as if the extra were not installed), then runs the command line.
+_WITHOUT_PILLOW = (
+    "import sys; sys.modules['PIL'] = None; from niftidrop.cli import main; "
+    "sys.exit(main(sys.argv[1:]))"
+)
+
+
+class TestPreviewSetting:
+    def test_off_by_default_and_on_with_pillow(self) -> None:
+        """preview is false by default; true is accepted where Pillow is installed."""
+        assert Settings.from_values().preview is False
+        assert Settings.from_values(preview=True).preview is True
+
+    @pytest.mark.parametrize("command", [["check"], ["run", "--once"]])
+    def test_without_pillow_the_start_fails_with_how_to_install_it(
+        self, tmp_path: Path, command: list[str]
+    ) -> None:
+        """preview = true without Pillow: a configuration error at start (exit 2) naming
+        the setting and the extra to install, before any input is looked at."""
+        config = tmp_path / "niftidrop.toml"
+        config.write_text(f'root = "{tmp_path}"\npreview = true\n')
+        for folder in ("inbox", "library"):
+            (tmp_path / folder).mkdir()
+        done = subprocess.run(
+            [sys.executable, "-c", _WITHOUT_PILLOW, *command, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2, done.stderr
+        assert "preview" in done.stderr
+        assert "niftidrop[preview]" in done.stderr
+        assert not (tmp_path / "outbox").exists()
+
+    def test_without_pillow_preview_off_still_starts(self, tmp_path: Path) -> None:
+        """Pillow is needed only when previews are on."""
+        for folder in ("inbox", "library"):
+            (tmp_path / folder).mkdir()
+        done = subprocess.run(
+            [sys.executable, "-c", _WITHOUT_PILLOW, "check", "--root", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
