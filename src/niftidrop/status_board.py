@@ -148,7 +148,7 @@ class StatusBoard:
         summary = outcome.summary
         output = summary.get("output")
         outputs = [output] if isinstance(output, str) else list(output or [])
-        preview = self._preview_of(outputs)
+        preview = self._preview_of(summary.get("preview"), outputs)
         name = None if preview is None else preview.relative_to(self.spool.outbox).as_posix()
         entry = {**summary, "converted_at": now_iso(), "preview": name}
         with self._lock:
@@ -162,9 +162,15 @@ class StatusBoard:
                 self._add("archive", 1)
             self._add("outbox", len(outputs) + (preview is not None))
 
-    def _preview_of(self, outputs: list[str]) -> Path | None:
-        """The first output's `<stem>.png` when it is there, in the outbox."""
+    def _preview_of(self, written: object, outputs: list[str]) -> Path | None:
+        """The preview the conversion says it `written` (its name may differ from the
+        outputs': `split`, `on_conflict = "rename"`), else the first output's
+        `<stem>.png` when it is there; only ever a file in the outbox."""
         outbox = str(self.spool.outbox)
+        if isinstance(written, str):
+            path = Path(written)
+            inside = os.path.normpath(path).startswith(outbox + os.sep)
+            return path if inside and path.is_file() else None
         for output in outputs:
             path = Path(output)
             stem = reference_key(path.name)

@@ -137,6 +137,28 @@ class TestRecord:
         assert names(recent, "preview") == [None, "site/with.png"]
         assert board.preview("site/with.png") == spool.outbox / "site" / "with.png"
 
+    def test_the_preview_the_conversion_names_is_shown(
+        self, spool: Spool, board: StatusBoard
+    ) -> None:
+        """`split` outputs (`case_c0.nii.gz`) share one `case.png`, which the summary
+        names: that is the one shown; a named file outside the outbox never is."""
+        for channel in (0, 1):
+            (spool.outbox / f"case_c{channel}.nii.gz").write_bytes(b"nifti")
+        (spool.outbox / "case.png").write_bytes(b"png")
+        outputs = [str(spool.outbox / f"case_c{channel}.nii.gz") for channel in (0, 1)]
+        claim = Claim(spool.claims_folder / "token", PurePosixPath("case.npy"))
+        summary = {
+            "input": "case.npy",
+            "output": outputs,
+            "preview": str(spool.outbox / "case.png"),
+        }
+        board.record(Converted(claim, summary, None))
+        outside = spool.archive_folder / "x.png"
+        outside.parent.mkdir(parents=True, exist_ok=True)
+        outside.write_bytes(b"png")
+        board.record(Converted(claim, {**summary, "preview": str(outside)}, None))
+        assert names(board.snapshot().recent, "preview") == [None, "case.png"]
+
     def test_previews_are_looked_up_never_joined(self, spool: Spool, board: StatusBoard) -> None:
         """Only a recorded name gives a path: a file in the outbox by any other name does not."""
         board.record(converted(spool, "a", preview=True))
