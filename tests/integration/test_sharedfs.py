@@ -9,12 +9,11 @@ import fcntl
 import hashlib
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from leases import race_for_name
 from niftidrop.fs_probe import missing, probe
 from niftidrop.instances import InstanceLease, NameTaken, Renewal, read_lease
 from sharedfs import KINDS, Kind, shared_fs
@@ -149,22 +148,6 @@ class TestProbe:
             assert missing(list(capabilities.values())) == []
 
 
-TAKE_NAME = """
-import sys, time
-from pathlib import Path
-from niftidrop.instances import InstanceLease, NameTaken
-lease = InstanceLease(Path(sys.argv[1]), "node-a", lease_timeout=float(sys.argv[3]))
-time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
-try:
-    lease.take()
-except NameTaken:
-    print("refused")
-else:
-    print("took")
-    time.sleep(2)  # hold it while the others try
-"""
-
-
 @pytest.mark.parametrize("kind", KINDS)
 class TestLeases:
     """Leases on instance names (`niftidrop.instances`) across clients: the check
@@ -174,18 +157,7 @@ class TestLeases:
         """Three processes on each of two mounts take one name at the same instant:
         exactly one holds it."""
         with shared_fs(kind, tmp_path / "fs") as mounts:
-            start = time.time() + 2
-            racers = [
-                subprocess.Popen(
-                    [sys.executable, "-c", TAKE_NAME, str(mount), str(start), "60"],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
-                for mount in mounts
-                for _ in range(3)
-            ]
-            results = sorted(racer.communicate(timeout=60)[0].strip() for racer in racers)
+            results = race_for_name([*mounts, *mounts, *mounts], lease_timeout=60)
             assert results == ["refused"] * 5 + ["took"]
 
     def test_taken_over_across_clients_once_expired(self, kind: Kind, tmp_path: Path) -> None:

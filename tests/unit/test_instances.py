@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from leases import race_for_name
 from niftidrop.errors import ConfigError
 from niftidrop.instances import (
     LEASE,
@@ -127,23 +126,6 @@ class TestRenew:
         assert data["renewals"] == 2
 
 
-TAKE = """
-import sys, time
-from pathlib import Path
-from niftidrop.instances import InstanceLease, NameTaken
-lease = InstanceLease(Path(sys.argv[1]), "node-a", lease_timeout=5)
-start = float(sys.argv[2])
-time.sleep(max(0.0, start - time.time()))
-try:
-    lease.take()
-except NameTaken:
-    print("refused")
-else:
-    print("took")
-    time.sleep(1)  # hold it while the others try
-"""
-
-
 class TestRace:
     @pytest.mark.parametrize("expired", [False, True], ids=["fresh", "expired"])
     def test_of_many_starting_at_once_one_takes_the_name(
@@ -155,14 +137,5 @@ class TestRace:
             old = InstanceLease(tmp_path, "node-a", lease_timeout=5)
             old.take()
             age(old.path, 30)
-        start = time.time() + 1.5
-        racers = [
-            subprocess.Popen(
-                [sys.executable, "-c", TAKE, str(tmp_path), str(start)],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(6)
-        ]
-        results = sorted(racer.communicate(timeout=60)[0].strip() for racer in racers)
+        results = race_for_name([tmp_path] * 6, lease_timeout=5)
         assert results == ["refused"] * 5 + ["took"]

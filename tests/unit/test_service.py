@@ -29,6 +29,16 @@ from niftidrop.systemd import SystemdNotifier
 from waiting import wait_until
 
 
+def served_with_two_outcomes(make_service: Callable[..., Running], settings: Settings) -> Running:
+    """A service with metrics_address that has converted `a.npy` and failed `orphan.npy`."""
+    running = make_service(metrics_address="127.0.0.1:0")
+    drop(settings, "a.npy")
+    drop(settings, "orphan.npy")
+    wait_until(lambda: len(running.events("input_converted")) == 1)
+    wait_until(lambda: len(running.events("input_failed")) == 1)
+    return running
+
+
 class FakeLibrary:
     """Every name matches `<library>/ref.nii.gz`, except names starting with "orphan"."""
 
@@ -301,11 +311,7 @@ class TestService:
         self, make_service: Callable[..., Running], settings: Settings
     ) -> None:
         """With metrics_address, /metrics counts conversions and failures; /healthz is 200."""
-        running = make_service(metrics_address="127.0.0.1:0")
-        drop(settings, "a.npy")
-        drop(settings, "orphan.npy")
-        wait_until(lambda: len(running.events("input_converted")) == 1)
-        wait_until(lambda: len(running.events("input_failed")) == 1)
+        running = served_with_two_outcomes(make_service, settings)
         port = running.service.metrics.port
         assert port is not None
         base = f"http://127.0.0.1:{port}"
@@ -322,11 +328,7 @@ class TestService:
     ) -> None:
         """With metrics_address, /api/status lists what the service converted and failed,
         and names this host as its instance; the board's thread ends with the service."""
-        running = make_service(metrics_address="127.0.0.1:0")
-        drop(settings, "a.npy")
-        drop(settings, "orphan.npy")
-        wait_until(lambda: len(running.events("input_converted")) == 1)
-        wait_until(lambda: len(running.events("input_failed")) == 1)
+        running = served_with_two_outcomes(make_service, settings)
         port = running.service.metrics.port
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=10) as reply:
             report = json.loads(reply.read())
