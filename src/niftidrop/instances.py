@@ -15,7 +15,9 @@ paused), and a newcomer may take its name by renaming the lease away (of two
 renamers one wins) and making its own. An instance that was paused past its lease
 and comes back finds another token at its lease's path: `renew` returns False and
 the instance must stop acting on the spool. Its writes went to the renamed file
-meanwhile, never to the newcomer's.
+meanwhile, never to the newcomer's. Through a client that caches names (GlusterFS's
+FUSE mount, for about a second) it may still see its own lease at the path for that
+long: it learns of the loss at its first renewal after the cache expires.
 """
 
 from __future__ import annotations
