@@ -4,7 +4,7 @@
 `encode_volume` then yields the output file's bytes: the header, then the voxel
 data in Fortran order, slab by slab along the slowest output axis, each slab cast
 (and checked) on its own. For a memory-mapped `.npy` the pages read are dropped
-after each piece, so resident memory stays near one slab whatever the layout.
+after each piece, so resident memory stays near two slabs whatever the layout.
 The reference's header comes from `niftidrop.reference`; the slabs are cut and
 filled by `niftidrop.slabs`.
 """
