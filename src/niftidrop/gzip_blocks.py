@@ -53,7 +53,11 @@ def gzip_header(level: int) -> bytes:
 
 
 def _compressor(level: int) -> Any:
-    """This thread's ISA-L block compressor for `level` (its buffers are reused)."""
+    """This thread's ISA-L block compressor for `level` (its buffers are reused).
+
+    `_ParallelCompress` is the block compressor of python-isal's own threaded gzip
+    writer (`isal.igzip_threaded`): deflate with a window, a sync flush, the CRC.
+    """
     cached: dict[int, Any] = _compressors.__dict__.setdefault("by_level", {})
     if level not in cached:
         # Room for a block that does not compress (level 0 never stores, so it can
