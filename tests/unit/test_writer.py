@@ -49,6 +49,13 @@ class TestAtomicWrite:
         assert one.read_bytes() == two.read_bytes()
         assert one.read_bytes()[4:8] == b"\0\0\0\0"  # mtime field
 
+    def test_same_bytes_on_the_calling_thread_or_a_pool(self, tmp_path: Path) -> None:
+        """A small output (compressed on the calling thread) has the bytes a pool gives."""
+        size = sum(len(chunk) for chunk in PAYLOAD)
+        alone = write_file(tmp_path / "one.nii.gz", PAYLOAD, compress=True, threads=4, size=size)
+        pooled = write_file(tmp_path / "two.nii.gz", PAYLOAD, compress=True, threads=4)
+        assert alone.read_bytes() == pooled.read_bytes()
+
     def test_temporary_file_is_hidden_in_target_folder(self, tmp_path: Path) -> None:
         """While written, the data lives under `.<name>.<random>.tmp` next to the target."""
         seen: list[list[str]] = []
