@@ -1,17 +1,26 @@
-"""Conversion speed and memory: niftidrop against nib.save and nidataset.
+"""Conversion speed, memory and output size: niftidrop against nib.save and nidataset.
 
 Every measurement runs in a fresh child process, so its peak memory is its own:
 the child resets its high-water mark (VmHWM) just before converting and reports
 the peak minus the resident size at that moment ("above idle"). Inputs are built
-once in a temporary folder and are warm in the page cache for every method.
+once in a temporary folder and are warm in the page cache for every method. The
+methods of a case take turns, round after round (the order reversed every other
+round), so a busy machine slows them alike; each keeps its fastest round.
+
+"compress-only" is the floor of a conversion: the output file's exact bytes
+(header and values as niftidrop writes them, made in memory before the clock
+starts) compressed alone with the same compressor, level and threads, written
+the same way (a temporary name, the file fsynced, renamed over the previous
+run's file, the folder fsynced). Its file must be byte for byte niftidrop's.
 
     python -m benchmarks convert            # or: python -m benchmarks.bench_convert
-    python -m benchmarks.bench_convert --repeat 5 --size 256
+    python -m benchmarks.bench_convert --runs 5 --size 256
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -31,6 +40,8 @@ nib: Any = nibabel
 
 SPEEDUP_BAR = 5.0  # at least this many times faster than nib.save
 MEMORY_BAR = 0.5  # peak memory above idle, as a fraction of the array's size
+COMPRESS_BAR = 1.3  # conversion time at most this many times the compress-only time
+LEVELS = range(4)  # the compression levels ISA-L offers (`compression_level`)
 SMALL_ARRAY = 8 * 2**20  # below this, memory ÷ array size is not shown
 LABEL_FILES = 40  # 64³ label maps converted per child, for a per-file time
 
@@ -72,16 +83,19 @@ def build_inputs(folder: Path, size: int) -> None:
     reference_image(folder / "scan.nii.gz", (size,) * 3, 0.8)
     labels = (smooth_probabilities(64) * 4.99).astype(np.uint8)
     np.save(folder / "labels.npy", labels)
+    np.save(folder / "labels_large.npy", (probabilities * 4.99).astype(np.uint8))
     reference_image(folder / "small.nii.gz", (64,) * 3, 1.0)
     channel_size = size * 5 // 8
     np.save(folder / "softmax.npy", smooth_probabilities(channel_size, channels=4))
     reference_image(folder / "mid.nii.gz", (channel_size,) * 3, 1.0)
 
 
-# The methods (run in the child).
+# The methods (run in the child). Each is made for its input before the clock starts.
+
+Convert = Callable[[Path, Path, Path], Path]
 
 
-def niftidrop_method(**options: Any) -> Callable[[Path, Path, Path], Path]:
+def niftidrop_method(**options: Any) -> Convert:
     from niftidrop.api import convert_file
     from niftidrop.settings import Settings
 
@@ -91,6 +105,37 @@ def niftidrop_method(**options: Any) -> Callable[[Path, Path, Path], Path]:
         return convert_file(source, out, settings=settings, reference=reference).outputs[0]
 
     return convert
+
+
+def compress_only_method(source: Path, reference: Path, **options: Any) -> Convert:
+    """The output's bytes, made now; the method compresses and writes only them."""
+    from niftidrop import __version__
+    from niftidrop.arrays import open_input
+    from niftidrop.conversion import encode_volume, plan_conversion
+    from niftidrop.reference import read_reference
+    from niftidrop.settings import Settings
+    from niftidrop.writer import write_file
+
+    settings = Settings.model_validate(options)
+    array = open_input(source, npz_key=None, max_input_bytes=settings.max_input_bytes)
+    plan = plan_conversion(array, read_reference(reference), version=__version__)
+    (volume,) = plan.volumes
+    content = b"".join(bytes(chunk) for chunk in encode_volume(volume, array))
+    del array
+
+    def compress(source: Path, reference: Path, out: Path) -> Path:
+        # As convert_file writes: fsync the file, rename, fsync the folder once.
+        return write_file(
+            out / source.name.replace(".npy", ".nii.gz"),
+            [memoryview(content)],
+            compress=True,
+            level=settings.compression_level,
+            threads=settings.threads,
+            fsync=settings.fsync,
+            size=len(content),
+        )
+
+    return compress
 
 
 def nib_save(source: Path, reference: Path, out: Path) -> Path:
@@ -103,7 +148,7 @@ def nib_save(source: Path, reference: Path, out: Path) -> Path:
     return target
 
 
-def nidataset_method() -> Callable[[Path, Path, Path], Path]:
+def nidataset_method() -> Convert:
     # Imported here, before the clock starts: nidataset's imports are not its speed.
     from nidataset.transforms import numpy_to_nifti
 
@@ -113,12 +158,19 @@ def nidataset_method() -> Callable[[Path, Path, Path], Path]:
     return convert
 
 
-METHODS: dict[str, Callable[[], Callable[[Path, Path, Path], Path]]] = {
-    "niftidrop": niftidrop_method,
-    "niftidrop argmax": lambda: niftidrop_method(channels="argmax"),
-    "niftidrop, fsync off": lambda: niftidrop_method(fsync=False),
-    "nib.save": lambda: nib_save,
-    "nidataset": nidataset_method,
+def _at_level(level: int) -> Callable[[Path, Path], Convert]:
+    return lambda source, reference: niftidrop_method(compression_level=level)
+
+
+# Method name -> a function of (input, reference) that makes the method.
+METHODS: dict[str, Callable[[Path, Path], Convert]] = {
+    "niftidrop": lambda source, reference: niftidrop_method(),
+    "compress-only": compress_only_method,
+    "niftidrop argmax": lambda source, reference: niftidrop_method(channels="argmax"),
+    "niftidrop, fsync off": lambda source, reference: niftidrop_method(fsync=False),
+    "nib.save": lambda source, reference: nib_save,
+    "nidataset": lambda source, reference: nidataset_method(),
+    **{f"niftidrop, level {level}": _at_level(level) for level in LEVELS},
 }
 
 
@@ -143,7 +195,7 @@ def _reset_peak() -> bool:
 
 def child(method: str, source: Path, reference: Path, out: Path, repeat: int) -> dict[str, Any]:
     """Convert `source` `repeat` times in this process; time, peak memory, max error."""
-    convert = METHODS[method]()
+    convert = METHODS[method](source, reference)
     out.mkdir(parents=True, exist_ok=True)
     has_reset = _reset_peak()
     idle = _status_kib("VmRSS") or 0
@@ -170,6 +222,7 @@ def child(method: str, source: Path, reference: Path, out: Path, repeat: int) ->
         "dtype_out": str(image.get_data_dtype()),  # on disk
         "max_abs_error": error,
         "output_bytes": written.stat().st_size,
+        "sha256": hashlib.sha256(written.read_bytes()).hexdigest(),
     }
 
 
@@ -196,42 +249,102 @@ def run_child(method: str, source: Path, reference: Path, out: Path, repeat: int
     return result
 
 
-def best_of(runs: int, *args: Any) -> dict[str, Any]:
-    """The fastest of `runs` fresh children (as timeit does: slower runs only add other
-    processes' noise); memory is the worst seen."""
-    results = [run_child(*args) for _ in range(runs)]
-    summary = dict(results[0])
-    summary["seconds"] = min(r["seconds"] for r in results)
-    summary["peak_above_idle"] = max(r["peak_above_idle"] for r in results)
-    return summary
+def side_by_side(
+    runs: int, methods: Sequence[str], *, source: Path, reference: Path, out: Path, repeat: int
+) -> dict[str, dict[str, Any]]:
+    """Every method of one case, `runs` rounds of fresh children taking turns.
+
+    Each method keeps its fastest round (as timeit does: slower rounds only add other
+    processes' noise) and the worst memory seen.
+    """
+    results: dict[str, list[dict[str, Any]]] = {method: [] for method in methods}
+    for number in range(runs):
+        for method in methods if number % 2 == 0 else list(reversed(methods)):
+            results[method].append(run_child(method, source, reference, out / method, repeat))
+    summaries = {}
+    for method, rounds in results.items():
+        summary = dict(rounds[0])
+        summary["seconds"] = min(r["seconds"] for r in rounds)
+        summary["peak_above_idle"] = max(r["peak_above_idle"] for r in rounds)
+        summaries[method] = summary
+    return summaries
 
 
-def measure(folder: Path, runs: int) -> tuple[list[list[str]], list[tuple[str, bool]]]:
-    """Every case: table rows and the bars with their verdicts."""
-    cases = [
-        ("256³ float32 .npy, C order", "prob_c.npy", "scan.nii.gz", 1),
-        ("256³ float32 .npy, Fortran order", "prob_f.npy", "scan.nii.gz", 1),
-        ("64³ uint8 label map (per file)", "labels.npy", "small.nii.gz", LABEL_FILES),
-        ("4x160³ float32 softmax, channels first", "softmax.npy", "mid.nii.gz", 1),
-    ]
+# Case title ({n}: the probability map's edge, {m}: the softmax's), input, reference,
+# conversions per child, methods.
+CASES = [
+    (
+        "{n}³ float32 .npy, C order",
+        "prob_c.npy",
+        "scan.nii.gz",
+        1,
+        ["niftidrop", "compress-only", "nib.save", "nidataset"],
+    ),
+    (
+        "{n}³ float32 .npy, Fortran order",
+        "prob_f.npy",
+        "scan.nii.gz",
+        1,
+        ["niftidrop", "compress-only", "nib.save", "nidataset"],
+    ),
+    (
+        "{n}³ uint8 label map",
+        "labels_large.npy",
+        "scan.nii.gz",
+        3,
+        ["niftidrop", "compress-only", "nib.save"]
+        + [f"niftidrop, level {level}" for level in LEVELS if level != 1],
+    ),
+    (
+        "64³ uint8 label map (per file)",
+        "labels.npy",
+        "small.nii.gz",
+        LABEL_FILES,
+        ["niftidrop", "niftidrop, fsync off", "nib.save", "nidataset"],
+    ),
+    (
+        "4x{m}³ float32 softmax, channels first",
+        "softmax.npy",
+        "mid.nii.gz",
+        1,
+        ["niftidrop", "niftidrop argmax", "nib.save"],
+    ),
+]
+# The cases whose output size and level sweep are shown (niftidrop's default level is 1).
+SIZE_CASES = ("prob_c.npy", "labels_large.npy")
+SWEEP_CASE = "labels_large.npy"
+
+
+Rows = list[list[str]]
+
+
+def measure(
+    folder: Path, runs: int, size: int
+) -> tuple[Rows, Rows, Rows, list[tuple[str, bool | None]]]:
+    """Every case: the table's rows, the size and level rows, and the bars with verdicts."""
     rows: list[list[str]] = []
-    bars: list[tuple[str, bool]] = []
-    for title, name, reference, repeat in cases:
-        methods = ["niftidrop", "nib.save", "nidataset"]
-        if name == "labels.npy":  # small files: the two fsyncs per output show
-            methods.insert(1, "niftidrop, fsync off")
-        if name == "softmax.npy":
-            methods = ["niftidrop", "niftidrop argmax", "nib.save"]
-        results = {
-            method: best_of(
-                runs, method, folder / name, folder / reference, folder / "out" / method, repeat
-            )
-            for method in methods
-        }
+    sizes: list[list[str]] = []
+    sweep: list[list[str]] = []
+    bars: list[tuple[str, bool | None]] = []  # None: a figure without a bar
+    for template, name, reference, repeat, methods in CASES:
+        title = template.format(n=size, m=size * 5 // 8)
+        results = side_by_side(
+            runs,
+            methods,
+            source=folder / name,
+            reference=folder / reference,
+            out=folder / "out",
+            repeat=repeat,
+        )
         baseline = results["nib.save"]["seconds"]
         for method, result in results.items():
-            rows.append(_row(title, method, result, baseline))
+            if not method.startswith("niftidrop, level"):
+                rows.append(_row(title, method, result, baseline))
         ours = results["niftidrop"]
+        if "compress-only" in results:
+            # The bar is the probability map's; for the label map it is a figure.
+            bar = name.startswith("prob_")
+            bars.extend(_compress_only_bars(title, ours, results["compress-only"], bar=bar))
         if name == "prob_c.npy":
             speedup = baseline / ours["seconds"]
             bars.append(
@@ -255,24 +368,89 @@ def measure(folder: Path, runs: int) -> tuple[list[list[str]], list[tuple[str, b
                     share <= MEMORY_BAR,
                 )
             )
-    return rows, bars
+        if name in SIZE_CASES:
+            sizes.append(_size_row(title, ours, results["nib.save"]))
+        if name == SWEEP_CASE:
+            sweep.extend(_sweep_rows(results))
+    return rows, sizes, sweep, bars
+
+
+def _compress_only_bars(
+    title: str, ours: dict[str, Any], floor: dict[str, Any], *, bar: bool
+) -> list[tuple[str, bool | None]]:
+    """Conversion ÷ compress-only (against the bar, or as a figure), and the same bytes
+    in both files."""
+    ratio = ours["seconds"] / floor["seconds"]
+    return [
+        (
+            f"{title}: conversion {ratio:.2f}x compress-only ({ours['seconds']:.3f} s vs "
+            f"{floor['seconds']:.3f} s" + (f"; bar {COMPRESS_BAR:g}x)" if bar else ")"),
+            ratio <= COMPRESS_BAR if bar else None,
+        ),
+        (
+            f"{title}: compress-only wrote the conversion's bytes",
+            ours["sha256"] == floor["sha256"],
+        ),
+    ]
+
+
+def _size_row(title: str, ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    mine, baseline = ours["output_bytes"], theirs["output_bytes"]
+    return [title, _size(mine), _size(baseline), f"{mine / baseline:.2f}x"]
+
+
+def _sweep_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """One row per level (1 is the "niftidrop" run) and nib.save's, for the label map."""
+    by_level = {
+        level: results["niftidrop" if level == 1 else f"niftidrop, level {level}"]
+        for level in LEVELS
+    }
+    default = by_level[1]
+    rows = [
+        [
+            f"niftidrop, `compression_level = {level}`" + (" (default)" if level == 1 else ""),
+            _time(result["seconds"]),
+            f"{result['seconds'] / default['seconds']:.2f}x",
+            _size(result["output_bytes"]),
+            f"{result['output_bytes'] / default['output_bytes']:.2f}x",
+        ]
+        for level, result in by_level.items()
+    ]
+    theirs = results["nib.save"]
+    rows.append(
+        [
+            "nib.save (zlib, its default level 1)",
+            _time(theirs["seconds"]),
+            f"{theirs['seconds'] / default['seconds']:.2f}x",
+            _size(theirs["output_bytes"]),
+            f"{theirs['output_bytes'] / default['output_bytes']:.2f}x",
+        ]
+    )
+    return rows
+
+
+def _time(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 0.1 else f"{seconds:.2f} s"
+
+
+def _size(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
 
 
 def _row(title: str, method: str, result: dict[str, Any], baseline: float) -> list[str]:
     seconds = result["seconds"]
     share = result["peak_above_idle"] / result["array_bytes"]
-    shown = f"{seconds * 1e3:.1f} ms" if seconds < 0.1 else f"{seconds:.2f} s"
     return [
         title,
         method,
-        shown,
+        _time(seconds),
         f"{baseline / seconds:.1f}x",
         f"{result['peak_above_idle'] / 2**20:.0f} MiB",
         # For small arrays the fixed overhead (threads, buffers) dominates the ratio.
         f"{share:.2f}x" if result["array_bytes"] >= SMALL_ARRAY else "n/a",
         result["dtype_out"],
         f"{result['max_abs_error']:.3g}",
-        f"{result['output_bytes'] / 2**20:.1f} MiB",
+        _size(result["output_bytes"]),
     ]
 
 
@@ -287,12 +465,14 @@ HEADER = [
     "max abs error",
     "output",
 ]
+SIZE_HEADER = ["case", "niftidrop (level 1)", "nib.save (zlib level 1)", "÷ nib.save"]
+SWEEP_HEADER = ["{n}³ uint8 label map", "time", "÷ level 1", "output", "÷ level 1"]
 
 
-def print_table(rows: list[list[str]]) -> None:
+def print_table(rows: list[list[str]], header: list[str] = HEADER) -> None:
     """A Markdown table, ready for the README."""
-    widths = [max(len(row[i]) for row in [HEADER, *rows]) for i in range(len(HEADER))]
-    for line in [HEADER, ["-" * w for w in widths], *rows]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for line in [header, ["-" * w for w in widths], *rows]:
         print("| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) + " |")
 
 
@@ -308,15 +488,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = child(method, Path(source), Path(reference), Path(out), int(repeat))
         print(json.dumps(result))
         return 0
-    print(f"conversion benchmark: {os.cpu_count()} CPUs, best of {args.runs} runs each")
+    load = os.getloadavg()[0]
+    print(
+        f"conversion benchmark: {os.cpu_count()} CPUs, load average {load:.1f}, "
+        f"best of {args.runs} alternating rounds each"
+    )
     with tempfile.TemporaryDirectory(prefix="niftidrop-bench-") as temp:
         folder = Path(temp)
         build_inputs(folder, args.size)
-        rows, bars = measure(folder, args.runs)
+        rows, sizes, sweep, bars = measure(folder, args.runs, args.size)
     print_table(rows)
+    print("\nOutput size against nib.save's default level:\n")
+    print_table(sizes, SIZE_HEADER)
+    print("\nCompression levels, label map:\n")
+    print_table(sweep, [SWEEP_HEADER[0].format(n=args.size), *SWEEP_HEADER[1:]])
+    print()
     for text, passed in bars:
-        print(f"{'PASS' if passed else 'FAIL'}  {text}")
-    return 0 if all(passed for _, passed in bars) else 1
+        print(f"{'    ' if passed is None else 'PASS' if passed else 'FAIL'}  {text}")
+    return 0 if all(passed is not False for _, passed in bars) else 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 `encode_volume` then yields the output file's bytes: the header, then the voxel
 data in Fortran order, slab by slab along the slowest output axis, each slab cast
 (and checked) on its own. For a memory-mapped `.npy` the pages read are dropped
-after each piece, so resident memory stays near one slab whatever the layout.
+after each piece, so resident memory stays near two slabs whatever the layout.
 The reference's header comes from `niftidrop.reference`; the slabs are cut and
 filled by `niftidrop.slabs`.
 """
@@ -363,8 +363,9 @@ def header_bytes(header: NiftiHeader) -> bytes:
 def encode_volume(volume: Volume, source: InputArray) -> Iterator[memoryview | bytes]:
     """The bytes of one NIfTI file: header, then Fortran-ordered voxels slab by slab.
 
-    Each chunk is valid only until the next one is asked for: one slab buffer is
-    reused for the whole volume, so memory stays at one slab (the writer copies).
+    Each chunk stays valid until the chunk after the next one is asked for: two slab
+    buffers take turns, so the writer compresses one while the other is filled, and
+    memory stays at two slabs.
     """
     yield header_bytes(volume.header)
     copy_free = (
@@ -373,11 +374,12 @@ def encode_volume(volume: Volume, source: InputArray) -> Iterator[memoryview | b
         and volume.source.dtype == volume.dtype
         and volume.source.dtype.kind != "b"
     )
-    storage: Array | None = None
-    for slab_shape, pieces in slabs_of(volume.source, volume.argmax, source):
+    storages: list[Array | None] = [None, None]
+    for number, (slab_shape, pieces) in enumerate(slabs_of(volume.source, volume.argmax, source)):
         count = int(np.prod(slab_shape, dtype=np.int64))
+        storage = storages[number % 2]
         if storage is None or storage.size < count:
-            storage = np.empty(count, dtype=volume.dtype)
+            storage = storages[number % 2] = np.empty(count, dtype=volume.dtype)
         buffer = storage[:count].reshape(slab_shape, order="F")
         for index, piece in pieces:
             if copy_free and index is None and piece.flags.f_contiguous:

@@ -17,10 +17,11 @@ names are given by `link()`, which refuses an existing one (`link_exclusive`,
 `link_unique`, with a unique suffix from `niftidrop.names`); where links are
 refused (`NO_HARD_LINKS`) a rename after a check, or a copy, stands in.
 
-Compression uses ISA-L's igzip, threaded for large outputs: a standard gzip
-stream, with a fixed header (no name, mtime 0) so the same input always gives the
-same bytes. Small outputs are compressed on the calling thread: starting a pool
-of compression threads costs more than it saves on them.
+Compression uses ISA-L's igzip in blocks (`niftidrop.gzip_blocks`), threaded for
+large outputs: a standard gzip stream whose bytes depend only on the data and the
+level (a fixed header, no name, mtime 0), so the same input always gives the same
+bytes. Small outputs are compressed on the calling thread: starting a pool of
+compression threads costs more than it saves on them.
 """
 
 from __future__ import annotations
@@ -33,25 +34,19 @@ import shutil
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final, Literal, TypedDict, Unpack
-
-import isal.igzip
-import isal.igzip_threaded
+from typing import IO, Any, Final, Literal, TypedDict, Unpack, cast
 
 from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.gzip_blocks import GzipBlockWriter
 from niftidrop.names import temp_path_for, unique_name, unique_names
 from niftidrop.steps import step
 
-# isal's functions carry no annotations.
-igzip: Any = isal.igzip
-igzip_threaded: Any = isal.igzip_threaded
 Chunk = bytes | memoryview
 # What a file is written from: its chunks, or a function that writes it to a file
-# object (`np.save`, which streams an array of any layout without a copy).
+# object (`np.save`, which streams an array of any layout without a copy). When
+# compressed, a chunk must stay valid until the chunk after the next one is asked
+# for (`GzipBlockWriter.write_chunks`); a function's writes are copied.
 Content = Iterable[Chunk] | Callable[[IO[bytes]], object]
-# igzip compresses blocks of this size on each thread (each primed with the 32 KiB
-# before it); small blocks keep the queues, and so the memory, small.
-GZIP_BLOCK_BYTES = 256 * 1024
 # Below this many uncompressed bytes one thread compresses faster than a pool.
 THREADED_GZIP_MIN_BYTES = 4 * 1024 * 1024
 OnConflict = Literal["overwrite", "rename", "fail"]
@@ -133,8 +128,12 @@ def write_temp(
         with temp.open("xb") as raw:
             step(f"{kind}_write")
             if compress:
-                with _gzip_writer(raw, level, threads, size) as gz:
-                    _fill(gz, chunks)
+                one_thread = size is not None and size < THREADED_GZIP_MIN_BYTES
+                with GzipBlockWriter(raw, level=level, threads=1 if one_thread else threads) as gz:
+                    if callable(chunks):
+                        chunks(cast(IO[bytes], gz))
+                    else:
+                        gz.write_chunks(chunks)
             else:
                 _fill(raw, chunks)
             raw.flush()
@@ -155,15 +154,6 @@ def _fill(file: IO[bytes], chunks: Content) -> None:
         return
     for chunk in chunks:
         file.write(chunk)
-
-
-def _gzip_writer(raw: IO[bytes], level: int, threads: int, size: int | None) -> Any:
-    if size is not None and size < THREADED_GZIP_MIN_BYTES:
-        # An empty name and mtime 0: the header does not depend on the file or the time.
-        return igzip.IGzipFile(filename="", mode="wb", compresslevel=level, fileobj=raw, mtime=0)
-    return igzip_threaded.open(
-        raw, "wb", compresslevel=level, threads=threads, block_size=GZIP_BLOCK_BYTES
-    )
 
 
 def discard(temp: Path) -> None:

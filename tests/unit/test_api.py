@@ -782,3 +782,70 @@ class TestLabels:
         with hooked(full), pytest.raises(OSError, match="No space left"):
             self._convert(tmp_path, make_reference, self._label_map())
         assert list((tmp_path / "out").iterdir()) == []
+
+
+# Inputs that take each way through the slabs: copied, copy-free, cast, reduced.
+OVERLAP_CASES: dict[str, tuple[Callable[[np.random.Generator], np.ndarray], dict[str, Any]]] = {
+    "float32, C order": (lambda rng: rng.random((40, 36, 30)).astype(np.float32), {}),
+    "float32, Fortran order": (
+        lambda rng: np.asfortranarray(rng.random((40, 36, 30)).astype(np.float32)),
+        {},
+    ),
+    "int16, z y x": (
+        lambda rng: rng.integers(-900, 900, (30, 36, 40)).astype(np.int16),
+        {"axis_order": "zyx"},
+    ),
+    "int64 label map narrowed": (lambda rng: rng.integers(0, 5, (40, 36, 30)), {}),
+    "bool": (lambda rng: rng.random((40, 36, 30)) > 0.5, {}),
+    "float16 channels first, argmax": (
+        lambda rng: rng.random((3, 40, 36, 30)).astype(np.float16),
+        {"channels": "argmax"},
+    ),
+    "float64 channels last, keep": (lambda rng: rng.random((40, 36, 30, 2)), {}),
+}
+
+
+class TestOverlappedWriting:
+    """Slabs produced while the threads compress the ones before: the same file."""
+
+    @pytest.mark.parametrize("case", list(OVERLAP_CASES))
+    def test_same_file_as_the_whole_volume_compressed_at_once(
+        self,
+        tmp_path: Path,
+        make_reference: MakeReference,
+        monkeypatch: pytest.MonkeyPatch,
+        case: str,
+    ) -> None:
+        """Written in many small slabs on three threads, each output is byte for byte the
+        file of its bytes compressed in one piece on one thread, and holds the values."""
+        from niftidrop import slabs, writer
+        from niftidrop.arrays import open_input
+        from niftidrop.conversion import encode_volume, plan_conversion
+        from niftidrop.reference import read_reference
+
+        make, options = OVERLAP_CASES[case]
+        array = make(np.random.default_rng(11))
+        reference = make_reference(shape=(40, 36, 30))
+        source = _saved(tmp_path / "case.npy", array)
+        monkeypatch.setattr(slabs, "SLAB_BYTES", 20_000)  # slabs smaller than a block
+        monkeypatch.setattr(slabs, "PIECE_BYTES", 8_000)
+        monkeypatch.setattr(writer, "THREADED_GZIP_MIN_BYTES", 0)
+        settings = _settings(compression_threads=3, **options)
+        (output,) = convert_file(
+            source, tmp_path / "out", settings=settings, reference=reference
+        ).outputs
+
+        opened = open_input(source, npz_key=None, max_input_bytes=1 << 30)
+        plan = plan_conversion(
+            opened, read_reference(reference), version=niftidrop.__version__, **options
+        )
+        whole = b"".join(bytes(chunk) for chunk in encode_volume(plan.volumes[0], opened))
+        expected = writer.write_file(
+            tmp_path / "expected.nii.gz", [whole], compress=True, threads=1
+        )
+        assert output.read_bytes() == expected.read_bytes()
+        stored = _voxels(output)
+        wanted = np.moveaxis(array, 0, -1).argmax(-1) if "argmax" in case else array
+        if options.get("axis_order") == "zyx":
+            wanted = wanted.transpose(2, 1, 0)
+        np.testing.assert_array_equal(stored, wanted)

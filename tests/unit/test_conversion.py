@@ -530,7 +530,7 @@ class TestStreaming:
         monkeypatch.setattr(source, "release_pages", lambda: released.append(1))
         axis_order = "zyx" if layout == "zyx" else "xyz"
         plan = plan_conversion(source, None, axis_order=axis_order)
-        # A chunk is only valid until the next one is asked for (the buffer is reused).
+        # Copied: a chunk is valid only until the one after the next is asked for.
         chunks = [bytes(chunk) for chunk in encode_volume(plan.volumes[0], source)]
         assert len(chunks) > 5
         # Sequential layouts use small slabs; C order re-reads the file, so larger ones.
@@ -541,6 +541,28 @@ class TestStreaming:
         np.testing.assert_array_equal(
             np.frombuffer(body, "<f4").reshape(data.shape, order="F"), data
         )
+
+    @pytest.mark.parametrize("layout", ["C", "F"])
+    def test_a_chunk_stays_valid_until_the_one_after_next_is_asked_for(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+    ) -> None:
+        """Two slab buffers take turns: chunk n still holds its bytes while chunk n + 1 is
+        produced, so the writer may compress it meanwhile."""
+        monkeypatch.setattr(slabs, "SLAB_BYTES", 4096)
+        monkeypatch.setattr(slabs, "PIECE_BYTES", 1024)
+        data = np.random.default_rng(5).random((32, 24, 20)).astype(np.float32)
+        np.save(tmp_path / "a.npy", np.asfortranarray(data) if layout == "F" else data)
+        source = open_input(tmp_path / "a.npy", npz_key=None, max_input_bytes=1 << 30)
+        plan = plan_conversion(source, None)
+        body, held = [], None
+        for chunk in encode_volume(plan.volumes[0], source):
+            if held is not None:  # read only now, after the next chunk was made
+                body.append(bytes(held))
+            held = chunk
+        body.append(bytes(held or b""))
+        assert len(body) > 5
+        values = np.frombuffer(b"".join(body[1:]), "<f4").reshape(data.shape, order="F")
+        np.testing.assert_array_equal(values, data)
 
     def test_int64_range_pass_then_narrow_output(self, tmp_path: Path) -> None:
         """auto on a mapped int64 label map scans the values first, then writes uint8."""

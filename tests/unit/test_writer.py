@@ -49,6 +49,27 @@ class TestAtomicWrite:
         assert one.read_bytes() == two.read_bytes()
         assert one.read_bytes()[4:8] == b"\0\0\0\0"  # mtime field
 
+    def test_a_function_that_writes_its_content_is_compressed_too(self, tmp_path: Path) -> None:
+        """Content written through a file object (np.save) is copied into the gzip stream."""
+        import io
+
+        import numpy as np
+
+        array = np.arange(2_000_000, dtype=np.int32).reshape(200, 100, 100)
+        final = write_file(
+            tmp_path / "a.npy.gz", lambda file: np.save(file, array), compress=True, threads=3
+        )
+        expected = io.BytesIO()
+        np.save(expected, array)
+        assert gzip.decompress(final.read_bytes()) == expected.getvalue()
+
+    def test_same_bytes_on_the_calling_thread_or_a_pool(self, tmp_path: Path) -> None:
+        """A small output (compressed on the calling thread) has the bytes a pool gives."""
+        size = sum(len(chunk) for chunk in PAYLOAD)
+        alone = write_file(tmp_path / "one.nii.gz", PAYLOAD, compress=True, threads=4, size=size)
+        pooled = write_file(tmp_path / "two.nii.gz", PAYLOAD, compress=True, threads=4)
+        assert alone.read_bytes() == pooled.read_bytes()
+
     def test_temporary_file_is_hidden_in_target_folder(self, tmp_path: Path) -> None:
         """While written, the data lives under `.<name>.<random>.tmp` next to the target."""
         seen: list[list[str]] = []
