@@ -32,8 +32,9 @@ Index = tuple[slice, ...]
 
 # Above this many channels NumPy's own loop is no slower than one pass per channel.
 MAX_RUNNING_CHANNELS: Final = 32
-# Pieces of a channel read between two page releases, when streamed.
-PIECE_BYTES: Final = 4 * 1024 * 1024
+# Pieces of a channel read between two page releases, when streamed: small, as each
+# takes a few temporary arrays of its size next to the volume-sized running arrays.
+PIECE_BYTES: Final = 1024 * 1024
 
 
 def index_dtype(channels: int) -> np.dtype[Any]:
@@ -58,13 +59,14 @@ def keys(values: Array) -> Array:
     bits = values.view(signed)
     magnitude_mask = signed.type(np.iinfo(signed).max)
     infinity = signed.type(np.array(np.inf, values.dtype).view(signed))
-    magnitude = np.bitwise_and(bits, magnitude_mask)
+    key: Array = np.bitwise_and(bits, magnitude_mask)
+    nan = key > infinity
     # Sign and magnitude to two's complement: -m for negative values, so -0.0 is 0.
     negative = np.right_shift(bits, width * 8 - 1)
-    key: Array = np.bitwise_xor(magnitude, negative)
+    np.bitwise_xor(key, negative, out=key)
     np.subtract(key, negative, out=key)
     # Every NaN (either sign) is the largest key, and equal to the others.
-    np.putmask(key, magnitude > infinity, magnitude_mask)
+    np.putmask(key, nan, magnitude_mask)
     return key
 
 

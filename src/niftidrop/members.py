@@ -49,7 +49,8 @@ _ENCRYPTED = 0x1
 READ_BYTES: Final = 1024 * 1024
 FILL_BYTES: Final = 4 * 1024 * 1024
 _MIN_FILL: Final = 64 * 1024
-_PAGE: Final = mmap.PAGESIZE
+# What is let go of goes in steps of a memory page (tests take smaller ones).
+_HELD_STEP = mmap.PAGESIZE
 
 
 class _Inflow:
@@ -207,7 +208,7 @@ class MemberStream:
         """Free the pages read so far: the walk reads on from the last view `ensure`d."""
         if not self._whole:
             done = min(self._filled, self._wanted)
-            self._drop(done - done % _PAGE)
+            self._drop(done)
 
     def verify(self) -> None:
         """Read on to the member's end if no pass got there yet (size and CRC checks)."""
@@ -249,21 +250,31 @@ class MemberStream:
             buffer[self._filled : self._filled + len(chunk)] = chunk
             self._filled += len(chunk)
             below = min(self._filled, keep_from)
-            self._drop(below - below % _PAGE)  # skipped on the way to `keep_from`
+            self._drop(below)  # skipped on the way to `keep_from`
         if self._filled == self.data_bytes and not self.verified:
             self._inflow.finish(self.data_bytes)
             self.verified = True
 
     def _drop(self, end: int, *, restart: bool = False) -> None:
-        """Free the held pages below `end` (all of them, with `restart`)."""
+        """Let go of the values below `end` (all of them, with `restart`), freeing the
+        memory pages that lie wholly in what was let go."""
         buffer = self._buffer
         if buffer is None:
             return
+        page = mmap.PAGESIZE
         if restart:
-            end = min(len(buffer), end + _PAGE - 1 - (end + _PAGE - 1) % _PAGE)
-        if end > self._held_from:
-            buffer.madvise(_FREE, self._held_from, end - self._held_from)
-            self._held_from = end
+            size = min(len(buffer), -(-self._filled // page) * page)
+            if size:
+                buffer.madvise(_FREE, 0, size)
+            self._held_from = 0
+            return
+        end -= end % _HELD_STEP
+        if end <= self._held_from:
+            return
+        start, stop = -(-self._held_from // page) * page, end - end % page
+        if stop > start:
+            buffer.madvise(_FREE, start, stop - start)
+        self._held_from = end
 
     def _bounds(self, view: npt.NDArray[Any]) -> tuple[int, int]:
         """The byte range [low, high) of the buffer that `view` reads."""

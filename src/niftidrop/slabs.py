@@ -31,7 +31,7 @@ TRANSPOSE_SLAB_FRACTION = 8
 TRANSPOSE_SLAB_CAP = 1024 * 1024 * 1024
 PIECE_BYTES = 4 * 1024 * 1024
 # A streamed `.npz` member is decompressed again for each such slab: fewer, larger ones.
-STREAM_SLAB_FRACTION = 4
+STREAM_SLAB_FRACTION = 6
 
 Index = tuple[slice | int, ...]
 # A transposing copy is cache-friendly in tiles this long along the axes that
