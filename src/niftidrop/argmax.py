@@ -46,8 +46,8 @@ def index_dtype(channels: int) -> np.dtype[Any]:
 
 
 def keys(values: Array) -> Array:
-    """Values NumPy's argmax compares as it compares `values`, as plain integers (a view
-    for integers and booleans, a new array for floats)."""
+    """Values NumPy's argmax compares as it compares `values`, as plain integers: a view
+    for integers, booleans and floats without a sign bit or NaN, else a new array."""
     if values.dtype.kind == "b":
         return values.view(np.uint8)
     if values.dtype.kind in "iu":
@@ -59,6 +59,8 @@ def keys(values: Array) -> Array:
     bits = values.view(signed)
     magnitude_mask = signed.type(np.iinfo(signed).max)
     infinity = signed.type(np.array(np.inf, values.dtype).view(signed))
+    if bits.size and bits.min() >= 0 and bits.max() <= infinity:
+        return bits  # no sign bit, no NaN (probabilities): the bits order as the values
     key: Array = np.bitwise_and(bits, magnitude_mask)
     nan = key > infinity
     # Sign and magnitude to two's complement: -m for negative values, so -0.0 is 0.

@@ -276,9 +276,7 @@ def _open_npz(
             _check_member_sizes(info, size, label)
             archive.open(info).close()  # zipfile's checks of the local header
             member = _open_member(stream, info, label, max_input_bytes)
-            data = member.start()
-            if whole:
-                member.load_whole()
+            data = member.start(whole=whole)
     except (ConversionError, MemoryError):
         raise
     except OSError as error:

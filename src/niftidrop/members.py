@@ -27,7 +27,6 @@ import os
 import struct
 import weakref
 import zipfile
-import zlib
 from typing import Any, Final
 
 import isal.isal_zlib
@@ -79,7 +78,7 @@ class _Inflow:
             out = self._compressed(min(size, self._left))
         else:
             out = self._inflate(size)
-        self.crc = zlib.crc32(out, self.crc)
+        self.crc = isal_zlib.crc32(out, self.crc)  # as zlib's, faster
         self.produced += len(out)
         return out
 
@@ -144,7 +143,7 @@ class MemberStream:
         self.layout = self._read_layout()
         self.passes = 0  # how many times the values were decompressed from the start
         self.verified = False
-        self._buffer: mmap.mmap | None = None
+        self._buffer: mmap.mmap | bytearray | None = None
         self._address = 0
         self._filled = 0  # values decompressed into the buffer in this pass
         self._wanted = 0  # the end of the last view ensured in this pass
@@ -182,15 +181,18 @@ class MemberStream:
     def data_bytes(self) -> int:
         return self.layout.data_bytes
 
-    def start(self) -> npt.NDArray[np.generic]:
-        """The member's array over a buffer filled on demand (see `ensure`)."""
-        self._buffer = _new_buffer(self.data_bytes)
+    def start(self, *, whole: bool = False) -> npt.NDArray[np.generic]:
+        """The member's array over a buffer filled on demand (see `ensure`), or filled
+        at once with `whole` (in the heap: `max_memory` counts it)."""
+        self._buffer = bytearray(self.data_bytes) if whole else _new_buffer(self.data_bytes)
         layout = self.layout
         flat = np.frombuffer(
             self._buffer, dtype=layout.dtype, count=self.data_bytes // layout.dtype.itemsize
         )
         self._address = flat.ctypes.data
         self._begin_pass()
+        if whole:
+            self.load_whole()
         return flat.reshape(layout.shape, order="F" if layout.fortran_order else "C")
 
     def ensure(self, view: npt.NDArray[Any]) -> None:
@@ -259,7 +261,7 @@ class MemberStream:
         """Let go of the values below `end` (all of them, with `restart`), freeing the
         memory pages that lie wholly in what was let go."""
         buffer = self._buffer
-        if buffer is None:
+        if not isinstance(buffer, mmap.mmap):  # nothing yet, or held whole
             return
         page = mmap.PAGESIZE
         if restart:
