@@ -11,7 +11,9 @@ and one that transposes once per group of slabs (`niftidrop.slabs`).
 
 The buffer is a memfd (Linux) whose freed pages are given back at once
 (MADV_REMOVE); the array over it is a plain NumPy array, so every layout the
-conversion handles works unchanged, provided it `ensure`s what it reads.
+conversion handles works unchanged, provided it `ensure`s what it reads. A member
+read whole (`start(whole=True)`, for a preview) is a heap buffer, as `max_memory`
+(RLIMIT_DATA) counts heap but not a memfd.
 
 The checks the whole read makes are kept: the stream must end exactly at the
 member's declared size, and its CRC-32 must match, else CORRUPT. Both are checked
@@ -147,7 +149,7 @@ class MemberStream:
         self._address = 0
         self._filled = 0  # values decompressed into the buffer in this pass
         self._wanted = 0  # the end of the last view ensured in this pass
-        self._held_from = 0  # pages below this were freed
+        self._held_from = 0  # values below this were let go (their whole pages freed)
         self._whole = False
 
     @classmethod
