@@ -118,6 +118,7 @@ def inputs(draw: st.DrawFn) -> tuple[np.ndarray, str, str, str]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A reference of shape SPATIAL, read once for the module."""
     path = tmp_path_factory.mktemp("reference") / "scan.nii"
     nib.save(nib.Nifti1Image(np.zeros(SPATIAL, np.int16), np.eye(4)), path)
     return read_reference(path)
@@ -125,6 +126,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the property tests write their inputs (Hypothesis reuses it)."""
     return tmp_path_factory.mktemp("inputs")
 
 
