@@ -13,6 +13,11 @@ starts) compressed alone with the same compressor, level and threads, written
 the same way (a temporary name, the file fsynced, renamed over the previous
 run's file, the folder fsynced). Its file must be byte for byte niftidrop's.
 
+Streamed `.npz` members and lean argmax have cases of their own: a 256³ float32
+`.npz`, and 4x256³ float16 softmax maps (a channels-first `.npz`, and a (C, Z, Y, X)
+`.npy` read with `axis_order = "zyx"`) arg-maxed, against the time of compressing the
+`.npz`'s `keep` output alone (its compress-only run).
+
     python -m benchmarks convert            # or: python -m benchmarks.bench_convert
     python -m benchmarks.bench_convert --runs 5 --size 256
 """
@@ -42,6 +47,8 @@ SPEEDUP_BAR = 5.0  # at least this many times faster than nib.save
 MEMORY_BAR = 0.5  # peak memory above idle, as a fraction of the array's size
 COMPRESS_BAR = 1.3  # conversion time at most this many times the compress-only time
 LEVELS = range(4)  # the compression levels ISA-L offers (`compression_level`)
+ARGMAX_TIME_BAR = 1.5  # argmax at most this many times the keep output's compress-only time
+SOFTMAX_CHANNELS = 4
 SMALL_ARRAY = 8 * 2**20  # below this, memory ÷ array size is not shown
 LABEL_FILES = 40  # 64³ label maps converted per child, for a per-file time
 
@@ -88,6 +95,16 @@ def build_inputs(folder: Path, size: int) -> None:
     channel_size = size * 5 // 8
     np.save(folder / "softmax.npy", smooth_probabilities(channel_size, channels=4))
     reference_image(folder / "mid.nii.gz", (channel_size,) * 3, 1.0)
+    build_npz_inputs(folder, size, probabilities)
+
+
+def build_npz_inputs(folder: Path, size: int, probabilities: np.ndarray) -> None:
+    """The inputs of `npz_cases`: a deflated .npz, and float16 softmax maps."""
+    np.savez_compressed(folder / "prob.npz", probabilities=probabilities)
+    softmax = smooth_probabilities(size, channels=SOFTMAX_CHANNELS).astype(np.float16)
+    np.savez_compressed(folder / "softmax16.npz", probabilities=softmax)
+    # (C, Z, Y, X): what SimpleITK-based pipelines hand over, read with axis_order "zyx".
+    np.save(folder / "softmax16_zyx.npy", np.ascontiguousarray(softmax.transpose(0, 3, 2, 1)))
 
 
 # The methods (run in the child). Each is made for its input before the clock starts.
@@ -126,7 +143,7 @@ def compress_only_method(source: Path, reference: Path, **options: Any) -> Conve
     def compress(source: Path, reference: Path, out: Path) -> Path:
         # As convert_file writes: fsync the file, rename, fsync the folder once.
         return write_file(
-            out / source.name.replace(".npy", ".nii.gz"),
+            out / (source.name.removesuffix(source.suffix) + ".nii.gz"),
             [memoryview(content)],
             compress=True,
             level=settings.compression_level,
@@ -140,12 +157,22 @@ def compress_only_method(source: Path, reference: Path, **options: Any) -> Conve
 
 def nib_save(source: Path, reference: Path, out: Path) -> Path:
     """What users write by hand: load, wrap with the reference's affine, save."""
-    data = np.load(source)
+    data = load_array(source)
     if data.ndim == 4:  # channels first -> last, as NIfTI wants them
         data = np.moveaxis(data, 0, -1)
-    target = out / source.name.replace(".npy", ".nii.gz")
+    target = out / (source.name.removesuffix(source.suffix) + ".nii.gz")
     nib.save(nib.Nifti1Image(data, nib.load(reference).affine), target)
     return target
+
+
+def load_array(source: Path) -> np.ndarray:
+    """A .npy memory-mapped, or a .npz's first member in memory."""
+    if source.suffix == ".npz":
+        with np.load(source) as archive:
+            member: np.ndarray = archive[archive.files[0]]
+            return member
+    mapped: np.ndarray = np.load(source, mmap_mode="r")
+    return mapped
 
 
 def nidataset_method() -> Convert:
@@ -167,6 +194,9 @@ METHODS: dict[str, Callable[[Path, Path], Convert]] = {
     "niftidrop": lambda source, reference: niftidrop_method(),
     "compress-only": compress_only_method,
     "niftidrop argmax": lambda source, reference: niftidrop_method(channels="argmax"),
+    "niftidrop argmax, zyx": lambda source, reference: niftidrop_method(
+        channels="argmax", axis_order="zyx"
+    ),
     "niftidrop, fsync off": lambda source, reference: niftidrop_method(fsync=False),
     "nib.save": lambda source, reference: nib_save,
     "nidataset": lambda source, reference: nidataset_method(),
@@ -206,12 +236,14 @@ def child(method: str, source: Path, reference: Path, out: Path, repeat: int) ->
     peak = _status_kib("VmHWM") if has_reset else None
     if peak is None:  # no /proc: the whole child's peak, an upper bound
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    array = np.load(source, mmap_mode="r")
+    array = load_array(source)
     image = nib.load(written)
     stored = np.asanyarray(image.dataobj)  # with any scale factor applied
     expected = (
         np.moveaxis(array, 0, -1) if array.ndim == 4 and stored.shape != array.shape else array
     )
+    if "zyx" in method:
+        expected = expected.transpose(2, 1, 0, *range(3, expected.ndim))
     if "argmax" in method:
         expected = np.argmax(expected, axis=-1)
     error = float(np.max(np.abs(stored.astype(np.float64) - expected)))
@@ -309,7 +341,30 @@ CASES = [
         1,
         ["niftidrop", "niftidrop argmax", "nib.save"],
     ),
+    (
+        "{n}³ float32 .npz (deflated), C order",
+        "prob.npz",
+        "scan.nii.gz",
+        1,
+        ["niftidrop", "nib.save"],
+    ),
+    (
+        "4x{n}³ float16 softmax .npz, channels first",
+        "softmax16.npz",
+        "scan.nii.gz",
+        1,
+        ["niftidrop argmax", "compress-only"],
+    ),
+    (
+        "4x{n}³ float16 softmax .npy (C, Z, Y, X), zyx",
+        "softmax16_zyx.npy",
+        "scan.nii.gz",
+        1,
+        ["niftidrop argmax, zyx"],
+    ),
 ]
+# The arg-maxed softmax cases: their bars are against the .npz's keep compress-only.
+ARGMAX_CASES = ("softmax16.npz", "softmax16_zyx.npy")
 # The cases whose output size and level sweep are shown (niftidrop's default level is 1).
 SIZE_CASES = ("prob_c.npy", "labels_large.npy")
 SWEEP_CASE = "labels_large.npy"
@@ -326,6 +381,7 @@ def measure(
     sizes: list[list[str]] = []
     sweep: list[list[str]] = []
     bars: list[tuple[str, bool | None]] = []  # None: a figure without a bar
+    keep_floor: dict[str, Any] = {}  # the softmax .npz's keep output, compress-only
     for template, name, reference, repeat, methods in CASES:
         title = template.format(n=size, m=size * 5 // 8)
         results = side_by_side(
@@ -336,11 +392,24 @@ def measure(
             out=folder / "out",
             repeat=repeat,
         )
-        baseline = results["nib.save"]["seconds"]
+        baseline = results["nib.save"]["seconds"] if "nib.save" in results else None
         for method, result in results.items():
             if not method.startswith("niftidrop, level"):
                 rows.append(_row(title, method, result, baseline))
+        if name in ARGMAX_CASES:
+            keep_floor = results.get("compress-only", keep_floor)
+            (method,) = (each for each in methods if "argmax" in each)
+            bars.extend(_argmax_bars(title, results[method], keep_floor))
+            continue
         ours = results["niftidrop"]
+        if name == "prob.npz":
+            share = ours["peak_above_idle"] / ours["array_bytes"]
+            bars.append(
+                (
+                    f"{title}: peak above idle {share:.2f}x the array (bar {MEMORY_BAR:g}x)",
+                    share <= MEMORY_BAR,
+                )
+            )
         if "compress-only" in results:
             # The bar is the probability map's; for the label map it is a figure.
             bar = name.startswith("prob_")
@@ -394,6 +463,25 @@ def _compress_only_bars(
     ]
 
 
+def _argmax_bars(
+    title: str, ours: dict[str, Any], floor: dict[str, Any]
+) -> list[tuple[str, bool | None]]:
+    """Memory and time of an arg-maxed softmax map against their bars."""
+    share = ours["peak_above_idle"] / ours["array_bytes"]
+    ratio = ours["seconds"] / floor["seconds"]
+    return [
+        (
+            f"{title} argmax: peak above idle {share:.2f}x the array (bar {MEMORY_BAR:g}x)",
+            share <= MEMORY_BAR,
+        ),
+        (
+            f"{title} argmax: {ratio:.2f}x the keep output's compress-only time "
+            f"({ours['seconds']:.3f} s vs {floor['seconds']:.3f} s; bar {ARGMAX_TIME_BAR:g}x)",
+            ratio <= ARGMAX_TIME_BAR,
+        ),
+    ]
+
+
 def _size_row(title: str, ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
     mine, baseline = ours["output_bytes"], theirs["output_bytes"]
     return [title, _size(mine), _size(baseline), f"{mine / baseline:.2f}x"]
@@ -437,14 +525,14 @@ def _size(size: int) -> str:
     return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
 
 
-def _row(title: str, method: str, result: dict[str, Any], baseline: float) -> list[str]:
+def _row(title: str, method: str, result: dict[str, Any], baseline: float | None) -> list[str]:
     seconds = result["seconds"]
     share = result["peak_above_idle"] / result["array_bytes"]
     return [
         title,
         method,
         _time(seconds),
-        f"{baseline / seconds:.1f}x",
+        f"{baseline / seconds:.1f}x" if baseline else "n/a",
         f"{result['peak_above_idle'] / 2**20:.0f} MiB",
         # For small arrays the fixed overhead (threads, buffers) dominates the ratio.
         f"{share:.2f}x" if result["array_bytes"] >= SMALL_ARRAY else "n/a",

@@ -105,7 +105,14 @@ def convert_file(
     stem = stem or input_stem(source.name)
     extension = ".nii.gz" if settings.compress else ".nii"
     ref = read_reference(reference, input_name=source.name) if reference is not None else None
-    array = open_input(source, npz_key=settings.npz_key, max_input_bytes=settings.max_input_bytes)
+    # A preview reads slices of the input after the output is written: a `.npz`
+    # member is then read whole rather than streamed.
+    array = open_input(
+        source,
+        npz_key=settings.npz_key,
+        max_input_bytes=settings.max_input_bytes,
+        streamed=not settings.preview,
+    )
     plan = plan_conversion(
         array,
         ref,
@@ -154,6 +161,7 @@ def convert_file(
                 )
                 temps.append(temp)
                 recorded[final.name] = identity_of(temp)
+        array.verify()  # a streamed member's size and CRC, if no output read to its end
         pending = [final for final in finals if final not in outputs_found]
         if settings.on_conflict == "fail":
             check_free(pending, source.name)

@@ -12,7 +12,8 @@ exactly as numpy writes it, else with `numpy.lib.format`) and the data is
 memory-mapped, so the conversion can stream it slab by slab and drop the pages it
 has used. `.npz` members are checked against `max_input_bytes`, against what
 their compressed size makes possible and against their `.npy` header before
-anything is allocated, then decompressed whole. Nothing here ever unpickles
+anything is allocated, then streamed (`niftidrop.members`): decompressed as the
+conversion reads them, slab by slab, or whole when asked. Nothing here ever unpickles
 (`allow_pickle=False` semantics): object dtypes are rejected from the header,
 before any data is read.
 
@@ -29,23 +30,16 @@ import os
 import stat
 import struct
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from niftidrop.errors import ConversionError, ErrorCode
-from niftidrop.npy_header import (
-    MAX_HEADER_BYTES,
-    check_dtype,
-    check_shape,
-    read_npy_header,
-    read_npy_layout,
-)
+from niftidrop.members import MemberStream
+from niftidrop.npy_header import MAX_HEADER_BYTES, check_dtype, check_shape, read_npy_layout
 
-READ_CHUNK_BYTES = 8 * 1024 * 1024
 # The end-of-central-directory record: signature, disk numbers, entry counts,
 # directory size and offset, comment length; it ends the file, but for a comment.
 _ZIP_END = struct.Struct("<4s4H2LH")
@@ -70,31 +64,69 @@ _DEFLATE_SLACK_BYTES: Final = 1024
 _OPEN_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-@dataclass
 class InputArray:
-    """A validated input: the array (mapped or in memory) and where it came from.
+    """A validated input: the array (mapped, streamed or in memory) and where it came from.
 
-    `mapping` is the read-only memory map behind `data` for `.npy` inputs (None for
-    `.npz` members, which live in memory); `release_pages()` drops its resident
-    pages so that streaming a large file keeps the process small.
+    `mapping` is the read-only memory map behind the array for `.npy` inputs;
+    `stream` the decompressing reader behind a streamed `.npz` member. `data` is
+    the array, readable in any way (a streamed member is then decompressed whole);
+    `lazy` is the same array for readers that walk it in slabs: they `ensure` each
+    view before reading it. `release_pages()` frees what was read so far, so that
+    streaming a large file keeps the process small.
     """
 
-    path: Path
-    data: npt.NDArray[np.generic]
-    mapping: mmap.mmap | None = None
+    def __init__(
+        self,
+        path: Path,
+        data: npt.NDArray[np.generic],
+        mapping: mmap.mmap | None = None,
+        stream: MemberStream | None = None,
+    ) -> None:
+        self.path = path
+        self.lazy = data
+        self.mapping = mapping
+        self.stream = stream
+
+    def __repr__(self) -> str:
+        kind = "mapped" if self.mapping else "streamed" if self.stream else "in memory"
+        return f"<InputArray {self.path.name} {self.shape} {self.dtype.str} {kind}>"
+
+    @property
+    def data(self) -> npt.NDArray[np.generic]:
+        """The whole array (a streamed member is read whole, and kept, first)."""
+        if self.stream is not None:
+            self.stream.load_whole()
+        return self.lazy
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(int(n) for n in self.data.shape)
+        return tuple(int(n) for n in self.lazy.shape)
 
     @property
     def dtype(self) -> np.dtype[np.generic]:
-        return self.data.dtype
+        return self.lazy.dtype
+
+    @property
+    def paged(self) -> bool:
+        """True when its values are read from a file as they are needed (mapped, streamed)."""
+        return self.mapping is not None or self.stream is not None
+
+    def ensure(self, view: npt.NDArray[Any]) -> None:
+        """Make the values that `view` (a view of `lazy`) reads present."""
+        if self.stream is not None:
+            self.stream.ensure(view)
 
     def release_pages(self) -> None:
-        """Tell the kernel we no longer need the mapped pages read so far."""
+        """Tell the kernel we no longer need the pages read so far."""
         if self.mapping is not None:
             self.mapping.madvise(mmap.MADV_DONTNEED)
+        if self.stream is not None:
+            self.stream.release()
+
+    def verify(self) -> None:
+        """Finish the checks that need the whole input read (a member's size and CRC)."""
+        if self.stream is not None:
+            self.stream.verify()
 
 
 # Opening inbox files.
@@ -178,8 +210,11 @@ def find_zip_end(stream: BinaryIO, size: int) -> tuple[int, int, int] | None:
 # Opening inputs.
 
 
-def open_input(path: Path, *, npz_key: str | None, max_input_bytes: int) -> InputArray:
-    """The validated array of `path`: `.npy` memory-mapped, `.npz` member in memory.
+def open_input(
+    path: Path, *, npz_key: str | None, max_input_bytes: int, streamed: bool = True
+) -> InputArray:
+    """The validated array of `path`: `.npy` memory-mapped, `.npz` member streamed
+    (decompressed as it is read; with `streamed=False`, whole at once).
 
     Raises ConversionError (TRUNCATED, CORRUPT, UNSAFE_INPUT, UNSUPPORTED_DTYPE,
     BAD_SHAPE, TOO_LARGE, EMPTY_NPZ, NPZ_KEY_MISSING); lets OSError through
@@ -193,7 +228,7 @@ def open_input(path: Path, *, npz_key: str | None, max_input_bytes: int) -> Inpu
     with open_regular(path) as stream:
         if suffix == ".npy":
             return _open_npy(stream, path, max_input_bytes)
-        return _open_npz(stream, path, npz_key, max_input_bytes)
+        return _open_npz(stream, path, npz_key, max_input_bytes, whole=not streamed)
 
 
 def _open_npy(stream: BinaryIO, path: Path, max_input_bytes: int) -> InputArray:
@@ -222,7 +257,7 @@ def _open_npy(stream: BinaryIO, path: Path, max_input_bytes: int) -> InputArray:
 
 
 def _open_npz(
-    stream: BinaryIO, path: Path, npz_key: str | None, max_input_bytes: int
+    stream: BinaryIO, path: Path, npz_key: str | None, max_input_bytes: int, *, whole: bool
 ) -> InputArray:
     size = os.fstat(stream.fileno()).st_size
     try:
@@ -239,8 +274,9 @@ def _open_npz(
             label = f"{path.name}[{info.filename.removesuffix('.npy')}]"
             _check_size(info.file_size, max_input_bytes + MAX_HEADER_BYTES, label)
             _check_member_sizes(info, size, label)
-            with archive.open(info) as member:
-                data = _read_member(member, info.file_size, label, max_input_bytes)
+            archive.open(info).close()  # zipfile's checks of the local header
+            member = _open_member(stream, info, label, max_input_bytes)
+            data = member.start(whole=whole)
     except (ConversionError, MemoryError):
         raise
     except OSError as error:
@@ -258,7 +294,7 @@ def _open_npz(
             f"{path.name}: expected a zip archive of .npy arrays, found unreadable bytes "
             f"({type(error).__name__}: {error})",
         ) from None
-    return InputArray(path=path, data=data)
+    return InputArray(path=path, data=data, stream=member)
 
 
 def _check_member_sizes(info: zipfile.ZipInfo, file_size: int, label: str) -> None:
@@ -307,38 +343,23 @@ def _choose_member(archive: zipfile.ZipFile, npz_key: str | None, name: str) -> 
     )
 
 
-def _read_member(
-    member: IO[bytes], member_size: int, label: str, max_input_bytes: int
-) -> npt.NDArray[np.generic]:
-    """Read one member after checking its .npy header (size before decompressing)."""
-    shape, fortran_order, dtype = read_npy_header(member, label)
-    check_dtype(dtype, label)
-    check_shape(shape, label)
-    count = math.prod(shape)
-    data_bytes = count * dtype.itemsize
-    _check_size(data_bytes, max_input_bytes, label)
-    held = member_size - member.tell()
-    if data_bytes != held:
+def _open_member(
+    stream: BinaryIO, info: zipfile.ZipInfo, label: str, max_input_bytes: int
+) -> MemberStream:
+    """The member's stream after checking its .npy header (sizes before decompressing)."""
+    member = MemberStream.open(stream.fileno(), info, label)
+    layout = member.layout
+    check_dtype(layout.dtype, label)
+    check_shape(layout.shape, label)
+    _check_size(layout.data_bytes, max_input_bytes, label)
+    held = info.file_size - layout.offset
+    if layout.data_bytes != held:
         raise ConversionError(
             ErrorCode.CORRUPT,
-            f"{label}: expected {data_bytes} bytes for shape {shape} {dtype.str}, "
-            f"found a member holding {held}",
+            f"{label}: expected {layout.data_bytes} bytes for shape {layout.shape} "
+            f"{layout.dtype.str}, found a member holding {held}",
         )
-    buffer = bytearray(data_bytes)
-    view = memoryview(buffer)
-    filled = 0
-    while filled < len(buffer):
-        got = len(chunk := member.read(min(len(buffer) - filled, READ_CHUNK_BYTES)))
-        if not got:
-            raise ConversionError(
-                ErrorCode.CORRUPT,
-                f"{label}: expected {len(buffer)} bytes for shape {shape} {dtype.str}, "
-                f"found {filled}",
-            )
-        view[filled : filled + got] = chunk
-        filled += got
-    flat = np.frombuffer(buffer, dtype=dtype, count=count)
-    return flat.reshape(shape, order="F" if fortran_order else "C")
+    return member
 
 
 def _check_size(declared: int, limit: int, name: str) -> None:

@@ -239,7 +239,7 @@ def plan_conversion(
     name = source.path.name
     ref_path = reference.path if reference else None
     arranged = arrange(
-        source.data, reference.spatial_shape if reference else None, axis_order, name, ref_path
+        source.lazy, reference.spatial_shape if reference else None, axis_order, name, ref_path
     )
     has_channels = arranged.ndim > SPATIAL
     vector = channels == "vector" and has_channels

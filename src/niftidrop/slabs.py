@@ -3,8 +3,9 @@
 The output file wants voxels in Fortran order; the input may lie in any order
 (C, Fortran, reversed axes, channels last). `slab_indices` cuts the output
 into consecutive slabs of a few MiB, `slabs_of` gives each slab's values (in
-pieces along the input's slowest axis for a mapped `.npy` read out of order, so
-its pages can be dropped), and `copy_in_tiles` copies them cache-friendly.
+pieces along the input's slowest axis for a mapped `.npy` or a streamed `.npz`
+member read out of order, so its pages can be dropped; `niftidrop.argmax` for
+labels), and `copy_in_tiles` copies them cache-friendly.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from niftidrop.argmax import argmax_in_passes, argmax_last, reads_channels_in_turn
 from niftidrop.arrays import InputArray
 
 Array = npt.NDArray[Any]
@@ -28,6 +30,8 @@ SLAB_BYTES = 4 * 1024 * 1024
 TRANSPOSE_SLAB_FRACTION = 8
 TRANSPOSE_SLAB_CAP = 1024 * 1024 * 1024
 PIECE_BYTES = 4 * 1024 * 1024
+# A streamed `.npz` member is decompressed again for each such slab: fewer, larger ones.
+STREAM_SLAB_FRACTION = 6
 
 Index = tuple[slice | int, ...]
 # A transposing copy is cache-friendly in tiles this long along the axes that
@@ -72,24 +76,31 @@ def slabs_of(
     A piece's index is None when it is the whole slab. Pages of a mapped input
     are released after every piece.
     """
+    if reads_channels_in_turn(view, argmax, source):
+        labels = argmax_in_passes(view, source)  # in memory: one pass over the stream
+        for slab in slab_indices(labels.shape, labels.itemsize, SLAB_BYTES):
+            yield labels[slab].shape, iter([(None, labels[slab])])
+        return
     shape = view.shape[:-1] if argmax else view.shape
     per_voxel = view.dtype.itemsize * (view.shape[-1] if argmax else 1)
     sequential = _reads_sequentially(view, len(shape))
     target = SLAB_BYTES
-    if source.mapping is not None and not sequential:
-        share = source.data.nbytes // TRANSPOSE_SLAB_FRACTION
+    if source.paged and not sequential:
+        fraction = STREAM_SLAB_FRACTION if source.stream else TRANSPOSE_SLAB_FRACTION
+        share = source.lazy.nbytes // fraction
         target = max(SLAB_BYTES, min(TRANSPOSE_SLAB_CAP, share))
     for slab in slab_indices(shape, per_voxel, target):
         part = view[slab]
         slab_shape = part.shape[:-1] if argmax else part.shape
-        if source.mapping is None or sequential:
-            yield slab_shape, _whole(part, argmax)
+        if not source.paged or sequential:
+            yield slab_shape, _whole(part, argmax, source)
         else:
             yield slab_shape, _pieces(part, argmax, source)
 
 
-def _whole(part: Array, argmax: bool) -> Iterator[tuple[Index | None, Array]]:
-    yield None, (np.argmax(part, axis=-1) if argmax else part)
+def _whole(part: Array, argmax: bool, source: InputArray) -> Iterator[tuple[Index | None, Array]]:
+    source.ensure(part)
+    yield None, (argmax_last(part) if argmax else part)
 
 
 def _pieces(part: Array, argmax: bool, source: InputArray) -> Iterator[tuple[Index | None, Array]]:
@@ -97,7 +108,7 @@ def _pieces(part: Array, argmax: bool, source: InputArray) -> Iterator[tuple[Ind
     spatial = part.ndim - 1 if argmax else part.ndim
     sizes = [(abs(part.strides[a]), a) for a in range(spatial) if part.shape[a] > 1]
     if not sizes:
-        yield from _whole(part, argmax)
+        yield from _whole(part, argmax, source)
         return
     stride, axis = max(sizes)
     # With argmax every step along `axis` reads each channel's stretch of the file.
@@ -106,7 +117,8 @@ def _pieces(part: Array, argmax: bool, source: InputArray) -> Iterator[tuple[Ind
     for start in range(0, part.shape[axis], step):
         index = (slice(None),) * axis + (slice(start, start + step),)
         values = part[index]
-        yield index, (np.argmax(values, axis=-1) if argmax else values)
+        source.ensure(values)
+        yield index, (argmax_last(values) if argmax else values)
         source.release_pages()
 
 

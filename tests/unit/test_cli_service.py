@@ -118,13 +118,14 @@ class TestRunOnce:
     def test_a_crashing_conversion_fails_after_max_attempts_and_exits_1(
         self, root: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """A real MemoryError in the conversion process (an .npz that decompresses
-        beyond `max_memory`): tried exactly `max_attempts` times, then failed as
-        conversion_crashed with its `.error.json`, and run --once exits 1."""
+        """A real MemoryError in the conversion process (an .npz read whole, for a
+        preview, that decompresses beyond `max_memory`): tried exactly `max_attempts`
+        times, then failed as conversion_crashed with its `.error.json`, and run
+        --once exits 1."""
         np.savez_compressed(
             root / "inbox" / "huge.npz", prediction=np.zeros((512, 512, 1024), np.uint8)
         )
-        args = ["run", "--once", *flags(root), "--max-memory", str(250 * 1024**2)]
+        args = ["run", "--once", *flags(root), "--max-memory", str(250 * 1024**2), "--preview"]
         code = main([*args, "--max-attempts", "2", "--missing-reference", "identity"])
         assert code == ExitCode.FAILED
         record = json.loads((root / "failed" / "huge.npz.error.json").read_text())

@@ -225,16 +225,19 @@ class TestCrashes:
             process.close()
 
     def test_max_memory_turns_a_huge_allocation_into_a_crash(self, tmp_path: Path) -> None:
-        """Under `max_memory` a member that decompresses to more than it raises
-        ConversionCrashed (MemoryError); a larger .npy still converts, read through
-        its file mapping, which the limit does not count."""
+        """Under `max_memory` a member read whole (for a preview) that decompresses to
+        more than it raises ConversionCrashed (MemoryError); the same member streamed,
+        and a larger .npy read through its file mapping, still convert."""
         process = started(max_memory=250 * 1024**2)
         huge = huge_npz(tmp_path / "huge.npz", (512, 512, 1024))  # 256 MiB of voxels
         large = tmp_path / "large.npy"
         np.save(large, np.ones((512, 512, 1024), np.uint8))
+        whole = SETTINGS.model_copy(update={"preview": True})
         try:
             with pytest.raises(ConversionCrashed, match="MemoryError"):
-                process(huge, tmp_path / "out", settings=SETTINGS, reference=None)
+                process(huge, tmp_path / "out", settings=whole, reference=None)
+            result = process(huge, tmp_path / "out", settings=SETTINGS, reference=None)
+            assert result.shape_out == (512, 512, 1024)
             result = process(large, tmp_path / "out", settings=SETTINGS, reference=None)
             assert result.shape_out == (512, 512, 1024)
         finally:
