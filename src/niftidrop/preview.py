@@ -304,6 +304,8 @@ def _greys(values: Array, window: tuple[float, float]) -> Array:
 def _as_image_values(overlay: Array, labels: bool) -> Array:
     """Prediction values as a Pillow-friendly array: int32 labels, float32 magnitudes."""
     if labels:
+        if overlay.dtype.kind == "b" or np.can_cast(overlay.dtype, np.int32):
+            return overlay.astype(np.int32)
         return overlay.astype(np.int64).clip(-(2**31), 2**31 - 1).astype(np.int32)
     magnitude = np.abs(overlay.real if overlay.dtype.kind == "c" else overlay)
     finite: Array = np.nan_to_num(magnitude.astype(np.float32), nan=0.0, posinf=0.0)
@@ -355,18 +357,20 @@ def nearest(values: Array, size: tuple[int, int]) -> Array:
 def _blend(grey: Array, values: Array, labels: bool, magnitude: float) -> Array:
     """The grey panel (levels) as RGB with the prediction laid over it at OPACITY."""
     rgb = np.repeat(np.round(grey).astype(np.uint8)[..., None], 3, axis=-1)
-    shown = values != 0
-    if not shown.any():
+    covered = np.flatnonzero(values)  # the pixels drawn over, by their flat index
+    if not covered.size:
         return rgb
+    drawn = values.reshape(-1)[covered]
     if labels:
-        present = np.unique(values[shown])
+        present = np.unique(drawn)
         table = np.array([label_colour(int(value)) for value in present], dtype=np.float32)
-        colours = table[np.searchsorted(present, values[shown])]
+        colours = table[np.searchsorted(present, drawn)]
     else:
-        colours = heat_colours(values[shown] / np.float32(magnitude)).astype(np.float32)
+        colours = heat_colours(drawn / np.float32(magnitude)).astype(np.float32)
     # Only the covered pixels are blended (in float32, so the levels are as they were).
-    under = grey[shown][:, None]
-    rgb[shown] = np.round(under + np.float32(OPACITY) * (colours - under)).astype(np.uint8)
+    under = grey.reshape(-1)[covered][:, None]
+    blended = np.round(under + np.float32(OPACITY) * (colours - under)).astype(np.uint8)
+    rgb.reshape(-1, 3)[covered] = blended
     return rgb
 
 

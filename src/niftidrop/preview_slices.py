@@ -265,6 +265,8 @@ def reference_slices(path: Path, at: tuple[int, int, int]) -> list[Array]:
         slices = cut(lambda index: np.asarray(volume[index]), at)
     slope = 1.0 if proxy.slope is None or not np.isfinite(proxy.slope) else float(proxy.slope)
     inter = 0.0 if proxy.inter is None or not np.isfinite(proxy.inter) else float(proxy.inter)
+    if slope == 1.0 and inter == 0.0:  # most scans: no scaling pass
+        return [part.astype(np.float32) for part in slices]
     return [part.astype(np.float32) * np.float32(slope) + np.float32(inter) for part in slices]
 
 
