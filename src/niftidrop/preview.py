@@ -16,8 +16,15 @@ for the reference and nearest-neighbour for the prediction (labels never blend).
 
 Pillow (the optional extra `niftidrop[preview]`) draws only here, and is imported
 only when a preview is drawn (`setting_types` checks at start that it is there): it
-resizes the panels and writes the text in its own bitmap font. The PNG file itself
-is written by `png_bytes`, with ISA-L.
+resizes the reference panels (bilinear) and writes the text in its own bitmap font.
+The PNG file itself is written by `preview_pixels.png_bytes`, with ISA-L.
+
+Drawing touches little more than the pixels shown (`preview_pixels`): the
+prediction's labels are picked by nearest neighbour (Pillow's choice of pixels)
+before they are converted, only the pixels a label covers are blended, and the
+grey window is taken from a regular sample of the slices, read in place and
+sorted once. The picture is the same, pixel for pixel, as drawing every voxel
+would give.
 """
 
 from __future__ import annotations
@@ -25,17 +32,15 @@ from __future__ import annotations
 import colorsys
 import functools
 import math
-import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-import isal.isal_zlib
 import numpy as np
 import numpy.typing as npt
 
 from niftidrop.conversion import Plan
+from niftidrop.preview_pixels import nearest, png_bytes, sorted_percentiles
 from niftidrop.preview_slices import (
     OutputWatch,
     cut,
@@ -47,7 +52,6 @@ from niftidrop.preview_slices import (
 from niftidrop.reference import SPATIAL, Reference, nib
 
 Array = npt.NDArray[Any]
-isal_zlib: Any = isal.isal_zlib  # ISA-L ships without type hints
 
 # The longest side of a panel, in pixels, for the volume's longest physical extent.
 PANEL_PIXELS: Final = 256
@@ -75,7 +79,6 @@ _GOLDEN: Final = (math.sqrt(5) - 1) / 2
 # An affine this far (radians) from its closest orthogonal orientation is "oblique".
 OBLIQUE_RADIANS: Final = 1e-3
 WINDOW_SAMPLE: Final = 65536
-CACHE_LINE: Final = 64  # bytes: voxels further apart than this are read one by one
 GAP: Final = 4  # pixels between panels
 TEXT_LINE: Final = 12  # pixels per line of the bitmap font
 LETTER: Final = (8, 11)  # the patch behind an edge letter, in pixels
@@ -230,32 +233,6 @@ def _draw(
     return png_bytes(np.asarray(image))
 
 
-def png_bytes(rgb: Array) -> bytes:
-    """An RGB image (rows x columns x 3, uint8) as a PNG file.
-
-    Written here rather than by Pillow: rows unfiltered and deflated by ISA-L at
-    level 1 make a file as small as Pillow's fastest in about a twentieth of the
-    time (its adaptive row filters cost more than the picture is worth here).
-    """
-    height, width = rgb.shape[:2]
-    rows = np.empty((height, width * 3 + 1), dtype=np.uint8)
-    rows[:, 0] = 0  # filter type None
-    rows[:, 1:] = rgb.reshape(height, width * 3)
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return b"".join(
-        [
-            b"\x89PNG\r\n\x1a\n",
-            _png_chunk(b"IHDR", header),
-            _png_chunk(b"IDAT", isal_zlib.compress(rows.tobytes(), 1)),
-            _png_chunk(b"IEND", b""),
-        ]
-    )
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
 def _window(grey: list[Array]) -> tuple[float, float]:
     """The grey window: the 1st and 99th percentiles of the reference voxels shown."""
     # A regular sample of at most WINDOW_SAMPLE voxels estimates them as well, faster:
@@ -275,22 +252,6 @@ def _window(grey: list[Array]) -> tuple[float, float]:
         return (0.0, 1.0)
     low, high = sorted_percentiles(np.sort(values), (1.0, 99.0))
     return (low, high if high > low else low + 1.0)
-
-
-def sorted_percentiles(ordered: Array, percents: tuple[float, float]) -> tuple[float, float]:
-    """`np.percentile(values, percents)` (its default, linear method) of `ordered`, the
-    values sorted: the same numbers, bit for bit, without numpy's selection, which
-    costs several times the (vectorised) sort."""
-    virtual = (ordered.size - 1) * (np.asarray(percents, dtype=np.float64) / 100)
-    below = np.minimum(np.floor(virtual).astype(np.intp), ordered.size - 1)
-    above = np.minimum(below + 1, ordered.size - 1)
-    weight = virtual - below
-    start, end = ordered[below], ordered[above]
-    # numpy's interpolation, from the nearer end (so a weight of 1 gives `end` exactly).
-    step = end - start
-    found = start + step * weight
-    np.subtract(end, step * (1 - weight), out=found, where=weight >= 0.5)
-    return (float(found[0]), float(found[1]))
 
 
 def _greys(values: Array, window: tuple[float, float]) -> Array:
@@ -324,34 +285,6 @@ def _resized(values: Array, size: tuple[int, int], resample: Any) -> Array:
     mode = "I" if values.dtype == np.int32 else "F"
     image = Image.fromarray(np.ascontiguousarray(values), mode=mode)
     return np.asarray(image.resize(size, resample=resample))
-
-
-def nearest_indices(count: int, size: int) -> Array:
-    """Which of `count` source pixels each of `size` pixels shows, resampled to nearest
-    neighbours exactly as Pillow's `resize(..., NEAREST)` picks them: the centre of
-    each output pixel, stepped in doubles as Pillow steps it, truncated."""
-    scale = count / size
-    steps = np.full(size, scale)
-    steps[0] = scale * 0.5
-    centres = np.cumsum(steps)  # a running sum, as Pillow adds the step pixel by pixel
-    picked: Array = np.minimum(centres.astype(np.intp), count - 1)
-    return picked
-
-
-def nearest(values: Array, size: tuple[int, int]) -> Array:
-    """`values` (rows x columns) resampled to `size` (width, height) by nearest neighbours."""
-    rows = nearest_indices(values.shape[0], size[1])
-    cols = nearest_indices(values.shape[1], size[0])
-    near, far = sorted((0, 1), key=lambda axis: abs(values.strides[axis]))
-    if abs(values.strides[near]) >= CACHE_LINE:
-        # Every voxel in a cache line of its own (a slice across a file's fastest
-        # axis): read only the pixels shown.
-        picked: Array = values[rows[:, None], cols[None, :]]
-        return picked
-    # Whole runs along the near axis are read in passing: take along the far one first.
-    first, second = (rows, cols) if far == 0 else (cols, rows)
-    taken: Array = np.take(np.take(values, first, axis=far), second, axis=near)
-    return taken
 
 
 def _blend(grey: Array, values: Array, labels: bool, magnitude: float) -> Array:

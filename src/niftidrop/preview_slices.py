@@ -134,7 +134,9 @@ class OutputWatch:
     `watch(chunks)` passes `encode_volume`'s chunks on unchanged, reducing each one
     while it is in the cache: the cheapest way to the centre, as the conversion
     reads the prediction anyway. The chunks are the file's voxels in Fortran
-    order, so each is a run of x-y planes (or of part of one).
+    order, so each is a run of x-y planes (or of part of one). Whole planes are
+    reduced as 8-byte words: one OR per plane says which hold a voxel, and only the
+    planes from the first to the last of those are OR-ed together for x and y.
     """
 
     def __init__(self, shape: tuple[int, int, int], dtype: np.dtype[Any]) -> None:
