@@ -82,6 +82,9 @@ WINDOW_SAMPLE: Final = 65536
 GAP: Final = 4  # pixels between panels
 TEXT_LINE: Final = 12  # pixels per line of the bitmap font
 LETTER: Final = (8, 11)  # the patch behind an edge letter, in pixels
+# The text mask's values: left as drawn, black (the letters' patches), white (text).
+CLEAR, BLACK, WHITE = 0, 1, 255
+LOOKUP_LABELS: Final = 65536  # labels below this are coloured through a table
 # Display axes: R (patient left -> right), A (posterior -> anterior), S (inferior -> superior).
 _RAS: Final = nib.orientations.axcodes2ornt(("R", "A", "S"))
 # Each panel: its name, the world axis it cuts, and the letters at its left/right and top/bottom.
@@ -228,9 +231,14 @@ def _draw(
     for panel in panels:
         canvas[top : top + panel.shape[0], left : left + panel.shape[1]] = panel
         left += panel.shape[1] + GAP
-    image = Image.fromarray(canvas, mode="RGB")
-    _write_text(ImageDraw.Draw(image), panels, lines, top)
-    return png_bytes(np.asarray(image))
+    # The text is drawn on a one-byte mask and copied onto the picture: cheaper than
+    # handing the whole RGB picture to Pillow and back.
+    mask = Image.new("L", (width, height), CLEAR)
+    _write_text(ImageDraw.Draw(mask), panels, lines, top)
+    marks = np.asarray(mask)
+    canvas[marks == BLACK] = 0
+    canvas[marks == WHITE] = 255
+    return png_bytes(canvas)
 
 
 def _window(grey: list[Array]) -> tuple[float, float]:
@@ -295,9 +303,7 @@ def _blend(grey: Array, values: Array, labels: bool, magnitude: float) -> Array:
         return rgb
     drawn = values.reshape(-1)[covered]
     if labels:
-        present = np.unique(drawn)
-        table = np.array([label_colour(int(value)) for value in present], dtype=np.float32)
-        colours = table[np.searchsorted(present, drawn)]
+        colours = _label_colours(drawn)
     else:
         colours = heat_colours(drawn / np.float32(magnitude)).astype(np.float32)
     # Only the covered pixels are blended (in float32, so the levels are as they were).
@@ -305,6 +311,22 @@ def _blend(grey: Array, values: Array, labels: bool, magnitude: float) -> Array:
     blended = np.round(under + np.float32(OPACITY) * (colours - under)).astype(np.uint8)
     rgb.reshape(-1, 3)[covered] = blended
     return rgb
+
+
+def _label_colours(drawn: Array) -> Array:
+    """The colour of each label in `drawn` (int32, none 0), as float32 RGB rows."""
+    lowest, highest = int(drawn.min()), int(drawn.max())
+    if lowest > 0 and highest < LOOKUP_LABELS:
+        # A table indexed by the label itself: no sort.
+        present = np.flatnonzero(np.bincount(drawn, minlength=highest + 1))
+        table = np.zeros((highest + 1, 3), dtype=np.float32)
+        table[present] = [label_colour(int(value)) for value in present]
+        looked_up: Array = table[drawn]
+        return looked_up
+    present = np.unique(drawn)
+    colours = np.array([label_colour(int(value)) for value in present], dtype=np.float32)
+    found: Array = colours[np.searchsorted(present, drawn)]
+    return found
 
 
 def _legend(values: list[Array], labels: bool, magnitude: float) -> str:
@@ -328,15 +350,15 @@ def _font() -> Any:
 
 
 def _write_text(draw: Any, panels: list[Array], lines: list[str], top: int) -> None:
-    """The lines above the panels, each panel's name below it, and its edge letters."""
+    """The lines above the panels, each panel's name below it, and its edge letters,
+    drawn on the text mask (`draw`): WHITE text, each letter on a BLACK patch."""
     font = _font()
-    white = (255, 255, 255)
     for number, line in enumerate(lines):
-        draw.text((2, number * TEXT_LINE), line, fill=white, font=font)
+        draw.text((2, number * TEXT_LINE), line, fill=WHITE, font=font)
     left = 0
     for panel, (title, _, (west, east, north, south)) in zip(panels, PANELS, strict=True):
         height, width = panel.shape[:2]
-        draw.text((left + 2, top + height), title, fill=white, font=font)
+        draw.text((left + 2, top + height), title, fill=WHITE, font=font)
         middle_row, middle_col = top + height // 2 - 4, left + width // 2 - 3
         for letter, x, y in (
             (west, left + 1, middle_row),
@@ -345,6 +367,6 @@ def _write_text(draw: Any, panels: list[Array], lines: list[str], top: int) -> N
             (south, middle_col, top + height - 11),
         ):
             # On a black patch: the letters stay legible over bright tissue.
-            draw.rectangle((x, y, x + LETTER[0] - 1, y + LETTER[1] - 1), fill=(0, 0, 0))
-            draw.text((x + 1, y), letter, fill=white, font=font)
+            draw.rectangle((x, y, x + LETTER[0] - 1, y + LETTER[1] - 1), fill=BLACK)
+            draw.text((x + 1, y), letter, fill=WHITE, font=font)
         left += width + GAP

@@ -202,6 +202,17 @@ class TestColours:
             where(axial, blended(label_colour(value)))
         assert len({label_colour(value) for value in range(1, 40)}) == 39
 
+    def test_labels_beyond_the_table_get_their_colours(self, tmp_path: Path) -> None:
+        """Negative labels and labels of 65536 and more (a panel holding one is coloured
+        without the lookup table) are drawn in their own colours, as is a small label."""
+        data = np.zeros((SIZE, SIZE, SIZE), np.int32)
+        data[2:8, 8:12, 8:12] = -3
+        data[8:12, 8:12, 8:12] = 5
+        data[12:18, 8:12, 8:12] = 70000
+        axial = axial_panel(tmp_path, data)
+        for value in (-3, 5, 70000):
+            where(axial, blended(label_colour(value)))
+
     def test_grey_is_windowed_to_the_percentiles(self, tmp_path: Path) -> None:
         """A reference ramp: its brightest 1 % is white, its darkest 1 % black."""
         shape = (SIZE, SIZE, SIZE)
