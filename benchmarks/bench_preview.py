@@ -1,10 +1,12 @@
 """Preview cost: a 512x512x300 uint8 label map converted with and without `preview`.
 
-The README's bar: the preview adds at most 10 % to that input's conversion time.
-The reference is a CT-like int16 phantom, once as `.nii` (its three slices are read
-through a memory map) and once as `.nii.gz` (read in one streamed pass). Runs
-alternate with and without the preview, in this process, with the input and the
-reference warm in the page cache; medians are shown.
+The README's bar: the preview adds at most 10 % to that input's conversion time,
+with an uncompressed reference. The reference is a CT-like int16 phantom, once as
+`.nii` (its three slices are read through a memory map) and once as `.nii.gz`
+(read in one streamed pass: shown, with its verdict, but the exit status is the
+`.nii` one's). Runs alternate with and without the preview, in this process, with
+the input and the reference warm in the page cache; medians of wall and CPU time
+are shown; the verdict is on wall time, as the bar is.
 
     python -m benchmarks preview            # or: python -m benchmarks.bench_preview
     python -m benchmarks.bench_preview --repeat 7 --size 256
@@ -17,6 +19,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,12 @@ from niftidrop.settings import Settings
 nib: Any = nibabel  # nibabel's functions carry no annotations
 
 RATIO_BAR = 0.10  # the preview's time as a fraction of the conversion's
+REFERENCES = ("ct.nii", "ct.nii.gz")
+# Why the compressed case is shown but does not decide the exit status.
+NOT_THREE_SLICES = (
+    " (not the bar's case: a gzip stream cannot seek, so the three slices"
+    " cost decompressing the whole scan; see the README, Performance)"
+)
 
 
 def phantom(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -48,18 +57,42 @@ def phantom(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     return scan, labels
 
 
-def measure(source: Path, reference: Path, out: Path, repeat: int) -> tuple[float, float]:
-    """Median seconds of `convert_file` without and with the preview."""
-    timings: dict[bool, list[float]] = {False: [], True: []}
+@dataclass(frozen=True)
+class Timing:
+    """Medians of one reference's runs, in seconds: wall-clock and this process's CPU."""
+
+    plain_wall: float
+    plain_cpu: float
+    preview_wall: float
+    preview_cpu: float
+
+    def share(self, cpu: bool) -> float:
+        """The preview's cost as a fraction of the conversion's (wall or CPU time)."""
+        if cpu:
+            return (self.preview_cpu - self.plain_cpu) / self.plain_cpu
+        return (self.preview_wall - self.plain_wall) / self.plain_wall
+
+
+def measure(source: Path, reference: Path, out: Path, repeat: int) -> Timing:
+    """Medians of `convert_file` without and with the preview, runs alternating.
+
+    CPU time (`time.process_time`, every thread of this process) is shown beside
+    wall time: on a shared machine it is the steadier of the two, though the
+    conversion's compression threads make its share of the CPU the smaller one.
+    """
+    wall: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(repeat):
         for preview in (False, True):
             settings = Settings.from_values(fsync=False, preview=preview)
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             result = convert_file(source, out, settings=settings, reference=reference)
-            timings[preview].append(time.perf_counter() - started)
+            wall[preview].append(time.perf_counter() - started)
+            cpu[preview].append(time.process_time() - started_cpu)
             if preview and result.preview_error:
                 raise RuntimeError(result.preview_error)
-    return statistics.median(timings[False]), statistics.median(timings[True])
+    median = statistics.median
+    return Timing(median(wall[False]), median(cpu[False]), median(wall[True]), median(cpu[True]))
 
 
 def main(argv: Sequence[str]) -> int:
@@ -74,23 +107,33 @@ def main(argv: Sequence[str]) -> int:
         scan, labels = phantom(shape)
         np.save(root / "case.npy", labels)
         image = nib.Nifti1Image(scan, np.diag([0.8, 0.8, 1.5, 1.0]))
-        for name in ("ct.nii", "ct.nii.gz"):
+        for name in REFERENCES:
             nib.save(image, root / name)
         del scan, labels, image
         print(f"uint8 label map {shape}, reference int16; medians of {args.repeat} runs\n")
-        print("| reference | conversion | with preview | preview | ratio |")
-        print("|---|---|---|---|---|")
-        for name in ("ct.nii", "ct.nii.gz"):
-            plain, previewed = measure(root / "case.npy", root / name, root / "out", args.repeat)
-            cost = previewed - plain
-            ratio = cost / plain
+        print("| reference | conversion | with preview | preview | share (wall) | share (CPU) |")
+        print("|---|---|---|---|---|---|")
+        timings = {}
+        for name in REFERENCES:
+            timing = measure(root / "case.npy", root / name, root / "out", args.repeat)
+            timings[name] = timing
             print(
-                f"| `{name}` | {plain * 1000:.0f} ms | {previewed * 1000:.0f} ms "
-                f"| {cost * 1000:.0f} ms | {ratio:.0%} |"
+                f"| `{name}` | {timing.plain_wall * 1000:.0f} ms "
+                f"| {timing.preview_wall * 1000:.0f} ms "
+                f"| {(timing.preview_wall - timing.plain_wall) * 1000:.0f} ms "
+                f"| {timing.share(cpu=False):.0%} | {timing.share(cpu=True):.0%} |"
             )
-            if name == "ct.nii" and ratio > RATIO_BAR:
+        print()
+        for name, timing in timings.items():
+            passed = timing.share(cpu=False) <= RATIO_BAR
+            print(
+                f"{'PASS' if passed else 'FAIL'}  the preview at most {RATIO_BAR:.0%} of the "
+                f"conversion, `{name}` reference: {timing.share(cpu=False):.0%} of its time"
+                f" ({timing.share(cpu=True):.0%} of its CPU time)"
+                f"{'' if name.endswith('.nii') else NOT_THREE_SLICES}"
+            )
+            if name.endswith(".nii") and not passed:
                 status = 1
-        print(f"\nbar: the preview at most {RATIO_BAR:.0%} of the conversion (`.nii` reference)")
     return status
 
 

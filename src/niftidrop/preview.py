@@ -16,25 +16,31 @@ for the reference and nearest-neighbour for the prediction (labels never blend).
 
 Pillow (the optional extra `niftidrop[preview]`) draws only here, and is imported
 only when a preview is drawn (`setting_types` checks at start that it is there): it
-resizes the panels and writes the text in its own bitmap font. The PNG file itself
-is written by `png_bytes`, with ISA-L.
+resizes the reference panels (bilinear) and writes the text in its own bitmap font.
+The PNG file itself is written by `preview_pixels.png_bytes`, with ISA-L.
+
+Drawing touches little more than the pixels shown (`preview_pixels`): the
+prediction's labels are picked by nearest neighbour (Pillow's choice of pixels)
+before they are converted, only the pixels a label covers are blended, and the
+grey window is taken from a regular sample of the slices, read in place and
+sorted once. The picture is the same, pixel for pixel, as drawing every voxel
+would give.
 """
 
 from __future__ import annotations
 
 import colorsys
+import functools
 import math
-import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-import isal.isal_zlib
 import numpy as np
 import numpy.typing as npt
 
 from niftidrop.conversion import Plan
+from niftidrop.preview_pixels import nearest, png_bytes, sorted_percentiles
 from niftidrop.preview_slices import (
     OutputWatch,
     cut,
@@ -46,7 +52,6 @@ from niftidrop.preview_slices import (
 from niftidrop.reference import SPATIAL, Reference, nib
 
 Array = npt.NDArray[Any]
-isal_zlib: Any = isal.isal_zlib  # ISA-L ships without type hints
 
 # The longest side of a panel, in pixels, for the volume's longest physical extent.
 PANEL_PIXELS: Final = 256
@@ -77,6 +82,9 @@ WINDOW_SAMPLE: Final = 65536
 GAP: Final = 4  # pixels between panels
 TEXT_LINE: Final = 12  # pixels per line of the bitmap font
 LETTER: Final = (8, 11)  # the patch behind an edge letter, in pixels
+# The text mask's values: left as drawn, black (the letters' patches), white (text).
+CLEAR, BLACK, WHITE = 0, 1, 255
+LOOKUP_LABELS: Final = 65536  # labels below this are coloured through a table
 # Display axes: R (patient left -> right), A (posterior -> anterior), S (inferior -> superior).
 _RAS: Final = nib.orientations.axcodes2ornt(("R", "A", "S"))
 # Each panel: its name, the world axis it cuts, and the letters at its left/right and top/bottom.
@@ -134,7 +142,7 @@ class Orientation:
         transform = nib.orientations.ornt_transform(self.ornt, _RAS)
         ras = nib.orientations.apply_orientation(volume, transform)
         world = int(self.ornt[fixed, 0])
-        flat: Array = np.take(ras, 0, axis=world)
+        flat: Array = ras[(slice(None),) * world + (0,)]  # a view (np.take would copy)
         return flat.T[::-1, ::-1]
 
 
@@ -207,8 +215,10 @@ def _draw(
             max(1, round(extents[cols_axis] * scale)),
             max(1, round(extents[rows_axis] * scale)),
         )
-        shown = _resized(background.astype(np.float32), size, Image.Resampling.BILINEAR)
-        values = _resized(_as_image_values(overlay, labels), size, Image.Resampling.NEAREST)
+        grey_values = np.ascontiguousarray(background, dtype=np.float32)
+        shown = _resized(grey_values, size, Image.Resampling.BILINEAR)
+        # Only the voxels shown are converted: nearest neighbours are picked first.
+        values = _as_image_values(nearest(overlay, size), labels)
         values_shown.append(values)
         panels.append(_blend(_greys(shown, window), values, labels, magnitude))
     legend = _legend(values_shown, labels, magnitude)
@@ -221,46 +231,34 @@ def _draw(
     for panel in panels:
         canvas[top : top + panel.shape[0], left : left + panel.shape[1]] = panel
         left += panel.shape[1] + GAP
-    image = Image.fromarray(canvas, mode="RGB")
-    _write_text(ImageDraw.Draw(image), panels, lines, top)
-    return png_bytes(np.asarray(image))
-
-
-def png_bytes(rgb: Array) -> bytes:
-    """An RGB image (rows x columns x 3, uint8) as a PNG file.
-
-    Written here rather than by Pillow: rows unfiltered and deflated by ISA-L at
-    level 1 make a file as small as Pillow's fastest in about a twentieth of the
-    time (its adaptive row filters cost more than the picture is worth here).
-    """
-    height, width = rgb.shape[:2]
-    rows = np.empty((height, width * 3 + 1), dtype=np.uint8)
-    rows[:, 0] = 0  # filter type None
-    rows[:, 1:] = rgb.reshape(height, width * 3)
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return b"".join(
-        [
-            b"\x89PNG\r\n\x1a\n",
-            _png_chunk(b"IHDR", header),
-            _png_chunk(b"IDAT", isal_zlib.compress(rows.tobytes(), 1)),
-            _png_chunk(b"IEND", b""),
-        ]
-    )
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    # The text is drawn on a one-byte mask and copied onto the picture: cheaper than
+    # handing the whole RGB picture to Pillow and back.
+    mask = Image.new("L", (width, height), CLEAR)
+    _write_text(ImageDraw.Draw(mask), panels, lines, top)
+    marks = np.asarray(mask)
+    canvas[marks == BLACK] = 0
+    canvas[marks == WHITE] = 255
+    return png_bytes(canvas)
 
 
 def _window(grey: list[Array]) -> tuple[float, float]:
     """The grey window: the 1st and 99th percentiles of the reference voxels shown."""
-    # A regular sample of at most WINDOW_SAMPLE voxels estimates them as well, faster.
-    values = np.concatenate([part.ravel() for part in grey])
-    values = values[:: max(1, values.size // WINDOW_SAMPLE)]
+    # A regular sample of at most WINDOW_SAMPLE voxels estimates them as well, faster:
+    # every step-th voxel of the slices laid end to end, taken from each slice in place.
+    total = sum(part.size for part in grey)
+    step = max(1, total // WINDOW_SAMPLE)
+    picked, before = [], 0
+    for part in grey:
+        # This slice's voxels on the grid, by their C-order index (what ravel would give),
+        # picked in place: a slice read from a memory map need not be C-ordered.
+        flat = np.arange(-before % step, part.size, step)
+        picked.append(part[np.unravel_index(flat, part.shape)])
+        before += part.size
+    values = np.concatenate(picked)
     values = values[np.isfinite(values)]
     if not values.size:
         return (0.0, 1.0)
-    low, high = (float(v) for v in np.percentile(values, [1.0, 99.0]))
+    low, high = sorted_percentiles(np.sort(values), (1.0, 99.0))
     return (low, high if high > low else low + 1.0)
 
 
@@ -275,6 +273,8 @@ def _greys(values: Array, window: tuple[float, float]) -> Array:
 def _as_image_values(overlay: Array, labels: bool) -> Array:
     """Prediction values as a Pillow-friendly array: int32 labels, float32 magnitudes."""
     if labels:
+        if overlay.dtype.kind == "b" or np.can_cast(overlay.dtype, np.int32):
+            return overlay.astype(np.int32)
         return overlay.astype(np.int64).clip(-(2**31), 2**31 - 1).astype(np.int32)
     magnitude = np.abs(overlay.real if overlay.dtype.kind == "c" else overlay)
     finite: Array = np.nan_to_num(magnitude.astype(np.float32), nan=0.0, posinf=0.0)
@@ -297,18 +297,36 @@ def _resized(values: Array, size: tuple[int, int], resample: Any) -> Array:
 
 def _blend(grey: Array, values: Array, labels: bool, magnitude: float) -> Array:
     """The grey panel (levels) as RGB with the prediction laid over it at OPACITY."""
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
-    shown = values != 0
-    if not shown.any():
-        return np.round(rgb).astype(np.uint8)
+    rgb = np.repeat(np.round(grey).astype(np.uint8)[..., None], 3, axis=-1)
+    covered = np.flatnonzero(values)  # the pixels drawn over, by their flat index
+    if not covered.size:
+        return rgb
+    drawn = values.reshape(-1)[covered]
     if labels:
-        present = np.unique(values[shown])
-        table = np.array([label_colour(int(value)) for value in present], dtype=np.float32)
-        colours = table[np.searchsorted(present, values[shown])]
+        colours = _label_colours(drawn)
     else:
-        colours = heat_colours(values[shown] / np.float32(magnitude)).astype(np.float32)
-    rgb[shown] += np.float32(OPACITY) * (colours - rgb[shown])
-    return np.round(rgb).astype(np.uint8)
+        colours = heat_colours(drawn / np.float32(magnitude)).astype(np.float32)
+    # Only the covered pixels are blended (in float32, so the levels are as they were).
+    under = grey.reshape(-1)[covered][:, None]
+    blended = np.round(under + np.float32(OPACITY) * (colours - under)).astype(np.uint8)
+    rgb.reshape(-1, 3)[covered] = blended
+    return rgb
+
+
+def _label_colours(drawn: Array) -> Array:
+    """The colour of each label in `drawn` (int32, none 0), as float32 RGB rows."""
+    lowest, highest = int(drawn.min()), int(drawn.max())
+    if lowest > 0 and highest < LOOKUP_LABELS:
+        # A table indexed by the label itself: no sort.
+        present = np.flatnonzero(np.bincount(drawn, minlength=highest + 1))
+        table = np.zeros((highest + 1, 3), dtype=np.float32)
+        table[present] = [label_colour(int(value)) for value in present]
+        looked_up: Array = table[drawn]
+        return looked_up
+    present = np.unique(drawn)
+    colours = np.array([label_colour(int(value)) for value in present], dtype=np.float32)
+    found: Array = colours[np.searchsorted(present, drawn)]
+    return found
 
 
 def _legend(values: list[Array], labels: bool, magnitude: float) -> str:
@@ -323,18 +341,24 @@ def _printable(text: str) -> str:
     return "".join(ch if " " <= ch <= "~" else "?" for ch in text)
 
 
-def _write_text(draw: Any, panels: list[Array], lines: list[str], top: int) -> None:
-    """The lines above the panels, each panel's name below it, and its edge letters."""
+@functools.cache
+def _font() -> Any:
+    """Pillow's bitmap font (no font files), loaded once: loading takes a millisecond."""
     from PIL import ImageFont
 
-    font = ImageFont.load_default_imagefont()  # Pillow's bitmap font: no font files
-    white = (255, 255, 255)
+    return ImageFont.load_default_imagefont()
+
+
+def _write_text(draw: Any, panels: list[Array], lines: list[str], top: int) -> None:
+    """The lines above the panels, each panel's name below it, and its edge letters,
+    drawn on the text mask (`draw`): WHITE text, each letter on a BLACK patch."""
+    font = _font()
     for number, line in enumerate(lines):
-        draw.text((2, number * TEXT_LINE), line, fill=white, font=font)
+        draw.text((2, number * TEXT_LINE), line, fill=WHITE, font=font)
     left = 0
     for panel, (title, _, (west, east, north, south)) in zip(panels, PANELS, strict=True):
         height, width = panel.shape[:2]
-        draw.text((left + 2, top + height), title, fill=white, font=font)
+        draw.text((left + 2, top + height), title, fill=WHITE, font=font)
         middle_row, middle_col = top + height // 2 - 4, left + width // 2 - 3
         for letter, x, y in (
             (west, left + 1, middle_row),
@@ -343,6 +367,6 @@ def _write_text(draw: Any, panels: list[Array], lines: list[str], top: int) -> N
             (south, middle_col, top + height - 11),
         ):
             # On a black patch: the letters stay legible over bright tissue.
-            draw.rectangle((x, y, x + LETTER[0] - 1, y + LETTER[1] - 1), fill=(0, 0, 0))
-            draw.text((x + 1, y), letter, fill=white, font=font)
+            draw.rectangle((x, y, x + LETTER[0] - 1, y + LETTER[1] - 1), fill=BLACK)
+            draw.text((x + 1, y), letter, fill=WHITE, font=font)
         left += width + GAP

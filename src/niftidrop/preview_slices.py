@@ -134,14 +134,22 @@ class OutputWatch:
     `watch(chunks)` passes `encode_volume`'s chunks on unchanged, reducing each one
     while it is in the cache: the cheapest way to the centre, as the conversion
     reads the prediction anyway. The chunks are the file's voxels in Fortran
-    order, so each is a run of x-y planes (or of part of one).
+    order, so each is a run of x-y planes (or of part of one). Whole planes are
+    reduced as 8-byte words: one OR per plane says which hold a voxel, and only the
+    planes from the first to the last of those are OR-ed together for x and y.
     """
 
     def __init__(self, shape: tuple[int, int, int], dtype: np.dtype[Any]) -> None:
         self.shape = shape
         self.dtype = dtype
         self._plane = shape[0] * shape[1]
-        self._across = np.zeros(self._plane, dtype=bool)  # x-y: any along z
+        # Floats are seen as `!= 0` (one byte a voxel, so -0.0 is zero); integers as
+        # their raw bytes, which are all zero exactly where the value is.
+        self._width = 1 if dtype.kind in "fc" else dtype.itemsize
+        plane_bytes = self._plane * self._width
+        self._across = np.zeros(plane_bytes, dtype=np.uint8)  # x-y: the OR along z
+        # Whole planes are reduced 8 bytes at a time where a plane allows it.
+        self._across_words = self._across.view(np.uint64) if plane_bytes % 8 == 0 else None
         self._along = np.zeros(shape[2], dtype=bool)  # z: any in the plane
         self._seen = 0  # voxels
 
@@ -153,7 +161,7 @@ class OutputWatch:
         stream = iter(chunks)
         yield next(stream)  # the header
         for chunk in stream:
-            self._see(np.frombuffer(chunk, dtype=self.dtype))
+            self._see(chunk)
             yield chunk
 
     def centre(self) -> tuple[int, int, int] | None:
@@ -163,29 +171,44 @@ class OutputWatch:
             raise ValueError(f"saw {self._seen} voxels of {self._plane * self.shape[2]}")
         if not self._along.any():
             return None
-        across: Array = self._across.reshape(self.shape[:2], order="F")
+        voxels = self._across.reshape(self._plane, self._width).max(axis=1) != 0
+        across: Array = voxels.reshape(self.shape[:2], order="F")
         return (_middle(across.any(axis=1)), _middle(across.any(axis=0)), _middle(self._along))
 
-    def _see(self, values: Array) -> None:
-        if values.dtype.kind in "fc":
-            values = values != 0  # so -0.0 is zero
-        elif values.dtype.kind == "i":
-            values = values.view(f"u{values.dtype.itemsize}")
-        position, start = 0, self._seen
-        self._seen += values.size
-        while position < values.size:
-            plane, within = divmod(start + position, self._plane)
-            whole = (values.size - position) // self._plane if within == 0 else 0
+    def _see(self, chunk: memoryview | bytes) -> None:
+        if self.dtype.kind in "fc":
+            raw = (np.frombuffer(chunk, dtype=self.dtype) != 0).view(np.uint8)
+        else:
+            raw = np.frombuffer(chunk, dtype=np.uint8)
+        plane_bytes = self._plane * self._width
+        position, start = 0, self._seen * self._width  # in bytes
+        self._seen += raw.size // self._width
+        while position < raw.size:
+            plane, within = divmod(start + position, plane_bytes)
+            whole = (raw.size - position) // plane_bytes if within == 0 else 0
             if whole:
-                block = values[position : position + whole * self._plane].reshape(whole, -1)
-                self._along[plane : plane + whole] |= block.max(axis=1) != 0
-                self._across |= np.bitwise_or.reduce(block, axis=0) != 0
-                position += whole * self._plane
+                self._see_planes(plane, raw[position : position + whole * plane_bytes])
+                position += whole * plane_bytes
                 continue
-            part = values[position : position + min(self._plane - within, values.size - position)]
+            part = raw[position : position + min(plane_bytes - within, raw.size - position)]
             self._along[plane] |= bool(part.max() != 0)
-            self._across[within : within + part.size] |= part != 0
+            self._across[within : within + part.size] |= part
             position += part.size
+
+    def _see_planes(self, first: int, raw: Array) -> None:
+        """Whole planes from plane `first` on: which hold a voxel, and the OR of those."""
+        words = self._across_words
+        block = raw.reshape(-1, self._across.size)
+        if words is not None:
+            block = block.view(np.uint64)
+        along = np.bitwise_or.reduce(block, axis=1) != 0
+        self._along[first : first + along.size] = along
+        # Only the planes from the first to the last that hold a voxel can add to the OR.
+        occupied = np.flatnonzero(along)
+        if occupied.size:
+            span = block[occupied[0] : occupied[-1] + 1]
+            target = self._across if words is None else words
+            target |= np.bitwise_or.reduce(span, axis=0)
 
 
 def watch_output(plan: Plan) -> OutputWatch | None:
@@ -244,6 +267,8 @@ def reference_slices(path: Path, at: tuple[int, int, int]) -> list[Array]:
         slices = cut(lambda index: np.asarray(volume[index]), at)
     slope = 1.0 if proxy.slope is None or not np.isfinite(proxy.slope) else float(proxy.slope)
     inter = 0.0 if proxy.inter is None or not np.isfinite(proxy.inter) else float(proxy.inter)
+    if slope == 1.0 and inter == 0.0:  # most scans: no scaling pass
+        return [part.astype(np.float32) for part in slices]
     return [part.astype(np.float32) * np.float32(slope) + np.float32(inter) for part in slices]
 
 
