@@ -4,6 +4,7 @@ test_finishing.py, test_spool.py): inputs dropped, converters, file listings, fa
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,3 +78,9 @@ def fail_once(monkeypatch: pytest.MonkeyPatch, method: str, when: Callable[[Path
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, method, once)
+
+
+def instance_folder(root: Path, name: str | None = None) -> Path:
+    """The folder of instance `name` (default: this host's name, every test's
+    instance) in the default state folder of the spool at `root`."""
+    return root / "inbox" / ".niftidrop" / "instances" / (name or socket.gethostname())

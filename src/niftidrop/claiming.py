@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import errno
 import os
-import shutil
+import secrets
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -22,6 +22,7 @@ from typing import Any, Final
 
 from niftidrop import names
 from niftidrop.claims import (
+    CLAIMS,
     COMMIT_RECORD,
     CONVERTED_MARKER,
     ERROR_SUFFIX,
@@ -33,9 +34,22 @@ from niftidrop.claims import (
     error_record,
 )
 from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.instances import INSTANCES
 from niftidrop.profiles import Profiles
 from niftidrop.settings import Settings
 from niftidrop.steps import step
+
+# The name under which `claim_adopted` reports the claims of an earlier version.
+EARLIER_VERSION: Final = "(earlier version)"
+
+
+class ClaimLost(Exception):
+    """The claim's folder is gone: another instance adopted it while this one was
+    paused past its lease. This instance drops the claim and touches nothing of it."""
+
+    def __init__(self, claim: Claim) -> None:
+        super().__init__(f"{claim.relative}: its claim was adopted by another instance")
+        self.claim = claim
 
 
 class Claimer(SpoolFolders):
@@ -217,14 +231,53 @@ class Claimer(SpoolFolders):
             return []
         for folder in folders:
             try:
-                claimed = _claimed_input(folder)
+                claimed = claimed_input(folder)
             except OSError:
                 continue  # unreadable now: neither finished nor removed; the next start looks
             if claimed is None:
-                shutil.rmtree(folder, ignore_errors=True)
+                _remove_if_empty(folder)
                 continue
             found.append((_mtime_ns(claimed), Claim(folder, self._relative_in(folder, claimed))))
         return [claim for _, claim in sorted(found, key=lambda item: item[0])]
+
+    def adopt(self) -> list[tuple[str, list[Claim]]]:
+        """Take over the claims of every other instance whose lease has expired, and
+        those an earlier version left: (instance, the claims now this one's), for
+        each instance something was adopted from. Their empty claim folders are
+        removed (by `rmdir` only)."""
+        sources = [
+            (name, self.state / INSTANCES / name / CLAIMS) for name, _ in self.expired_instances()
+        ]
+        sources.append((EARLIER_VERSION, self.legacy_claims_folder))
+        adopted = []
+        for name, folder in sources:
+            claims = [claim for claim in map(self._adopt_one, _folders_in(folder)) if claim]
+            if claims:
+                adopted.append((name, claims))
+        return adopted
+
+    def _adopt_one(self, folder: Path) -> Claim | None:
+        """Rename the claim `folder` of a dead instance into this instance's claims
+        folder; None if it holds no input (then it is removed if still empty) or
+        another instance adopted it first."""
+        try:
+            claimed = claimed_input(folder)
+        except OSError:
+            return None  # gone meanwhile, or unreadable: nothing is known of it
+        if claimed is None:
+            _remove_if_empty(folder)
+            return None
+        relative = self._relative_in(folder, claimed)
+        self.claims_folder.mkdir(parents=True, exist_ok=True)
+        target = self.claims_folder / folder.name
+        if os.path.lexists(target):  # token names are per instance: two may meet
+            target = self.claims_folder / f"{folder.name}-{secrets.token_hex(4)}"
+        try:
+            step("adopt_rename")
+            folder.rename(target)
+        except FileNotFoundError:
+            return None  # another instance adopted it first
+        return Claim(target, relative)
 
     @staticmethod
     def _relative_in(folder: Path, claimed: Path) -> PurePosixPath:
@@ -232,7 +285,7 @@ class Claimer(SpoolFolders):
 
     def _holds_input(self, folder: Path) -> bool:
         try:
-            return _claimed_input(folder) is not None
+            return claimed_input(folder) is not None
         except OSError:
             return False  # released meanwhile (the service is running)
 
@@ -242,7 +295,7 @@ class Claimer(SpoolFolders):
             raise AssertionError(f"{claim.path} is still claimed")
         self._unrecorded.pop(claim.folder, None)
         # The usual content is known (markers, then the relative folders): removing
-        # it directly is much cheaper than rmtree's walk; rmtree handles the rest.
+        # it directly is much cheaper than a walk; `_remove_if_empty` walks the rest.
         try:
             step("release")
             for marker in self._markers:
@@ -251,7 +304,7 @@ class Claimer(SpoolFolders):
             for folder in [claim.subfolder, *claim.subfolder.parents][:-1]:  # deepest first
                 (claim.folder / folder).rmdir()
         except OSError:
-            shutil.rmtree(claim.folder, ignore_errors=True)
+            _remove_if_empty(claim.folder)
             return
         with self._spare_lock:
             if len(self._spare_folders) < SPARE_FOLDERS:
@@ -259,6 +312,28 @@ class Claimer(SpoolFolders):
                 return
         with contextlib.suppress(OSError):  # left empty: the next start removes it
             claim.folder.rmdir()
+
+
+def _folders_in(folder: Path) -> list[Path]:
+    """The subfolders of `folder`, by name (none if it is missing)."""
+    try:
+        entries = [Path(e.path) for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(entries)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove the claim `folder` if it holds no input: its records (hidden files)
+    are unlinked and its folders removed by `rmdir`, deepest first. A visible file
+    is never removed: one an instance renames in meanwhile keeps the folder."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            if name.startswith("."):
+                with contextlib.suppress(FileNotFoundError):
+                    (Path(root) / name).unlink()
+        with contextlib.suppress(OSError):
+            Path(root).rmdir()
 
 
 # Folders on the way to a claimed input are opened like this: never through a symlink.
@@ -286,7 +361,7 @@ def _folder_descriptor(
         os.close(descriptor)
 
 
-def _claimed_input(folder: Path) -> Path | None:
+def claimed_input(folder: Path) -> Path | None:
     """The input in claim `folder`: the first visible entry, at any depth, that is
     not a real folder (a claimed symlink or special file counts too); None if
     there is none. OSError when part of it cannot be read: then nothing tells

@@ -1,7 +1,7 @@
 """A claim and the records kept in its claim folder (README: File protocol).
 
-`SpoolFolders` holds the folders of one service's spool, the lock on its state
-folder, the state folder's owner id (the owner part of its temporary names) and
+`SpoolFolders` holds the folders of one instance's spool, its lease on its name
+(`niftidrop.instances`), its owner id (the owner part of its temporary names) and
 writes the records of a claim folder (see `niftidrop.spool` for the layout);
 `Claimer`, `Finisher` and `Spool` build on it.
 """
@@ -9,7 +9,6 @@ writes the records of a claim folder (see `niftidrop.spool` for the layout);
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import json
 import os
@@ -18,9 +17,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Final
+from typing import Any, Final
 
 from niftidrop.errors import ConfigError, ConversionError
+from niftidrop.fs_probe import fs_time
+from niftidrop.instances import INSTANCES, InstanceLease, read_lease
 from niftidrop.names import input_stem, is_owned_by, is_temp_name, temp_path_for
 from niftidrop.settings import Settings
 from niftidrop.version import __version__
@@ -36,7 +37,7 @@ ARCHIVE: Final = "archive"
 FAILED: Final = "failed"
 ERROR_SUFFIX: Final = ".error.json"
 HEARTBEAT: Final = "heartbeat.json"
-LOCK: Final = "lock"
+LEASE_FILE: Final = "lease.json"
 # Empty token folders kept for the next claims; more than that (after a burst of
 # retried claims) are removed.
 SPARE_FOLDERS: Final = 64
@@ -128,7 +129,7 @@ def error_record(claim: Claim, error: ConversionError) -> dict[str, Any]:
 
 
 class SpoolFolders:
-    """The spool folders of one service, its lock and owner id, and the records it
+    """The spool folders of one instance, its lease and owner id, and the records it
     writes in claim folders."""
 
     def __init__(self, settings: Settings) -> None:
@@ -140,8 +141,14 @@ class SpoolFolders:
         self.archive_folder = settings.archive_dir
         self.failed_folder = settings.failed_dir
         self.state = settings.state_path
-        self.claims_folder = self.state / CLAIMS
-        self.heartbeat_path = self.state / HEARTBEAT
+        self.instance = settings.instance_name
+        self.lease_timeout = settings.lease_timeout
+        # Everything of this instance's own: `<state>/instances/<name>/`.
+        self.instance_folder = self.state / INSTANCES / self.instance
+        self.claims_folder = self.instance_folder / CLAIMS
+        self.heartbeat_path = self.instance_folder / HEARTBEAT
+        # Where an earlier version, one instance per state folder, kept its claims.
+        self.legacy_claims_folder = self.state / CLAIMS
         self.recursive = settings.recursive
         self.durable = settings.fsync
         self.delete_after_success = settings.after_success == "delete"
@@ -152,7 +159,7 @@ class SpoolFolders:
                 *(p.settings().get("on_conflict") for p in settings.profiles),
             )
         )
-        self._lock_file: IO[bytes] | None = None
+        self.lease = InstanceLease(self.state, self.instance, lease_timeout=settings.lease_timeout)
 
     def __repr__(self) -> str:
         return f"Spool(inbox={str(self.inbox)!r}, state={str(self.state)!r})"
@@ -174,46 +181,74 @@ class SpoolFolders:
             )
 
     def lock(self) -> None:
-        """Take the state folder for this process; a second service on it is refused."""
-        handle = (self.state / LOCK).open("a+b")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise ConfigError(
-                f"state_dir: {self.state} is in use by another running niftidrop"
-            ) from None
-        self._lock_file = handle
+        """Take the lease on this instance's name: a second live instance with the
+        same name, on this host or another, is refused (`NameTaken`, a ConfigError)."""
+        self.lease.take()
         _ = self.owner  # made now, once, rather than by the first write that needs it
 
     def unlock(self) -> None:
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+        self.lease.give_up()
 
     # Temporary files and records.
 
     def remove_stale_temporaries(self) -> int:
-        """Delete the hidden temporary files this service left behind (at start).
+        """Delete the hidden temporary files this instance left behind (at start), and
+        those of instances whose lease has expired; never a live instance's.
 
-        In outbox, archive and failed only this state folder's own (`owner`): other
-        services may share those folders, and their files may be in flight. Every
-        temporary file in the state folder is this service's.
+        Temporary names carry their instance's owner id (`owner`): in outbox, archive
+        and failed, which other instances and services share, only those of this
+        instance and of expired ones go. In the state folder, every temporary file in
+        this instance's folder and in expired instances' folders goes.
         """
+        owners = [self.owner, *self.expired_owners()]
+        folders = [self.instance_folder, *(self.state / INSTANCES / name for name in owners[1:])]
+        return self.remove_temporaries(owners, folders)
+
+    def remove_temporaries(self, owners: list[str], state_folders: list[Path]) -> int:
+        """Delete the temporary files of `owners` in outbox, archive and failed, and
+        every temporary file in `state_folders`."""
         removed = 0
-        for top in (self.outbox, self.archive_folder, self.failed_folder, self.state):
+        tops = [(top, False) for top in (self.outbox, self.archive_folder, self.failed_folder)]
+        for top, every in tops + [(folder, True) for folder in state_folders]:
             for root, _, files in os.walk(top):
                 for name in files:
-                    if is_owned_by(name, self.owner) or (top == self.state and is_temp_name(name)):
+                    mine = any(is_owned_by(name, owner) for owner in owners)
+                    if mine or (every and is_temp_name(name)):
                         with contextlib.suppress(FileNotFoundError):
                             (Path(root) / name).unlink()
                             removed += 1
         return removed
 
+    def expired_owners(self) -> list[str]:
+        """The owner ids of the other instances whose lease has expired (or who have
+        none), keyed by instance name."""
+        return [owner for _, owner in self.expired_instances()]
+
+    def expired_instances(self) -> list[tuple[str, str]]:
+        """(name, owner id) of every other instance on this state folder whose lease
+        has expired, by the file system's clock, or that holds none."""
+        root = self.state / INSTANCES
+        try:
+            names = sorted(e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+        now = fs_time(root)
+        found = []
+        for name in names:
+            if name == self.instance or name.startswith("."):
+                continue
+            lease = read_lease(root / name / LEASE_FILE, name, now=now)
+            if lease is not None and lease.live(self.lease_timeout):
+                continue
+            owner = _read_state_id(root / name / OWNER_FILE)
+            found.append((name, owner or ""))
+        return found
+
     @functools.cached_property
     def owner(self) -> str:
-        """This state folder's id: the owner part of the temporary names it writes."""
-        return _state_id(self.state / OWNER_FILE)
+        """This instance's id: the owner part of the temporary names it writes."""
+        self.instance_folder.mkdir(parents=True, exist_ok=True)
+        return _state_id(self.instance_folder / OWNER_FILE)
 
     def owner_for(self, claim: Claim) -> str:
         """The owner part of the temporary names written for `claim` (its outputs, a
@@ -258,6 +293,15 @@ def _state_id(path: Path) -> str:
     finally:
         discard(temporary)
     return made
+
+
+def _read_state_id(path: Path) -> str | None:
+    """The id kept in `path`, or None if there is none (or it is unreadable)."""
+    try:
+        found = path.read_text().strip()
+    except OSError:
+        return None
+    return found if _is_state_id(found) else None
 
 
 def _is_state_id(text: str) -> bool:

@@ -223,6 +223,13 @@ def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         print(f"{name:<9} {count}")
     age, state = report["heartbeat_age"], report["state"]
     print("heartbeat", "none" if age is None else f"{age:.1f} s ago ({state})")
+    for each in report["instances"]:
+        beat = each["heartbeat_age"]
+        seen = "no lease" if beat is None else f"heartbeat {beat:.1f} s ago"
+        print(
+            f"instance  {each['name']} on {each['host'] or '?'} (pid {each['pid'] or '?'}): "
+            f"{'live' if each['live'] else 'expired'}, {seen}, {each['claimed']} claimed"
+        )
     return ExitCode.OK
 
 

@@ -130,7 +130,7 @@ class EventStore:
     """
 
     def __init__(self, spool: SpoolFolders, settings: Settings) -> None:
-        self.folder = spool.state / EVENTS
+        self.folder = spool.instance_folder / EVENTS
         self._spool = spool
         notify = [NOTIFY] if settings.notify_url else []
         self._targets = {

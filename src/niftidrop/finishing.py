@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from niftidrop import names
 from niftidrop.arrays import file_kind
-from niftidrop.claiming import Claimer
+from niftidrop.claiming import Claimer, ClaimLost
 from niftidrop.claims import (
     ARCHIVE,
     CONVERTED_MARKER,
@@ -63,12 +63,15 @@ class Finisher(Claimer):
     def handle(self, claim: Claim, convert: Converter) -> Outcome | None:
         """Take a claim to its end: resume what a crash interrupted, or convert it.
 
-        Returns None if the claimed input has vanished. Raises OSError for
-        environmental trouble (the input stays claimed and can be handled again).
+        Returns None if the claimed input has vanished. Raises ClaimLost if its claim
+        folder has (another instance adopted it), OSError for environmental trouble
+        (the input stays claimed and can be handled again).
         """
         try:
             info = claim.path.lstat()
         except FileNotFoundError:
+            if not os.path.lexists(claim.folder):
+                raise ClaimLost(claim) from None  # adopted while this instance was paused
             # It left before a crash (or a failure) let the claim be released.
             self._drop_copy(claim, read_json(claim.folder / MOVE_RECORD))
             self.release(claim)

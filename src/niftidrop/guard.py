@@ -1,9 +1,10 @@
 """The spool under a running service (README: File protocol): put back, or stop.
 
-What the service holds at start (its inbox, its state folder and lock) can be
-removed or replaced under it. `SpoolGuard.check`, run with every heartbeat,
-makes a removed state folder, claims folder or lock file again and stops the
-service when its inbox is gone or replaced.
+What the service holds at start (its inbox, its state folder and the lease on
+its instance's name) can be removed or replaced under it. `SpoolGuard.check`,
+run with every heartbeat, renews the lease, makes a removed state folder, claims
+folder or lease again and stops the service when its inbox is gone or replaced,
+or when another instance took its name over (README: Many instances, one spool).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 import os
 import stat
 
-from niftidrop.claims import LOCK
 from niftidrop.errors import ServiceError
 from niftidrop.logs import get_logger
 from niftidrop.spool import Spool
@@ -21,7 +21,7 @@ log = get_logger()
 
 
 class SpoolGuard:
-    """The identities of a spool's inbox and lock file taken at start, and their check."""
+    """The identity of a spool's inbox taken at start, and the check of it and the lease."""
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
@@ -31,27 +31,28 @@ class SpoolGuard:
         return f"SpoolGuard({self.spool!r})"
 
     def start(self) -> None:
-        """Take the identities to check against (once the spool is locked)."""
+        """Take the identities to check against (once the lease is held)."""
         self._identity = self._identities()
 
     def _identities(self) -> dict[str, tuple[int, int]]:
-        """(device, inode) of the inbox (symlinks followed, and whether it is one) and
-        of the lock file, as taken at start."""
+        """(device, inode) of the inbox (symlinks followed, and whether it is one), as
+        taken at start."""
         found = {}
-        inbox, lock = self.spool.inbox, self.spool.state / LOCK
+        inbox = self.spool.inbox
         with contextlib.suppress(OSError):
             found["inbox_is_link"] = (int(inbox.is_symlink()), 0)
             found["inbox"] = _identity(inbox.stat())
-            found["lock"] = _identity(lock.stat())
         return found
 
     def check(self) -> None:
         """Put back what was removed under the running service, or stop it.
 
-        A removed state folder, claims folder or lock file is made again (the lock
-        taken again). An inbox that is gone, or replaced (renamed away and made
-        anew, or made a symlink), cannot be watched or claimed from safely any more:
-        ServiceError, so the service exits non-zero and its supervisor restarts it.
+        The lease is renewed. A removed state folder, claims folder or lease is made
+        again (the lease taken again). An inbox that is gone, or replaced (renamed
+        away and made anew, or made a symlink), cannot be watched or claimed from
+        safely any more, nor may an instance whose name another one took over act
+        on the spool: ServiceError, so the service exits non-zero and its
+        supervisor restarts it.
         """
         inbox = self.spool.inbox
         try:
@@ -70,23 +71,34 @@ class SpoolGuard:
                 "replaced (moved away, made anew or made a symbolic link)"
             )
         remade = []
+        spool = self.spool
         try:
-            if not self.spool.claims_folder.is_dir():
-                self.spool.claims_folder.mkdir(parents=True, exist_ok=True)
-                self.spool.remove_spare_folders()  # they were in the removed folder
-                remade.append(str(self.spool.claims_folder))
-            lock = self.spool.state / LOCK
-            lock_info = lock.stat() if lock.exists() else None
-            if lock_info is None or _identity(lock_info) != expected.get("lock"):
-                self.spool.unlock()
-                self.spool.lock()  # ConfigError if another service took the folder
-                self._identity = self._identities()
-                remade.append(str(lock))
+            if not spool.claims_folder.is_dir():
+                spool.claims_folder.mkdir(parents=True, exist_ok=True)
+                spool.remove_spare_folders()  # they were in the removed folder
+                remade.append(str(spool.claims_folder))
+            renewal = spool.lease.renew()
+            if renewal.lost and not spool.lease.path.exists():
+                spool.lease.give_up()
+                spool.lease.take()  # NameTaken if another instance took the name meanwhile
+                remade.append(str(spool.lease.path))
+            elif renewal.lost:
+                raise ServiceError(
+                    f"instance: expected to hold the lease on the name {spool.instance!r}, "
+                    "found another instance holding it (this one was paused past its "
+                    "lease_timeout); it stops and leaves everything to that one"
+                )
+            elif renewal.lapsed:
+                log.warning(
+                    "lease_lapsed",
+                    instance=spool.instance,
+                    lease_timeout=spool.lease_timeout,
+                    message="paused past its lease: other instances may have adopted claims",
+                )
         except (OSError, ValueError) as error:
-            state = self.spool.state
-            raise ServiceError(f"state_dir: cannot make {state} again: {error}") from None
+            raise ServiceError(f"state_dir: cannot make {spool.state} again: {error}") from None
         if remade:
-            log.warning("state_recreated", state=str(self.spool.state), made=remade)
+            log.warning("state_recreated", state=str(spool.state), made=remade)
 
 
 def _identity(info: os.stat_result) -> tuple[int, int]:

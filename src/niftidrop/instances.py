@@ -18,6 +18,12 @@ the instance must stop acting on the spool. Its writes went to the renamed file
 meanwhile, never to the newcomer's. Through a client that caches names (GlusterFS's
 FUSE mount, for about a second) it may still see its own lease at the path for that
 long: it learns of the loss at its first renewal after the cache expires.
+
+An instance restarted on its host after a crash (systemd, a supervisor) need not
+wait out its own lease: the lease names the process that holds it (host, boot,
+process namespace, pid and the pid's start time), and a lease whose process is
+known, from the same host and namespace, to be gone is taken over at once
+(`Lease.died_here`). Elsewhere, a lease is only ever judged by its age.
 """
 
 from __future__ import annotations
@@ -56,9 +62,23 @@ class Lease:
     pid: int | None
     token: str | None
     age: float  # seconds since the holder last renewed it
+    process: str | None = None  # `_process_identity()` of its holder
 
     def live(self, lease_timeout: float) -> bool:
         return self.age <= lease_timeout
+
+    def died_here(self) -> bool:
+        """Whether the holder is known to be gone: it ran on this host, in this
+        process namespace since the last boot, and its pid is now free or another
+        process's (a restart after a crash, where it would otherwise wait out the
+        lease). False whenever that cannot be known."""
+        if self.process is None or self.pid is None or self.host != socket.gethostname():
+            return False
+        mine = _process_identity(os.getpid())
+        theirs = _process_identity(self.pid)
+        if mine is None or self.process.split(":")[:2] != mine.split(":")[:2]:
+            return False  # another boot or namespace: nothing is known of its pids
+        return theirs != self.process
 
 
 @dataclass(frozen=True)
@@ -105,7 +125,7 @@ class InstanceLease:
             found = read_lease(self.path, self.name)
             if found is None:
                 continue  # given up meanwhile: try again
-            if found.live(self.lease_timeout):
+            if found.live(self.lease_timeout) and not found.died_here():
                 raise NameTaken(
                     f"instance: expected no live instance named {self.name!r}, found one "
                     f"on host {found.host or '?'} (pid {found.pid or '?'}) whose lease was "
@@ -161,6 +181,7 @@ class InstanceLease:
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "token": self.token,
+                "process": _process_identity(os.getpid()),
                 "renewals": self._renewals,
             }
         ).encode()
@@ -238,7 +259,22 @@ def read_lease(path: Path, name: str, *, now: float | None = None) -> Lease | No
         pid=data.get("pid") if isinstance(data.get("pid"), int) else None,
         token=data.get("token") if isinstance(data.get("token"), str) else None,
         age=max(0.0, now - mtime),
+        process=data.get("process") if isinstance(data.get("process"), str) else None,
     )
+
+
+def _process_identity(pid: int) -> str | None:
+    """`<boot id>:<pid namespace>:<pid>:<start time>` of process `pid`, or None when
+    it is not running (or this system does not say). Two processes with the same
+    identity are one: a pid that was reused has another start time."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = Path("/proc/self/ns/pid").stat().st_ino
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # After the command name: state is field 3, the start time field 22 (proc(5)).
+    return f"{boot}:{namespace}:{pid}:{fields[19]}"
 
 
 def leases(state_folder: Path) -> list[Lease]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from niftidrop.claiming import ClaimLost
 from niftidrop.claims import COMMIT_RECORD, Claim, Converted, Failed, Outcome
 from niftidrop.convert import ConvertFile, convert_input
 from niftidrop.errors import ConversionError, ErrorCode
@@ -192,7 +194,13 @@ class JobRunner:
             outcome = self.spool.handle(claim, lambda _: self._convert(job, claim, convert_file))
         except _Cancelled:
             return
+        except ClaimLost:
+            self._lost(claim)
+            return
         except Exception as error:
+            if isinstance(error, OSError) and not os.path.lexists(claim.folder):
+                self._lost(claim)  # adopted by another instance mid-way
+                return
             if self.stopping.is_set():  # left claimed for the next start
                 # A conversion killed by the stop is not news; other trouble is.
                 if not isinstance(error, ConversionCrashed) and not self.stopped.is_set():
@@ -225,6 +233,17 @@ class JobRunner:
             )
         if outcome is not None and self.record is not None:
             self.record(outcome)
+
+    def _lost(self, claim: Claim) -> None:
+        """Another instance adopted the claim (this one was paused past its lease):
+        drop it, touching nothing of it."""
+        self.retries.forget(claim)
+        log.warning(
+            "claim_lost",
+            input=str(claim.relative),
+            instance=self.spool.instance,
+            message="adopted by another instance while this one was paused past its lease",
+        )
 
     def _retry_later(self, claim: Claim, error: OSError) -> None:
         """Environmental trouble: keep the input claimed and try again later."""

@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import TYPE_CHECKING, Final, Protocol
 
-from niftidrop.errors import ServiceError
+from niftidrop import fs_probe
+from niftidrop.errors import ConfigError, ServiceError
 from niftidrop.guard import SpoolGuard
 from niftidrop.intake import Intake
 from niftidrop.logs import ProgressBar, get_logger
@@ -183,6 +184,7 @@ class Service:
         _create_library_folders(settings.all_library_dirs)
         self.spool.lock()
         self._guard.start()
+        self._check_file_system()
         self._pool.start_processes()  # they import while the library is indexed
         observer = None if self._once else choose_observer(settings.observer, self.spool.inbox)
         log.info(
@@ -231,6 +233,33 @@ class Service:
             total = self._pool.outstanding + len(self._intake)
             self._pool.progress = ProgressBar(total, leave=False)
 
+    def _check_file_system(self) -> None:
+        """Try what the file protocol needs of the spool's file system (and that the
+        lease outlives heartbeats); refuse to start (ConfigError, exit 2) when
+        something it cannot do without is missing."""
+        settings = self.settings
+        if settings.lease_timeout < 2 * settings.heartbeat_interval:
+            raise ConfigError(
+                f"lease_timeout: expected at least two heartbeat intervals "
+                f"({2 * settings.heartbeat_interval:g} s), found {settings.lease_timeout:g} s: "
+                "a live instance would be taken for dead between two heartbeats"
+            )
+        capabilities = fs_probe.probe(self.spool.instance_folder)
+        log.info(
+            "file_system",
+            state=str(self.spool.state),
+            **{item.name: item.works for item in capabilities},
+        )
+        for item in capabilities:
+            if not item.works and not item.needed:
+                log.warning("file_system_limited", capability=item.name, detail=item.detail)
+        missing = fs_probe.missing(capabilities)
+        if missing:
+            raise ConfigError(
+                f"state_dir: the file system of {self.spool.state} lacks what the file "
+                "protocol needs: " + "; ".join(missing) + " (README: Many instances, one spool)"
+            )
+
     def main_loop(self) -> None:
         settings = self.settings
         now = time.monotonic()
@@ -277,6 +306,7 @@ class Service:
     def _beat(self) -> None:
         self._guard.check()  # raises ServiceError when it cannot go on
         self._write_heartbeat()
+        self._pool.adopt()  # the claims of instances that died meanwhile
 
     def _once_done(self, outstanding: int, patience_over: bool) -> bool:
         """`run --once` ends when every job is done and nothing is still settling."""
@@ -334,8 +364,9 @@ class Service:
         try:
             self.spool.write_heartbeat(
                 {
+                    "instance": self.spool.instance,
                     "pid": os.getpid(),
-                    "host": socket.gethostname(),  # the status page's instance
+                    "host": socket.gethostname(),
                     "state": state,
                     "queued": outstanding,
                     "waiting": len(self._intake),

@@ -143,6 +143,17 @@ def _command_has_program(value: list[str] | None) -> list[str] | None:
     return value
 
 
+def _folder_name(value: str | None) -> str | None:
+    """An instance's name names its folder in the state folder: one plain name."""
+    if value is None:
+        return None
+    if not value or value in (".", "..") or value.startswith(".") or "/" in value or "\0" in value:
+        raise ValueError(f"expected a name that can name a folder, found {value!r}")
+    if len(value.encode()) > 200:
+        raise ValueError("expected at most 200 bytes")
+    return value
+
+
 def _http_url(value: str | None) -> str | None:
     if value is None or value == "":
         return None
@@ -174,6 +185,7 @@ Command = Annotated[
     BeforeValidator(_parse_command),
     AfterValidator(_command_has_program),
 ]
+InstanceName = Annotated[str | None, AfterValidator(_folder_name)]
 HttpUrl = Annotated[str | None, AfterValidator(_http_url)]
 PreviewSwitch = Annotated[bool, AfterValidator(_pillow_installed)]
 

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    ValidationError,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -34,6 +41,7 @@ from niftidrop.setting_types import (
     DtypePolicy,
     Folders,
     HttpUrl,
+    InstanceName,
     KeyPattern,
     Labels,
     PreviewSwitch,
@@ -189,6 +197,13 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(
         default=5.0, gt=0, description="health wants one within 3 intervals"
     )
+    # Many instances, one spool (README: Many instances, one spool).
+    instance: InstanceName = Field(
+        default=None, description="this instance's name, unique among live ones (host name)"
+    )
+    lease_timeout: float = Field(
+        default=60.0, gt=0, description="seconds without a heartbeat: the instance is dead"
+    )
     metrics_address: Address = Field(default=None, description="host:port for /metrics")
     max_attempts: int = Field(
         default=3, ge=1, description="tries of a conversion that crashes, then conversion_crashed"
@@ -266,6 +281,11 @@ class Settings(BaseSettings):
             *(f for p in self.profiles for f in p.settings().get("library", ())),
         ]
         return list(dict.fromkeys(self.resolve(folder) for folder in folders))
+
+    @property
+    def instance_name(self) -> str:
+        """`instance`, or this host's name."""
+        return self.instance or socket.gethostname() or "niftidrop"
 
     @property
     def state_path(self) -> Path:

@@ -135,7 +135,7 @@ COMMANDS: Final = (
         "archived and the failed inputs, and show how old the service's last "
         "heartbeat is and whether it said running or stopped. Read only: safe while "
         "the service runs.",
-        ("config", "root", "inbox", "outbox", "archive", "failed", "state_dir"),
+        ("config", "root", "inbox", "outbox", "archive", "failed", "state_dir", "instance"),
         {
             ExitCode.OK: "counted",
             ExitCode.BAD_CONFIG: f"{_BAD_CONFIG}, or no spool there (no inbox: --root?)",
@@ -146,10 +146,10 @@ COMMANDS: Final = (
         "exit 0 if the service is alive (a container HEALTHCHECK)",
         "niftidrop health [SETTINGS]",
         "For container health checks and monitors: check that the service's "
-        "heartbeat (<state_dir>/heartbeat.json, rewritten every heartbeat_interval "
-        "seconds) is fresher than three intervals and does not say that the service "
-        "stopped, and print one line saying so or why not.",
-        ("config", "root", "inbox", "state_dir", "heartbeat_interval"),
+        "heartbeat (<state_dir>/instances/<instance>/heartbeat.json, rewritten every "
+        "heartbeat_interval seconds) is fresher than three intervals and does not say "
+        "that the service stopped, and print one line saying so or why not.",
+        ("config", "root", "inbox", "state_dir", "instance", "heartbeat_interval"),
         {
             ExitCode.OK: "healthy",
             ExitCode.FAILED: "unhealthy: no heartbeat, a stale one, or the service stopped",

@@ -101,7 +101,19 @@ class WorkerPool:
             log.info("spool_recovered", claims=len(claims), temporary_files_removed=removed)
         for claim in claims:
             self.submit(Job.claimed(claim), _mtime_ns(claim.path))
+        self.adopt()
         self.deliveries.start()  # the events it left, its claims known (their redo)
+
+    def adopt(self) -> int:
+        """Adopt the claims of instances whose lease expired (and an earlier version's)
+        and queue them; how many were adopted."""
+        total = 0
+        for instance, claims in self.spool.adopt():
+            log.info("claim_adopted", instance=instance, count=len(claims), by=self.spool.instance)
+            total += len(claims)
+            for claim in claims:
+                self.submit(Job.claimed(claim), _mtime_ns(claim.path))
+        return total
 
     def start_processes(self) -> None:
         """Start the conversion processes without waiting for them (see `start`)."""

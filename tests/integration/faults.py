@@ -33,6 +33,7 @@ from niftidrop.service import Service
 from niftidrop.settings import Settings, load_settings
 from niftidrop.spool import Spool
 from niftidrop.steps import hooked
+from spools import instance_folder
 
 ERRNOS = (
     errno.ENOSPC,
@@ -109,7 +110,8 @@ def settings_for(root: Path, scenario: Scenario) -> Settings:
         "fsync": True,
         "workers": 1,
         "settle_seconds": 0.05,
-        "heartbeat_interval": 60,
+        "heartbeat_interval": 60,  # no beat inside a case
+        "lease_timeout": 120,
         "shutdown_timeout": 10,
         **scenario.settings,
     }
@@ -201,11 +203,12 @@ def live(settings: Settings, scenario: Scenario, hook: Faults) -> Life:
 
 
 def retry(life: Life, scenario: Scenario) -> None:
-    """What the service does next, the fault gone: handle the claim again, and claim
-    what is still in the inbox (a claim that failed, or found nothing to rename)."""
+    """What the service does next, the fault gone: handle a claim that failed again,
+    and claim what is still in the inbox (a claim that failed, or found nothing to
+    rename). A claim handled to its end is not handled again: its folder is gone."""
     spool, settings = life.spool, settings_for(life.spool.inbox.parent, scenario)
     with hooked(Faults(scenario)):
-        if life.claim is not None:
+        if life.claim is not None and life.error is not None:
             spool.handle(life.claim, converter(spool, settings))
         for path in scan_inbox(spool.inbox, recursive=True):
             claim = spool.claim(path)
@@ -296,8 +299,7 @@ def audit_final(
             problems.append(f"outputs {found}, expected {expected}")
     elif found != expected:
         problems.append(f"outputs {found}, expected {expected}")
-    state = root / "inbox" / ".niftidrop"
-    claimed = list(files(state / "claimed"))
+    claimed = list(files(instance_folder(root) / "claimed"))
     if claimed:
         problems.append(f"left in the claim folders: {claimed}")
     for folder in ("outbox", "archive", "failed", "inbox/.niftidrop"):
@@ -311,7 +313,7 @@ def audit_hand_off(root: Path, *, delivered: bool, twice: bool = False) -> list[
     """The hooked scenario's event: still pending once (`delivered` False: nothing ran
     the delivery), or delivered and gone; delivered once, or with `twice` (a kill
     between the delivery and the event's removal) maybe twice, under one id."""
-    events = root / "inbox" / ".niftidrop" / "events"
+    events = instance_folder(root) / "events"
     kept = sorted(events.glob("*.json")) if events.is_dir() else []
     log = root / HOOK_LOG
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []

@@ -22,6 +22,7 @@ from support import (
 )
 
 from fifos import wait_for_reader
+from spools import instance_folder
 from waiting import wait_until
 
 FAST = ["--settle-seconds", "0.3", "--heartbeat-interval", "0.5"]
@@ -116,7 +117,7 @@ class TestStopWhileWaiting:
         stop is prompt, the input stays claimed, and nothing is logged about it."""
         service = start_service(root, workers=1, reference_wait=60, shutdown_timeout=30)
         drop_by_rename(root / "inbox", "orphan_1.npy", prediction(1))
-        claims = root / "inbox" / ".niftidrop" / "claimed"
+        claims = instance_folder(root) / "claimed"
         wait_until(lambda: list(claims.glob("*/orphan_1.npy")), what="the claim")
         started = time.monotonic()
         assert service.stop() == 0
@@ -141,7 +142,7 @@ class TestForcedStop:
         make_fifo(target)
         for number in (1, 2):
             drop_by_rename(root / "inbox", f"case_{number}.npy", prediction(number))
-        claims = root / "inbox" / ".niftidrop" / "claimed"
+        claims = instance_folder(root) / "claimed"
         wait_until(lambda: len(list(claims.glob("*/*.npy"))) == 2, what="two claims")
         writer = wait_for_reader(target)
         process.send(signal.SIGINT)

@@ -27,6 +27,7 @@ from support import (
 )
 
 from niftidrop.listing import scan_inbox
+from spools import instance_folder
 from waiting import wait_until
 
 INPUTS = 240
@@ -89,7 +90,7 @@ class TestCrash:
         finally:
             producer.join()
         final = start_process(root, *args).wait_ready()
-        claims = root / "inbox" / ".niftidrop" / "claimed"
+        claims = instance_folder(root) / "claimed"
         wait_until(
             lambda: not waiting(root / "inbox") and not files_in(claims),
             timeout=90,

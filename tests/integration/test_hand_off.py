@@ -18,6 +18,7 @@ import pytest
 from support import ServiceProcess, prediction, save_npy
 
 from niftidrop.events import EVENTS
+from spools import instance_folder
 from waiting import wait_until
 
 # Appends one line per run: its stdin (the event) and its NIFTIDROP_* variables. With a
@@ -48,7 +49,7 @@ def recorded(log: Path) -> list[dict[str, Any]]:
 
 
 def pending(root: Path) -> list[Path]:
-    folder = root / "inbox" / ".niftidrop" / EVENTS
+    folder = instance_folder(root) / EVENTS
     return sorted(folder.glob("*.json")) if folder.is_dir() else []
 
 

@@ -28,6 +28,7 @@ from support import (
     write_reference,
 )
 
+from spools import instance_folder
 from waiting import wait_until
 
 Flipper = Callable[[Path, Path], Callable[[], None]]
@@ -162,7 +163,7 @@ class TestFileTypes:
         ignored = sorted(event["input"] for event in service.events("input_ignored"))
         assert ignored == sorted(str(special.relative_to(inbox)) for special in specials)
         assert not list((root / "outbox").glob("case_fifo*"))
-        assert files_in(inbox / ".niftidrop" / "claimed") == []
+        assert files_in(instance_folder(inbox.parent) / "claimed") == []
 
 
 class TestPathEscape:
@@ -271,6 +272,6 @@ class TestInboxBehindASymlink:
 @pytest.fixture(autouse=True)
 def _no_leftover_claims(root: Path) -> Iterator[None]:
     yield
-    claimed = root / "inbox" / ".niftidrop" / "claimed"
+    claimed = instance_folder(root) / "claimed"
     if claimed.is_dir():
         assert files_in(claimed) == []

@@ -20,6 +20,7 @@ from support import (
     write_reference,
 )
 
+from spools import instance_folder
 from waiting import wait_until
 
 FAST = ["--settle-seconds", "0.3", "--heartbeat-interval", "0.5", "--workers", "2"]
@@ -144,7 +145,7 @@ class TestGracefulStop:
         root = large_root
         process = start_process(root, *FAST, "--shutdown-timeout", "60").wait_ready()
         (root / "big.npy").rename(root / "inbox" / "big.npy")
-        claims = root / "inbox" / ".niftidrop" / "claimed"
+        claims = instance_folder(root) / "claimed"
         wait_until(lambda: any(claims.iterdir()), what="the claim")
         sent = time.monotonic()
         process.send(signal.SIGTERM)
@@ -160,7 +161,7 @@ class TestGracefulStop:
         root = large_root
         process = start_process(root, *FAST, "--shutdown-timeout", "0").wait_ready()
         (root / "big.npy").rename(root / "inbox" / "big.npy")
-        claims = root / "inbox" / ".niftidrop" / "claimed"
+        claims = instance_folder(root) / "claimed"
         wait_until(lambda: any(claims.iterdir()), what="the claim")
         process.send(signal.SIGTERM)
         assert process.wait(timeout=30) == 0

@@ -6,6 +6,7 @@ its input's voxels, and nothing is left claimed or half-written."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,6 @@ class TestOneInstance:
                 assert np.array_equal(output_of(root, relative), prediction(number))
             state = root / "inbox" / ".niftidrop"
             assert [path for path in files_in(root / "inbox") if ".niftidrop/" not in path] == []
-            assert files_in(state / "claimed") == []
+            assert files_in(state / "instances" / socket.gethostname() / "claimed") == []
             everywhere = files_in(root)
             assert [path for path in everywhere if path.endswith(".tmp")] == []

@@ -26,6 +26,7 @@ from support import (
     prediction,
 )
 
+from spools import instance_folder
 from waiting import wait_until
 
 
@@ -41,7 +42,7 @@ def unwritable(folder: Path) -> Iterator[None]:
 
 
 def claimed(root: Path) -> list[str]:
-    return files_in(root / "inbox" / ".niftidrop" / "claimed")
+    return files_in(instance_folder(root) / "claimed")
 
 
 class TestTransientFaults:

@@ -30,11 +30,14 @@ class TestSetUp:
             Spool(settings).create_folders()
 
     def test_second_lock_is_refused(self, settings: Settings, spool: Spool) -> None:
-        """Two services on one state folder cannot run at once."""
+        """Two live instances with one name cannot run at once; another name can."""
         spool.lock()
         try:
-            with pytest.raises(ConfigError, match="in use"):
+            with pytest.raises(ConfigError, match="no live instance named"):
                 Spool(settings).lock()
+            other = Spool(settings.model_copy(update={"instance": "other"}))
+            other.lock()
+            other.unlock()
         finally:
             spool.unlock()
         again = Spool(settings)
@@ -52,7 +55,7 @@ class TestTemporaries:
             temp_path_for(spool.outbox / "sub" / "a.nii.gz", spool.owner_for(claim)),
             temp_path_for(spool.archive_folder / "a.npy", spool.owner_for(claim)),
             temp_path_for(spool.failed_folder / "a.npy.error.json", spool.owner),
-            spool.state / ".heartbeat.json.x3.tmp",
+            spool.instance_folder / ".heartbeat.json.x3.tmp",
         ]
         kept = [spool.outbox / "a.nii.gz", spool.inbox / ".producer.npy.tmp"]
         for path in stale + kept:
@@ -83,11 +86,11 @@ class TestTemporaries:
         assert not mine.exists()
 
     def test_the_owner_id_is_kept_in_the_state_folder(self, settings: Settings) -> None:
-        """Every Spool of one state folder has the same id, made once."""
+        """Every Spool of one instance has the same id, made once, in its folder."""
         first = Spool(settings)
         first.create_folders()
         assert Spool(settings).owner == first.owner
-        assert (first.state / "owner").read_text().strip() == first.owner
+        assert (first.instance_folder / "owner").read_text().strip() == first.owner
 
 
 class TestRememberConversions:

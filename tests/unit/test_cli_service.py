@@ -16,6 +16,7 @@ import structlog
 
 from niftidrop.cli import ExitCode, main
 from real_command import niftidrop
+from spools import instance_folder
 
 
 @pytest.fixture(autouse=True)
@@ -324,7 +325,7 @@ class TestStatusAndHealth:
     ) -> None:
         """health on a spool without a heartbeat exits 1, naming the heartbeat file."""
         assert main(["health", *flags(tmp_path)]) == ExitCode.FAILED
-        heartbeat = tmp_path / "inbox" / ".niftidrop" / "heartbeat.json"
+        heartbeat = instance_folder(tmp_path) / "heartbeat.json"
         assert f"unhealthy: no heartbeat at {heartbeat}" in capsys.readouterr().out
 
     def test_status_counts_each_folder(
@@ -355,7 +356,7 @@ class TestStatusAndHealth:
         """health is 0 with a fresh heartbeat, 1 with a stale or missing one."""
         args = ["health", *flags(root), "--heartbeat-interval", "5"]
         assert main(args) == ExitCode.FAILED
-        heartbeat = root / "inbox" / ".niftidrop" / "heartbeat.json"
+        heartbeat = instance_folder(root) / "heartbeat.json"
         heartbeat.parent.mkdir(parents=True)
         heartbeat.write_text("{}")
         assert main(args) == ExitCode.OK

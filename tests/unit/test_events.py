@@ -38,7 +38,7 @@ def store_of(spool: Spool) -> EventStore:
 
 
 def event_files(spool: Spool) -> list[dict[str, Any]]:
-    folder = spool.state / EVENTS
+    folder = spool.instance_folder / EVENTS
     if not folder.is_dir():
         return []
     return [json.loads(path.read_text()) for path in sorted(folder.iterdir())]
@@ -146,7 +146,7 @@ class TestRecord:
         spool = hooked_spool(tmp_path, on_converted=None, on_failed=None)
         assert spool.events is None
         spool.handle(claim_of(spool, "a.npy"), converted)
-        assert not (spool.state / EVENTS).exists()
+        assert not (spool.instance_folder / EVENTS).exists()
 
     def test_a_retry_keeps_the_id(self, spool: Spool) -> None:
         """The unlink fails after the record: the retry records the same event, once."""
@@ -176,7 +176,7 @@ class TestRecord:
     def test_the_folder_is_made_again(self, spool: Spool) -> None:
         """The events folder removed under the service is made again by the next event."""
         spool.handle(claim_of(spool, "a.npy"), converted)
-        shutil.rmtree(spool.state / EVENTS)
+        shutil.rmtree(spool.instance_folder / EVENTS)
         spool.handle(claim_of(spool, "b.npy"), converted)
         assert len(event_files(spool)) == 1
 
@@ -214,7 +214,7 @@ class TestLoad:
 
     def test_files_that_are_no_events_are_left_alone(self, spool: Spool) -> None:
         """Another file in the folder, or a temporary one, is neither loaded nor removed."""
-        folder = spool.state / EVENTS
+        folder = spool.instance_folder / EVENTS
         folder.mkdir()
         (folder / "notes.json").write_text('{"hello": 1}')
         (folder / "README").write_text("mine")

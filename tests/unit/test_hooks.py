@@ -213,7 +213,7 @@ def deliveries(root: Path, **values: Any) -> tuple[Spool, Deliveries]:
 
 
 def pending_files(spool: Spool) -> list[str]:
-    folder = spool.state / EVENTS
+    folder = spool.instance_folder / EVENTS
     return sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
 
 

@@ -3,7 +3,6 @@ protocol, Running the service, Logs)."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -20,11 +19,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from niftidrop.api import ConversionResult
-from niftidrop.errors import ConversionError, ErrorCode, ServiceError
+from niftidrop.errors import ConfigError, ConversionError, ErrorCode, ServiceError
 from niftidrop.library import Match
 from niftidrop.metrics import Metrics
 from niftidrop.service import Service, handle_signals
 from niftidrop.settings import Settings, load_settings
+from niftidrop.spool import Spool
 from niftidrop.systemd import SystemdNotifier
 from waiting import wait_until
 
@@ -343,10 +343,10 @@ class TestService:
     def test_second_service_on_the_same_spool_is_refused(
         self, make_service: Callable[..., Running], settings: Settings
     ) -> None:
-        """The state folder's lock keeps a second service away."""
+        """The lease on the instance's name keeps a second one of that name away."""
         make_service()
         second = Service(settings, library=FakeLibrary(settings.root), metrics=Metrics())
-        with pytest.raises(Exception, match="in use"):
+        with pytest.raises(Exception, match="no live instance named"):
             second.run()
 
 
@@ -480,13 +480,14 @@ class TestSpoolUnderfoot:
     def test_a_removed_state_folder_is_made_again_with_its_lock(
         self, make_service: Callable[..., Running], settings: Settings
     ) -> None:
-        """The state folder removed while running: claims folder and lock come back
-        (the lock held again), and inputs are converted as before."""
+        """The state folder removed while running: claims folder and lease come back
+        (held again: a second instance of the name is refused), and inputs are
+        converted as before."""
         running = make_service()
         shutil.rmtree(settings.state_path)
         wait_until(lambda: bool(running.events("state_recreated")))
-        with (settings.state_path / "lock").open("a+b") as handle, pytest.raises(BlockingIOError):
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="no live instance named"):
+            Spool(settings).lock()
         drop(settings, "a.npy")
         wait_until((settings.archive_dir / "a.npy").exists)
 
