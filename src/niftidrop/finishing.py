@@ -10,6 +10,7 @@ one (see `niftidrop.spool`).
 from __future__ import annotations
 
 import errno
+import filecmp
 import os
 import stat
 from collections.abc import Mapping
@@ -239,8 +240,10 @@ class Finisher(Claimer):
         except FileNotFoundError:
             return None  # other errors are raised: a guess could move the input twice
         inode = move.get("inode")
-        if (found.st_dev, found.st_ino) != (info.st_dev, info.st_ino) and (
-            not isinstance(inode, list) or (found.st_dev, found.st_ino) != tuple(inode)
+        if (
+            (found.st_dev, found.st_ino) != (info.st_dev, info.st_ino)
+            and (not isinstance(inode, list) or (found.st_dev, found.st_ino) != tuple(inode))
+            and not _same_link(found, info, target, claim.path)
         ):
             return None  # the name is someone else's
         if self.durable:
@@ -289,3 +292,17 @@ def _find_link(folder: Path, name: str, info: os.stat_result) -> Path | None:
         if (found.st_dev, found.st_ino) == (info.st_dev, info.st_ino):
             return Path(entry.path)
     return None
+
+
+def _same_link(found: os.stat_result, info: os.stat_result, target: Path, path: Path) -> bool:
+    """Whether `target` is another link to the input at `path` where the file system
+    numbers each path's inode itself (sshfs without `use_ino`): same size, same
+    modification time (kept by the file, not the name) and the same bytes."""
+    if not stat.S_ISREG(found.st_mode) or not stat.S_ISREG(info.st_mode):
+        return False
+    if (found.st_size, found.st_mtime_ns) != (info.st_size, info.st_mtime_ns):
+        return False
+    try:
+        return filecmp.cmp(target, path, shallow=False)
+    except FileNotFoundError:
+        return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from niftidrop.claims import (
     CONVERTED_MARKER,
     FAILURE_MARKER,
+    MOVE_RECORD,
     Claim,
     Converted,
     Failed,
@@ -284,6 +286,42 @@ class TestRecovery:
         assert calls.names == []
         assert files_under(spool.archive_folder) == ["a.npy"]
         assert spool.claims() == []
+
+    def test_a_recorded_link_is_known_without_its_inode_number(self, spool: Spool) -> None:
+        """Where each path gets its own inode number (sshfs), a recorded move whose
+        name holds the input's bytes and times is finished, not made twice."""
+        claim = spool.claim(drop(spool, "a.npy"))
+        assert claim is not None
+        (claim.folder / CONVERTED_MARKER).write_text('{"input": "a.npy"}')
+        (claim.folder / MOVE_RECORD).write_text('{"to": "archive", "name": "a.npy"}')
+        shutil.copy2(claim.path, spool.archive_folder / "a.npy")  # same bytes, other inode
+        calls = Recorder()
+        assert isinstance(spool.handle(claim, calls), Converted)
+        assert calls.names == []
+        assert files_under(spool.archive_folder) == ["a.npy"]
+
+    @pytest.mark.parametrize("differs", ["bytes", "time"])
+    def test_a_recorded_name_holding_another_file_is_not_taken(
+        self, spool: Spool, differs: str
+    ) -> None:
+        """The recorded name holds someone else's file (other bytes, or the same bytes
+        written at another time): the input gets a name of its own."""
+        claim = spool.claim(drop(spool, "a.npy"))
+        assert claim is not None
+        (claim.folder / CONVERTED_MARKER).write_text('{"input": "a.npy"}')
+        (claim.folder / MOVE_RECORD).write_text('{"to": "archive", "name": "a.npy"}')
+        theirs = spool.archive_folder / "a.npy"
+        shutil.copy2(claim.path, theirs)
+        if differs == "bytes":
+            data = bytearray(theirs.read_bytes())
+            data[-1] ^= 1
+            theirs.write_bytes(bytes(data))
+            shutil.copystat(claim.path, theirs)
+        else:
+            os.utime(theirs, ns=(0, theirs.stat().st_mtime_ns - 1_000_000_000))
+        assert isinstance(spool.handle(claim, Recorder()), Converted)
+        assert files_under(spool.archive_folder) == ["a-1.npy", "a.npy"]
+        assert (spool.archive_folder / "a-1.npy").read_bytes() == b"data"
 
     def test_linked_into_failed_before_the_error_file(self, spool: Spool) -> None:
         """A crash after the failed link writes the missing .error.json from the claim."""
