@@ -200,8 +200,9 @@ class SpoolFolders:
         instance and of expired ones go. In the state folder, every temporary file in
         this instance's folder and in expired instances' folders goes.
         """
-        owners = [self.owner, *self.expired_owners()]
-        folders = [self.instance_folder, *(self.state / INSTANCES / name for name in owners[1:])]
+        expired = self.expired_instances()
+        owners = [self.owner, *(owner for _, owner in expired if owner)]
+        folders = [self.instance_folder, *(self.state / INSTANCES / name for name, _ in expired)]
         return self.remove_temporaries(owners, folders)
 
     def remove_temporaries(self, owners: list[str], state_folders: list[Path]) -> int:
@@ -218,11 +219,6 @@ class SpoolFolders:
                             (Path(root) / name).unlink()
                             removed += 1
         return removed
-
-    def expired_owners(self) -> list[str]:
-        """The owner ids of the other instances whose lease has expired (or who have
-        none), keyed by instance name."""
-        return [owner for _, owner in self.expired_instances()]
 
     def expired_instances(self) -> list[tuple[str, str]]:
         """(name, owner id) of every other instance on this state folder whose lease

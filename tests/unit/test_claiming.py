@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -20,6 +22,7 @@ from niftidrop.claims import (
     Converted,
     Failed,
 )
+from niftidrop.names import temp_path_for
 from niftidrop.settings import Settings, load_settings
 from niftidrop.spool import Spool
 from spools import (
@@ -374,3 +377,118 @@ class TestProfiles:
         assert isinstance(failed, Failed)
         assert failed.record["error"] == "bad_name"
         assert f"paths shorter than {path_max} bytes" in failed.record["message"]
+
+
+def _expire(spool: Spool) -> None:
+    """Make `spool`'s instance look dead: its lease last renewed long ago."""
+    old = time.time() - 10 * spool.lease_timeout
+    os.utime(spool.lease.path, (old, old))
+
+
+class TestInstances:
+    """Claims per instance, and those of dead instances (README: Many instances, one spool)."""
+
+    @pytest.fixture
+    def other(self, settings: Settings) -> Iterator[Spool]:
+        other = Spool(settings.model_copy(update={"instance": "b-node"}))
+        other.create_folders()
+        other.lock()
+        yield other
+        other.unlock()
+
+    def test_claims_are_kept_per_instance(self, spool: Spool, other: Spool) -> None:
+        """Each instance claims into its own folder and lists only its own claims."""
+        mine = spool.claim(drop(spool, "a.npy"))
+        theirs = other.claim(drop(other, "b.npy"))
+        assert mine is not None
+        assert theirs is not None
+        assert mine.folder.parent == spool.state / "instances" / spool.instance / "claimed"
+        assert theirs.folder.parent == spool.state / "instances" / "b-node" / "claimed"
+        assert spool.claims() == [mine]
+        assert other.claims() == [theirs]
+
+    def test_a_live_instance_s_claims_are_not_adopted(self, spool: Spool, other: Spool) -> None:
+        """A claim of an instance whose lease is fresh stays its own."""
+        assert other.claim(drop(other, "b.npy")) is not None
+        assert spool.adopt() == []
+        assert len(other.claims()) == 1
+
+    def test_an_expired_instance_s_claims_are_adopted_and_finished(
+        self, spool: Spool, other: Spool
+    ) -> None:
+        """Its claims are renamed into this instance's folder, subfolders kept, and
+        finish here; its empty claim folders go, a visible file in one stays."""
+        first = other.claim(drop(other, "sub/b.npy"))
+        second = other.claim(drop(other, "c.npy"))
+        assert first is not None
+        assert second is not None
+        empty = other.claims_folder / "emptytoken"
+        (empty / "sub").mkdir(parents=True)
+        _expire(other)
+        [(name, adopted)] = spool.adopt()
+        assert name == "b-node"
+        assert sorted(str(claim.relative) for claim in adopted) == ["c.npy", "sub/b.npy"]
+        assert all(claim.folder.parent == spool.claims_folder for claim in adopted)
+        assert not empty.exists()
+        assert other.claims() == []
+        for claim in adopted:
+            assert isinstance(spool.handle(claim, converted), Converted)
+        assert files_under(spool.archive_folder) == ["c.npy", "sub/b.npy"]
+        assert spool.adopt() == []
+
+    def test_of_two_adopters_exactly_one_takes_each_claim(
+        self, settings: Settings, spool: Spool, other: Spool
+    ) -> None:
+        """Two live instances adopting the same dead one's claims split them."""
+        for number in range(20):
+            assert other.claim(drop(other, f"case_{number}.npy")) is not None
+        _expire(other)
+        third = Spool(settings.model_copy(update={"instance": "c-node"}))
+        third.lock()
+        try:
+            taken = []
+            for claim_a, claim_b in itertools.zip_longest(
+                *(dict(spool_.adopt()).get("b-node", []) for spool_ in (spool, third))
+            ):
+                taken += [claim for claim in (claim_a, claim_b) if claim is not None]
+        finally:
+            third.unlock()
+        names = sorted(str(claim.relative) for claim in taken)
+        assert names == sorted(f"case_{number}.npy" for number in range(20))
+
+    def test_an_earlier_version_s_claims_are_adopted(self, spool: Spool) -> None:
+        """Claims in `<state>/claimed/` (one instance per state folder, before) are
+        finished by the first start of this version."""
+        legacy = spool.state / "claimed" / "oldtoken"
+        legacy.mkdir(parents=True)
+        (legacy / "a.npy").write_bytes(b"data")
+        [(name, [claim])] = spool.adopt()
+        assert name == "(earlier version)"
+        assert claim.relative == PurePosixPath("a.npy")
+        assert isinstance(spool.handle(claim, converted), Converted)
+        assert files_under(spool.archive_folder) == ["a.npy"]
+
+    def test_an_expired_instance_s_temporaries_are_tidied_a_live_one_s_kept(
+        self, settings: Settings, spool: Spool, other: Spool
+    ) -> None:
+        """At start an instance removes the temporaries of instances whose lease has
+        expired, in outbox and in their state folder, never a live one's."""
+        third = Spool(settings.model_copy(update={"instance": "c-node"}))
+        third.lock()
+        try:
+            dead = [
+                temp_path_for(other.outbox / "b.nii.gz", other.owner),
+                other.instance_folder / ".heartbeat.json.x1.tmp",
+            ]
+            live = [
+                temp_path_for(third.outbox / "c.nii.gz", third.owner),
+                third.instance_folder / ".heartbeat.json.x2.tmp",
+            ]
+            for path in dead + live:
+                path.write_bytes(b"in flight")
+            _expire(other)
+            assert spool.remove_stale_temporaries() == 2
+        finally:
+            third.unlock()
+        assert not any(path.exists() for path in dead)
+        assert all(path.read_bytes() == b"in flight" for path in live)

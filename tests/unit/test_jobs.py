@@ -172,3 +172,19 @@ class TestProfiles:
                 runner.finish(Job.claimed(claim), claim, convert)
         assert asked == [("a.npy", "nnunet"), ("b.npy", None)]
         assert used == [("zyx", "nnunet"), ("xyz", None)]
+
+    def test_a_claim_adopted_meanwhile_is_dropped_untouched(self, settings: Settings) -> None:
+        """Paused past its lease, the instance finds its claim adopted by another
+        (the claim folder renamed away): `claim_lost`, nothing moved or counted."""
+        runner, spool = _runner(settings)
+        path = settings.inbox_dir / "a.npy"
+        claim = _claimed(spool, path, b"x")
+        adopted = settings.root / "adopted"
+        claim.folder.rename(adopted)
+        with capture_logs() as logs:
+            runner.finish(Job.claimed(claim), claim, _never_called)
+        (line,) = [line for line in logs if line["event"] == "claim_lost"]
+        assert (line["input"], line["instance"]) == ("a.npy", spool.instance)
+        assert (adopted / "a.npy").read_bytes() == b"x"
+        assert list(settings.archive_dir.iterdir()) == list(settings.failed_dir.iterdir()) == []
+        assert (runner.tally.converted, runner.tally.failed) == (0, 0)
