@@ -9,12 +9,14 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from support import drop_by_rename, files_in, output_of, prediction, write_reference
 
+from chaos import Chaos
 from sharedfs import Kind, shared_fs
 
 INPUTS = 12
@@ -56,3 +58,89 @@ class TestOneInstance:
             assert files_in(state / "instances" / socket.gethostname() / "claimed") == []
             everywhere = files_in(root)
             assert [path for path in everywhere if path.endswith(".tmp")] == []
+
+
+KILLED_AT = Path(__file__).resolve().parent.parent / "killed_at.py"
+FAST = ["--settle-seconds", "0.1", "--heartbeat-interval", "0.5", "--log-format", "json"]
+
+
+def niftidrop(root: Path, name: str, *args: str, killed_at: str | None = None) -> list[str]:
+    """The command line of instance `name` on mount point `root`."""
+    head = (
+        [sys.executable, str(KILLED_AT), killed_at]
+        if killed_at
+        else [sys.executable, "-m", "niftidrop"]
+    )
+    return [*head, *args, "--root", str(root), "--instance", name, *FAST]
+
+
+@pytest.mark.parametrize("kind", ["gluster", "sshfs"])
+class TestTwoInstances:
+    """Two instances, one per mount of one shared file system (separate clients, as
+    separate hosts would be)."""
+
+    def test_killed_restarted_left_dead_and_paused(self, kind: Kind, tmp_path: Path) -> None:
+        """300 inputs in bursts while the instances are killed (the whole process
+        group), some restarted at once, some left dead until the survivor adopted
+        their claims, and one paused past its lease: every input once, outputs exact."""
+        with shared_fs(kind, tmp_path / "fs", mounts=2) as mounts:
+            chaos = Chaos(mounts, tmp_path / "logs", lease_timeout=4)
+            report = chaos.run(300, bursts=6, kills=6)
+            assert chaos.audit() == [], report
+            assert report.zombies == 1
+            assert report.events["claim_adopted"] >= 1, report.events
+
+    def test_a_crash_between_the_archive_link_and_the_release(
+        self, kind: Kind, tmp_path: Path
+    ) -> None:
+        """Killed with the input linked into archive and not yet unlinked, on one
+        mount; the other instance adopts the claim once the lease has expired and
+        finishes the move (sshfs: without link counts or shared inode numbers), so
+        archive holds the input once."""
+        with shared_fs(kind, tmp_path / "fs", mounts=2) as (first, second):
+            write_reference(first / "library" / "case.nii.gz")
+            (first / "inbox").mkdir()
+            drop_by_rename(first / "inbox", "case_1.npy", prediction(1))
+            lease = ["--lease-timeout", "2"]
+            command = niftidrop(first, "node-a", "run", "--once", *lease, killed_at="input_unlink")
+            crashed = subprocess.run(
+                command, capture_output=True, timeout=120, start_new_session=True, check=False
+            )
+            assert crashed.returncode == -9, crashed.stderr
+            assert files_in(second / "archive") == ["case_1.npy"]
+            time.sleep(3)  # past node-a's lease
+            done = subprocess.run(
+                niftidrop(second, "node-b", "run", "--once", *lease),
+                capture_output=True, text=True, timeout=120, check=False,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stdout + done.stderr
+            events = [json.loads(line) for line in done.stdout.splitlines() if line[:1] == "{"]
+            [adopted] = [event for event in events if event["event"] == "claim_adopted"]
+            assert (adopted["instance"], adopted["count"]) == ("node-a", 1)
+            assert files_in(second / "archive") == ["case_1.npy"]
+            assert np.array_equal(output_of(second, "case_1.npy"), prediction(1))
+            state = second / "inbox" / ".niftidrop" / "instances"
+            assert [p for p in files_in(state) if "/claimed/" in p] == []
+
+    def test_one_name_on_two_mounts_the_second_exits_2(self, kind: Kind, tmp_path: Path) -> None:
+        """The same instance name started on both mounts: the second is refused."""
+        with shared_fs(kind, tmp_path / "fs", mounts=2) as (first, second):
+            (first / "inbox").mkdir()
+            (first / "library").mkdir()
+            running = subprocess.Popen(
+                niftidrop(first, "node-a", "run"), stdout=subprocess.PIPE, text=True
+            )
+            try:
+                assert running.stdout is not None
+                for line in running.stdout:
+                    if '"service_ready"' in line:
+                        break
+                refused = subprocess.run(
+                    niftidrop(second, "node-a", "run"),
+                    capture_output=True, text=True, timeout=60, check=False,
+                )  # fmt: skip
+            finally:
+                running.terminate()
+                running.communicate(timeout=60)
+            assert refused.returncode == 2, refused.stdout + refused.stderr
+            assert "no live instance named 'node-a'" in refused.stdout + refused.stderr
