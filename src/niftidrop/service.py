@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -184,7 +183,7 @@ class Service:
         _create_library_folders(settings.all_library_dirs)
         self.spool.lock()
         self._guard.start()
-        self._check_file_system()
+        _check_file_system(settings, self.spool)
         self._pool.start_processes()  # they import while the library is indexed
         observer = None if self._once else choose_observer(settings.observer, self.spool.inbox)
         log.info(
@@ -232,33 +231,6 @@ class Service:
             # Log lines go above it; it is erased at the end (`service_stopped` sums up).
             total = self._pool.outstanding + len(self._intake)
             self._pool.progress = ProgressBar(total, leave=False)
-
-    def _check_file_system(self) -> None:
-        """Try what the file protocol needs of the spool's file system (and that the
-        lease outlives heartbeats); refuse to start (ConfigError, exit 2) when
-        something it cannot do without is missing."""
-        settings = self.settings
-        if settings.lease_timeout < 2 * settings.heartbeat_interval:
-            raise ConfigError(
-                f"lease_timeout: expected at least two heartbeat intervals "
-                f"({2 * settings.heartbeat_interval:g} s), found {settings.lease_timeout:g} s: "
-                "a live instance would be taken for dead between two heartbeats"
-            )
-        capabilities = fs_probe.probe(self.spool.instance_folder)
-        log.info(
-            "file_system",
-            state=str(self.spool.state),
-            **{item.name: item.works for item in capabilities},
-        )
-        for item in capabilities:
-            if not item.works and not item.needed:
-                log.warning("file_system_limited", capability=item.name, detail=item.detail)
-        missing = fs_probe.missing(capabilities)
-        if missing:
-            raise ConfigError(
-                f"state_dir: the file system of {self.spool.state} lacks what the file "
-                "protocol needs: " + "; ".join(missing) + " (README: Many instances, one spool)"
-            )
 
     def main_loop(self) -> None:
         settings = self.settings
@@ -364,9 +336,6 @@ class Service:
         try:
             self.spool.write_heartbeat(
                 {
-                    "instance": self.spool.instance,
-                    "pid": os.getpid(),
-                    "host": socket.gethostname(),
                     "state": state,
                     "queued": outstanding,
                     "waiting": len(self._intake),
@@ -376,6 +345,25 @@ class Service:
             )
         except OSError as error:
             log.warning("heartbeat_failed", error=str(error))
+
+
+def _check_file_system(settings: Settings, spool: Spool) -> None:
+    """Refuse to start (ConfigError, exit 2) when the lease would not outlive two
+    heartbeats or the spool's file system lacks what the file protocol needs (found
+    by trying it: `file_system`, and `file_system_limited` for each gap it can do
+    without)."""
+    settings.check_lease()
+    capabilities = fs_probe.probe(spool.instance_folder)
+    log.info("file_system", state=str(spool.state), **{c.name: c.works for c in capabilities})
+    for item in capabilities:
+        if not item.works and not item.needed:
+            log.warning("file_system_limited", capability=item.name, detail=item.detail)
+    missing = fs_probe.missing(capabilities)
+    if missing:
+        raise ConfigError(
+            f"state_dir: the file system of {spool.state} lacks what the file protocol "
+            "needs: " + "; ".join(missing) + " (README: Many instances, one spool)"
+        )
 
 
 def _log_failure(error: BaseException) -> None:

@@ -312,6 +312,16 @@ class Settings(BaseSettings):
         if problems:
             raise ConfigError("overlapping folders: " + "; ".join(problems))
 
+    def check_lease(self) -> None:
+        """Raise ConfigError if a live instance could be taken for dead between two
+        of its heartbeats (checked by `run`, not by `health` or `status`)."""
+        if self.lease_timeout < 2 * self.heartbeat_interval:
+            raise ConfigError(
+                f"lease_timeout: expected at least two heartbeat intervals "
+                f"({2 * self.heartbeat_interval:g} s), found {self.lease_timeout:g} s: "
+                "a live instance would be taken for dead between two heartbeats"
+            )
+
     @property
     def threads(self) -> int:
         """Compression threads: `compression_threads`, or one per CPU this process may

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -129,7 +130,13 @@ class Spool(Finisher):
         """Replace the heartbeat file (atomically: readers never see half of it)."""
         write_json_atomic(
             self.heartbeat_path,
-            {"time": now_iso(), **details},
+            {
+                "time": now_iso(),
+                "instance": self.instance,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),  # the status page's instance
+                **details,
+            },
             durable=False,
             owner=self.owner,
             kind="heartbeat",

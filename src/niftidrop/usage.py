@@ -74,7 +74,7 @@ COMMANDS: Final = (
         {
             ExitCode.OK: "stopped cleanly; with --once: every input converted",
             ExitCode.FAILED: "with --once: some input failed, or was left incomplete",
-            ExitCode.BAD_CONFIG: f"{_BAD_CONFIG}, or another niftidrop runs on state_dir",
+            ExitCode.BAD_CONFIG: f"{_BAD_CONFIG}, or a live instance of this name serves the spool",
             ExitCode.SERVICE_FAILED: "the service could not start or go on (logged as "
             "service_failed)",
         },
