@@ -20,3 +20,4 @@ class TestChaos:
         assert report.zombies == 1
         assert report.events["claim_adopted"] >= 1, report.events
         assert report.events["claim_lost"] >= 1, report.events
+        assert report.events["lease_lapsed"] >= 1, report.events
