@@ -33,9 +33,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Final
 
 from niftidrop.claims import ERROR_SUFFIX, Claim, Converted, Outcome, SpoolFolders, read_json
+from niftidrop.instances import INSTANCES
 from niftidrop.names import is_temp_name
 from niftidrop.settings import Settings
 from niftidrop.steps import step
@@ -188,13 +190,7 @@ class EventStore:
         oldest first, without those whose input is still claimed: its redo records
         them again, and releases them."""
         ready = []
-        try:
-            paths = sorted(self.folder.iterdir())
-        except FileNotFoundError:
-            return []
-        for path in paths:
-            if is_temp_name(path.name) or path.suffix != ".json":
-                continue
+        for path in _event_files(self.folder):
             record = read_json(path)
             pending = None if record is None else Pending.from_record(record)
             if pending is None:
@@ -210,6 +206,39 @@ class EventStore:
             else:
                 ready.append(pending)
         return ready
+
+    def adopt(self) -> list[tuple[str, int]]:
+        """Take over the events left by instances whose lease has expired (before their
+        claims: README, Many instances, one spool): (instance, events taken), for each
+        instance something was taken from. An event whose input is still in the dead
+        instance's claim folder is removed instead: that claim, adopted and finished
+        again, records it anew. The others are renamed into this instance's folder (of
+        two adopters one wins each) and go to the listener."""
+        adopted = []
+        for name, _ in self._spool.expired_instances():
+            folder = self._spool.state / INSTANCES / name / EVENTS
+            count = sum(self._adopt_one(path) for path in _event_files(folder))
+            if count:
+                adopted.append((name, count))
+        return adopted
+
+    def _adopt_one(self, path: Path) -> bool:
+        record = read_json(path)
+        pending = None if record is None else Pending.from_record(record)
+        if pending is None:
+            return False  # not an event of ours: left alone
+        if os.path.lexists(pending.claimed):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            return False
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            path.rename(self.folder / path.name)
+        except FileNotFoundError:
+            return False  # another instance took it first
+        if self.listener is not None:
+            self.listener(pending)
+        return True
 
     def save(self, pending: Pending) -> None:
         """Write `pending` with its tries so far (not fsynced: see the module docstring)."""
@@ -233,3 +262,12 @@ class EventStore:
     def targets(self, kind: str) -> list[str]:
         """The targets an event of `kind` ("converted", "failed") has now."""
         return self._targets.get(kind, [])
+
+
+def _event_files(folder: Path) -> list[Path]:
+    """The event files in `folder`, oldest first (their names start with the time)."""
+    try:
+        paths = sorted(folder.iterdir())
+    except FileNotFoundError:
+        return []
+    return [path for path in paths if path.suffix == ".json" and not is_temp_name(path.name)]

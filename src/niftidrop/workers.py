@@ -105,8 +105,11 @@ class WorkerPool:
         self.deliveries.start()  # the events it left, its claims known (their redo)
 
     def adopt(self) -> int:
-        """Adopt the claims of instances whose lease expired (and an earlier version's)
-        and queue them; how many were adopted."""
+        """Adopt the events and claims of instances whose lease expired (and the claims
+        of an earlier version) and queue them; how many claims were adopted."""
+        if self.spool.events is not None:  # before the claims: see EventStore.adopt
+            for instance, count in self.spool.events.adopt():
+                log.info("events_adopted", instance=instance, count=count, by=self.spool.instance)
         total = 0
         for instance, claims in self.spool.adopt():
             log.info("claim_adopted", instance=instance, count=len(claims), by=self.spool.instance)

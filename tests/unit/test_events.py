@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -239,3 +241,35 @@ class TestLoad:
         pending.tries["hook"] = 3
         store.save(pending)
         assert store.load()[0].tries == {"hook": 3}
+
+
+class TestAdoption:
+    def test_a_dead_instance_s_events_are_taken_over(self, tmp_path: Path) -> None:
+        """An expired instance's event whose input has left is renamed into this
+        instance's folder and handed on; one whose input is still claimed is removed
+        (the adopted claim's finish records it again), and is delivered once."""
+        spool = hooked_spool(tmp_path)
+        dead = hooked_spool(tmp_path, instance="b-node")
+        dead.lock()
+        dead.handle(claim_of(dead, "done.npy"), converted)  # delivery never came
+
+        def crash(name: str) -> None:
+            if name == "input_unlink":
+                raise KeyboardInterrupt  # the instance dies with the event recorded
+
+        half = claim_of(dead, "half.npy")
+        with hooked(crash), pytest.raises(KeyboardInterrupt):
+            dead.handle(half, converted)
+        assert len(event_files(dead)) == 2
+        old = time.time() - 10 * dead.lease_timeout
+        os.utime(dead.lease.path, (old, old))
+        heard: list[Pending] = []
+        store_of(spool).listener = heard.append
+        assert store_of(spool).adopt() == [("b-node", 1)]
+        assert [pending.event["input"] for pending in heard] == ["done.npy"]
+        assert event_files(dead) == []
+        assert [record["event"]["input"] for record in event_files(spool)] == ["done.npy"]
+        [(_, [claim])] = spool.adopt()
+        spool.handle(claim, converted)
+        assert [pending.event["input"] for pending in heard] == ["done.npy", "half.npy"]
+        assert store_of(spool).adopt() == []
