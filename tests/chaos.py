@@ -114,8 +114,12 @@ class Report:
 class Chaos:
     """`len(roots)` instances, instance i on mount point `roots[i]` of one spool."""
 
-    def __init__(self, roots: list[Path], logs: Path, *, lease_timeout: float = 3.0) -> None:
+    def __init__(
+        self, roots: list[Path], logs: Path, *, lease_timeout: float = 3.0, hooked: bool = False
+    ) -> None:
         self.roots = roots
+        # With `hooked`, every finish runs a hook that notes the input's name here.
+        self.hook_log = logs / "hooked.txt" if hooked else None
         self.spool = roots[0]
         self.lease_timeout = lease_timeout
         self.settings = [
@@ -126,6 +130,10 @@ class Chaos:
             "--workers", "1",
             "--shutdown-timeout", "20",
         ]  # fmt: skip
+        if self.hook_log is not None:
+            note = ["sh", "-c", f'printf "%s\\n" "$NIFTIDROP_INPUT" >> {self.hook_log}']
+            for flag in ("--on-converted", "--on-failed"):
+                self.settings += [flag, json.dumps(note)]
         logs.mkdir(parents=True, exist_ok=True)
         self.instances = [
             Instance(f"node-{number}", root, logs) for number, root in enumerate(roots, 1)
@@ -217,7 +225,17 @@ class Chaos:
     def _finished(self, inputs: int) -> bool:
         done = self._moved_inputs()
         inbox = [p for p in (self.spool / "inbox").iterdir() if not p.name.startswith(".")]
-        return len(done) >= inputs and not inbox and self._claimed() == []
+        if len(done) < inputs or inbox or self._claimed():
+            return False
+        return self.hook_log is None or len(set(self._hooked())) >= inputs
+
+    def _hooked(self) -> list[str]:
+        """The inputs the hook was run for, once per delivery."""
+        assert self.hook_log is not None
+        try:
+            return self.hook_log.read_text().split()
+        except FileNotFoundError:
+            return []
 
     def _moved_inputs(self) -> list[Path]:
         found = []
@@ -272,6 +290,13 @@ class Chaos:
     def audit(self) -> list[str]:
         """Everything that is not as the guarantees say."""
         problems = list(self.report.problems)
+        if self.hook_log is not None:
+            hooked = set(self._hooked())
+            problems += [
+                f"case_{number:05d}: its event was never delivered"
+                for number in range(self.dropped)
+                if f"case_{number:05d}.npy" not in hooked
+            ]
         expected = {hashlib.sha256(content_of(n)).hexdigest(): n for n in range(self.dropped)}
         found = Counter(hashlib.sha256(p.read_bytes()).hexdigest() for p in self._moved_inputs())
         for digest, number in expected.items():

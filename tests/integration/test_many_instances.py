@@ -12,8 +12,9 @@ class TestChaos:
     def test_three_instances_killed_restarted_and_one_paused(self, tmp_path: Path) -> None:
         """1,000 inputs (one in 17 bad) in bursts, three instances, 12 kills of whole
         process groups (a third of them left dead past their lease) and a zombie:
-        each input once in archive or failed, outputs exact, claims adopted and lost."""
-        chaos = Chaos([tmp_path / "spool"] * 3, tmp_path / "logs")
+        each input once in archive or failed, outputs exact, claims adopted and lost,
+        and each input's hook run at least once (events adopted with the claims)."""
+        chaos = Chaos([tmp_path / "spool"] * 3, tmp_path / "logs", hooked=True)
         report = chaos.run(1000, bursts=20, kills=12)
         assert chaos.audit() == [], report
         assert report.kills == 12
