@@ -6,7 +6,9 @@
 #   3. unit       `systemd-analyze verify` prints nothing; security exposure <= 2.0
 #   4. container  the image with a spool at /data: a dropped prediction is
 #                 converted, `niftidrop health` passes, `podman stop` is clean
-#   5. systemd    the unit under real systemd (PID 1 of a container): active,
+#   5. compose    deploy/compose.yaml: two instances on one spool, one killed with
+#                 SIGKILL while inputs flow; every input converted exactly once
+#   6. systemd    the unit under real systemd (PID 1 of a container): active,
 #                 converts, hardening in force, clean stop, watchdog restarts
 # No Docker engine is needed: podman (rootful, runc) builds and runs everything,
 # and the base image is made with debootstrap from the host's Debian mirror.
@@ -30,6 +32,9 @@ export CONTAINERS_CONF="$WORK/containers.conf"
 
 cleanup() {
     podman rm --force --ignore --time 0 "$APP_CONTAINER" "$SYSTEMD_CONTAINER" >/dev/null 2>&1 || true
+    podman ps --all --quiet --filter "label=io.podman.compose.project=${COMPOSE_PROJECT}" |
+        xargs --no-run-if-empty podman rm --force --time 0 >/dev/null 2>&1 || true
+    podman network rm --force "${COMPOSE_PROJECT}_default" >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -136,6 +141,62 @@ step_container() {
     [[ "$status" == 0 ]] || { app_logs | tail -n 20 >&2; fail "exit code ${status} after podman stop, expected 0"; }
     app_has_event service_stopped || fail "no service_stopped in the log after podman stop"
     log "converted, healthy, stopped with exit code 0"
+}
+
+# compose ARGS: podman-compose on deploy/compose.yaml, as this run's project.
+compose() {
+    podman-compose --project-name "$COMPOSE_PROJECT" --file "$REPO/deploy/compose.yaml" "$@"
+}
+
+container_has_event() {
+    podman logs "$1" 2>/dev/null | "${FIXTURE[@]}" has-event "$2"
+}
+
+archived_at_least() {
+    (($(find "$1/archive" -name '*.npy' | wc -l) >= $2))
+}
+
+# Two instances from deploy/compose.yaml on one spool; one container killed with
+# SIGKILL while inputs flow: every input still converted exactly once.
+step_compose() {
+    local spool="$WORK/compose-spool" count=300
+    local first="${COMPOSE_PROJECT}_niftidrop-1_1" second="${COMPOSE_PROJECT}_niftidrop-2_1"
+    mkdir -p "$spool/inbox" "$spool/library"
+    "${FIXTURE[@]}" reference "$spool/library" >/dev/null
+    chown -R "$APP_UID:$APP_UID" "$spool"
+    NIFTIDROP_IMAGE="$APP_IMAGE" NIFTIDROP_SPOOL="$spool" NIFTIDROP_LEASE_TIMEOUT=10 \
+        compose up -d >"$WORK/compose.log" 2>&1 ||
+        { tail -n 30 "$WORK/compose.log" >&2; fail "podman-compose up"; }
+    wait_for "$WAIT_SECONDS" "service_ready from ${first}" container_has_event "$first" service_ready
+    wait_for "$WAIT_SECONDS" "service_ready from ${second}" container_has_event "$second" service_ready
+    "${FIXTURE[@]}" drop-many "$spool/inbox" "$count" "$APP_UID:$APP_UID" ||
+        fail "dropping ${count} inputs"
+    kill_holding_claims "$first" "$spool/inbox/.niftidrop/instances/niftidrop-1/claimed"
+    # podman does not restart a container it killed: the other adopts its claims.
+    wait_for "$WAIT_SECONDS" "claim_adopted from ${second}" \
+        container_has_event "$second" claim_adopted
+    wait_for "$WAIT_SECONDS" "every input converted once" \
+        "${FIXTURE[@]}" verify-many "$spool" "$count"
+    compose down -t 40 >>"$WORK/compose.log" 2>&1 || fail "podman-compose down"
+    "${FIXTURE[@]}" verify-many "$spool" "$count" || fail "after podman-compose down"
+    log "two instances, one killed holding claims: the other adopted them," \
+        "${count} inputs converted once each"
+}
+
+# kill_holding_claims CONTAINER CLAIMS: SIGKILL the container while it holds a
+# claim (paused while its claims folder is looked at, so none finishes meanwhile).
+kill_holding_claims() {
+    local container="$1" claims="$2" try
+    for try in $(seq 200); do
+        podman pause "$container" >/dev/null || fail "podman pause ${container}"
+        if [[ -n "$(find "$claims" -type f -not -name '.*' -print -quit 2>/dev/null)" ]]; then
+            podman kill --signal KILL "$container" >/dev/null || fail "podman kill ${container}"
+            return
+        fi
+        podman unpause "$container" >/dev/null || fail "podman unpause ${container}"
+        sleep 0.05
+    done
+    fail "${container} never held a claim in ${try} looks"
 }
 
 # unit_property NAME: a property of niftidrop.service, from systemd in the container.
@@ -245,6 +306,7 @@ run_step lint step_lint
 run_step images step_images
 run_step unit step_unit
 run_step container step_container
+run_step compose step_compose
 run_step systemd step_systemd
 
 echo "==> deployment checks passed in $((SECONDS - STARTED)) s"

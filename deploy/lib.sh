@@ -9,12 +9,13 @@ APP_IMAGE="localhost/niftidrop:ci"
 SYSTEMD_IMAGE="localhost/niftidrop-systemd:ci"
 APP_CONTAINER="niftidrop-ci-app"
 SYSTEMD_CONTAINER="niftidrop-ci-systemd"
+COMPOSE_PROJECT="niftidrop-ci-compose"
 # uid:gid of the Dockerfile's niftidrop user, owner of the mounted spool.
 APP_UID=10001
 # A producer's uid in the systemd check: any user but niftidrop.
 PRODUCER_UID=20001
 # Debian packages the checks run with.
-DEPLOY_PACKAGES=(podman buildah debootstrap runc systemd shellcheck containernetworking-plugins
+DEPLOY_PACKAGES=(podman podman-compose buildah debootstrap runc systemd shellcheck containernetworking-plugins
     iptables debian-archive-keyring ca-certificates)
 # How long to wait for anything to happen before failing.
 WAIT_SECONDS="${DEPLOY_CHECK_WAIT:-120}"
@@ -132,7 +133,7 @@ EOF
 ensure_tools() {
     local missing=()
     local tool
-    for tool in podman buildah debootstrap runc systemd-analyze shellcheck; do
+    for tool in podman podman-compose buildah debootstrap runc systemd-analyze shellcheck; do
         command -v "$tool" >/dev/null || missing+=("$tool")
     done
     if ((${#missing[@]} == 0)); then

@@ -5,6 +5,12 @@
                                          write INBOX/case001_pred.npy the way producers
                                          should, owned by UID:GID with MODE (octal)
     spool_fixture.py verify OUTPUT REF   OUTPUT holds the dropped data on REF's grid
+    spool_fixture.py drop-many INBOX COUNT [UID:GID]
+                                         write COUNT predictions, case001_pred_<n>.npy
+    spool_fixture.py verify-many SPOOL COUNT
+                                         each of them converted once: its output on
+                                         the reference's grid, archived once, and
+                                         nothing left in the inbox or claimed
     spool_fixture.py has-event EVENT     stdin is JSON log lines and one has "event": EVENT
     spool_fixture.py scrape URL          URL/metrics counts a converted input, URL/healthz is 200
 
@@ -43,9 +49,9 @@ AFFINE = np.array(
 )
 
 
-def _prediction() -> np.ndarray:
-    """The same float32 probability map on every call."""
-    return np.random.default_rng(20240601).random(SHAPE, dtype=np.float32)
+def _prediction(number: int = 0) -> np.ndarray:
+    """The same float32 probability map for one `number` on every call."""
+    return np.random.default_rng(20240601 + number).random(SHAPE, dtype=np.float32)
 
 
 def write_reference(folder: Path) -> Path:
@@ -60,25 +66,65 @@ def write_reference(folder: Path) -> Path:
     return path
 
 
-def drop_prediction(inbox: Path, owner: str = "", mode: int = 0o644) -> Path:
+def drop_prediction(
+    inbox: Path, owner: str = "", mode: int = 0o644, number: int | None = None
+) -> Path:
     """Write under a hidden temporary name, then rename in: the producer protocol.
 
     `owner` ("uid:gid") stands for the producer's user: niftidrop archives an
     input with link(), which the kernel (fs.protected_hardlinks) allows only on
     files it owns or may read and write.
     """
-    temporary = inbox / f".{PREDICTION_NAME}.tmp"
+    name = PREDICTION_NAME if number is None else _numbered(number)
+    temporary = inbox / f".{name}.tmp"
     with temporary.open("wb") as stream:
-        np.save(stream, _prediction())
+        np.save(stream, _prediction(number or 0))
         stream.flush()
         os.fsync(stream.fileno())
     if owner:
         uid, _, gid = owner.partition(":")
         os.chown(temporary, int(uid), int(gid or uid))
     temporary.chmod(mode)
-    final = inbox / PREDICTION_NAME
+    final = inbox / name
     temporary.rename(final)
     return final
+
+
+def _numbered(number: int) -> str:
+    return PREDICTION_NAME.replace(".npy", f"_{number}.npy")
+
+
+def verify_many(spool: Path, count: int) -> list[str]:
+    """Problems with `count` numbered predictions after their conversion: each
+    output holds its prediction on the reference's grid, archive holds each input
+    once (no renamed second copy), and the inbox and every claim folder are empty."""
+    reference = nib.load(spool / "library" / REFERENCE_NAME)
+    problems = []
+    for number in range(count):
+        output = spool / "outbox" / _numbered(number).replace(".npy", ".nii.gz")
+        if not output.exists():
+            problems.append(f"{output}: expected an output, found none")
+            continue
+        image = nib.load(output)
+        if not np.allclose(image.affine, reference.affine, atol=1e-5):
+            problems.append(f"{output}: expected the reference's affine")
+        if not np.array_equal(np.asanyarray(image.dataobj), _prediction(number)):
+            problems.append(f"{output}: voxel values differ from prediction {number}")
+    archived = sorted(path.name for path in (spool / "archive").iterdir())
+    expected = sorted(_numbered(number) for number in range(count))
+    if archived != expected:
+        problems.append(f"archive: expected the {count} inputs once each, found {archived}")
+    inbox = spool / "inbox"
+    left = [
+        path
+        for path in inbox.rglob("*")  # claimed inputs included, not the state's records
+        if path.is_file()
+        and not path.name.startswith(".")
+        and (".niftidrop" not in path.parts or "claimed" in path.parts)
+    ]
+    if left:
+        problems.append(f"expected nothing in the inbox or claimed, found {left}")
+    return problems
 
 
 def verify_output(output: Path, reference: Path) -> list[str]:
@@ -162,6 +208,12 @@ def main(argv: list[str]) -> int:
         owner = args[1] if len(args) > 1 else ""
         mode = int(args[2], 8) if len(args) > 2 else 0o644
         print(drop_prediction(Path(args[0]), owner, mode))
+    elif command == "drop-many":
+        owner = args[2] if len(args) > 2 else ""
+        for number in range(int(args[1])):
+            drop_prediction(Path(args[0]), owner, number=number)
+    elif command == "verify-many":
+        problems = verify_many(Path(args[0]), int(args[1]))
     elif command == "verify":
         problems = verify_output(Path(args[0]), Path(args[1]))
     elif command == "scrape":
