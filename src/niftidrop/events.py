@@ -36,7 +36,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from niftidrop.claims import ERROR_SUFFIX, Claim, Converted, Outcome, SpoolFolders, read_json
+from niftidrop.claims import (
+    CLAIMS,
+    ERROR_SUFFIX,
+    Claim,
+    Converted,
+    Outcome,
+    SpoolFolders,
+    read_json,
+)
 from niftidrop.instances import INSTANCES
 from niftidrop.names import is_temp_name
 from niftidrop.settings import Settings
@@ -227,7 +235,7 @@ class EventStore:
         pending = None if record is None else Pending.from_record(record)
         if pending is None:
             return False  # not an event of ours: left alone
-        if os.path.lexists(pending.claimed):
+        if os.path.lexists(_claimed_here(pending.claimed, path.parent.parent)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             return False
@@ -271,3 +279,12 @@ def _event_files(folder: Path) -> list[Path]:
     except FileNotFoundError:
         return []
     return [path for path in paths if path.suffix == ".json" and not is_temp_name(path.name)]
+
+
+def _claimed_here(claimed: str, instance_folder: Path) -> Path:
+    """The claimed input an event names, as this host sees it: the dead instance may
+    have mounted the spool elsewhere, so the part after `instances/<name>/claimed/`
+    is taken under `instance_folder`."""
+    marker = f"/{INSTANCES}/{instance_folder.name}/{CLAIMS}/"
+    _, found, rest = claimed.partition(marker)
+    return instance_folder / CLAIMS / rest if found else Path(claimed)

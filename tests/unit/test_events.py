@@ -273,3 +273,26 @@ class TestAdoption:
         spool.handle(claim, converted)
         assert [pending.event["input"] for pending in heard] == ["done.npy", "half.npy"]
         assert store_of(spool).adopt() == []
+
+    def test_an_event_is_judged_through_this_host_s_mount(self, tmp_path: Path) -> None:
+        """The dead instance mounted the spool at another path: whether its event's
+        input is still claimed is looked up in its claims folder as seen here."""
+        spool = hooked_spool(tmp_path / "here")
+        dead = hooked_spool(tmp_path / "here", instance="b-node")
+        dead.lock()
+
+        def crash(name: str) -> None:
+            if name == "input_unlink":
+                raise KeyboardInterrupt
+
+        claim = claim_of(dead, "half.npy")
+        with hooked(crash), pytest.raises(KeyboardInterrupt):
+            dead.handle(claim, converted)
+        [path] = (dead.instance_folder / EVENTS).iterdir()
+        record = json.loads(path.read_text())
+        there = str(tmp_path / "there") + record["claimed"].removeprefix(str(tmp_path / "here"))
+        path.write_text(json.dumps({**record, "claimed": there}))
+        old = time.time() - 10 * dead.lease_timeout
+        os.utime(dead.lease.path, (old, old))
+        assert store_of(spool).adopt() == []  # still claimed: recorded again by its finish
+        assert event_files(dead) == []
