@@ -141,7 +141,6 @@ class Chaos:
         self.report = Report()
         self.random = random.Random(20261202)
         self.dropped = 0
-        self._done_dropping = threading.Event()
 
     def run(self, inputs: int, *, bursts: int, kills: int, zombie: bool = True) -> Report:
         write_reference(self.spool / "library" / "case.nii.gz")
@@ -181,7 +180,6 @@ class Chaos:
                 temporary.rename(inbox / f"case_{number:05d}.npy")
                 self.dropped = number + 1
             time.sleep(self.random.uniform(0.5, 2.0))
-        self._done_dropping.set()
 
     def _havoc(self, kills: int, zombie: bool) -> None:
         """`kills` kills of random instances while inputs arrive, and one zombie."""

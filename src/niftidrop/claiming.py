@@ -240,14 +240,14 @@ class Claimer(SpoolFolders):
             found.append((_mtime_ns(claimed), Claim(folder, self._relative_in(folder, claimed))))
         return [claim for _, claim in sorted(found, key=lambda item: item[0])]
 
-    def adopt(self) -> list[tuple[str, list[Claim]]]:
+    def adopt(self, expired: list[tuple[str, str]] | None = None) -> list[tuple[str, list[Claim]]]:
         """Take over the claims of every other instance whose lease has expired, and
         those an earlier version left: (instance, the claims now this one's), for
         each instance something was adopted from. Their empty claim folders are
-        removed (by `rmdir` only)."""
-        sources = [
-            (name, self.state / INSTANCES / name / CLAIMS) for name, _ in self.expired_instances()
-        ]
+        removed (by `rmdir` only). `expired`: `expired_instances()`, when already known."""
+        if expired is None:
+            expired = self.expired_instances()
+        sources = [(name, self.state / INSTANCES / name / CLAIMS) for name, _ in expired]
         sources.append((EARLIER_VERSION, self.legacy_claims_folder))
         adopted = []
         for name, folder in sources:

@@ -215,15 +215,16 @@ class EventStore:
                 ready.append(pending)
         return ready
 
-    def adopt(self) -> list[tuple[str, int]]:
+    def adopt(self, expired: list[tuple[str, str]] | None = None) -> list[tuple[str, int]]:
         """Take over the events left by instances whose lease has expired (before their
         claims: README, Many instances, one spool): (instance, events taken), for each
         instance something was taken from. An event whose input is still in the dead
         instance's claim folder is removed instead: that claim, adopted and finished
         again, records it anew. The others are renamed into this instance's folder (of
-        two adopters one wins each) and go to the listener."""
+        two adopters one wins each) and go to the listener. `expired`: the instances'
+        `expired_instances()`, when already known."""
         adopted = []
-        for name, _ in self._spool.expired_instances():
+        for name, _ in self._spool.expired_instances() if expired is None else expired:
             folder = self._spool.state / INSTANCES / name / EVENTS
             count = sum(self._adopt_one(path) for path in _event_files(folder))
             if count:

@@ -104,19 +104,17 @@ class WorkerPool:
         self.adopt()
         self.deliveries.start()  # the events it left, its claims known (their redo)
 
-    def adopt(self) -> int:
+    def adopt(self) -> None:
         """Adopt the events and claims of instances whose lease expired (and the claims
-        of an earlier version) and queue them; how many claims were adopted."""
+        of an earlier version) and queue them."""
+        expired = self.spool.expired_instances()  # one look serves events and claims
         if self.spool.events is not None:  # before the claims: see EventStore.adopt
-            for instance, count in self.spool.events.adopt():
+            for instance, count in self.spool.events.adopt(expired):
                 log.info("events_adopted", instance=instance, count=count, by=self.spool.instance)
-        total = 0
-        for instance, claims in self.spool.adopt():
+        for instance, claims in self.spool.adopt(expired):
             log.info("claim_adopted", instance=instance, count=len(claims), by=self.spool.instance)
-            total += len(claims)
             for claim in claims:
                 self.submit(Job.claimed(claim), _mtime_ns(claim.path))
-        return total
 
     def start_processes(self) -> None:
         """Start the conversion processes without waiting for them (see `start`)."""
