@@ -8,6 +8,8 @@ a scratch folder of the state folder and says, in words, what it saw and what
 niftidrop does about it; a missing capability that the protocol cannot do without
 is `needed`. `fs_time` reads the file system's own clock, which is what ages of
 files on a shared file system must be measured with (the hosts' clocks may differ).
+`make_folder` is a `mkdir` that survives another client making the same folder at
+the same moment.
 """
 
 from __future__ import annotations
@@ -17,12 +19,17 @@ import errno
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 PROBE_PREFIX: Final = "probe-"
+# GlusterFS answers a mkdir racing another client's mkdir of the same folder (or of
+# a parent) with ESTALE: a fresh look finds the folder. Tries, and the pause between.
+MKDIR_TRIES: Final = 5
+MKDIR_PAUSE_SECONDS: Final = 0.05
 # A scratch folder left by a probe that died is removed by a later probe once it is
 # this old by the file system's clock: no probe takes that long.
 STALE_PROBE_SECONDS: Final = 600.0
@@ -55,6 +62,19 @@ def missing(capabilities: list[Capability]) -> list[str]:
     return [
         f"{item.name}: {item.detail}" for item in capabilities if item.needed and not item.works
     ]
+
+
+def make_folder(folder: Path, *, parents: bool = False) -> None:
+    """`folder.mkdir(parents=parents, exist_ok=True)`, tried again while a shared file
+    system says ESTALE (another client made it, or a parent, at the same moment)."""
+    for tries in range(1, MKDIR_TRIES + 1):
+        try:
+            folder.mkdir(parents=parents, exist_ok=True)
+            return
+        except OSError as error:
+            if error.errno != errno.ESTALE or tries == MKDIR_TRIES:
+                raise
+        time.sleep(MKDIR_PAUSE_SECONDS)
 
 
 def fs_time(folder: Path) -> float:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from niftidrop.errors import ConfigError
-from niftidrop.fs_probe import fs_time
+from niftidrop.fs_probe import fs_time, make_folder
 
 INSTANCES: Final = "instances"
 LEASE: Final = "lease.json"
@@ -119,7 +119,7 @@ class InstanceLease:
     def take(self) -> None:
         """Hold the lease on this name: make the lease file, or take it over from an
         instance whose lease has expired. Raises `NameTaken` if one holds it still."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_folder(self.folder, parents=True)
         deadline = time.monotonic() + TAKE_SECONDS
         while not self._create():
             found = read_lease(self.path, self.name)

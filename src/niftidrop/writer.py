@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any, Final, Literal, TypedDict, Unpack, cast
 
 from niftidrop.errors import ConversionError, ErrorCode
+from niftidrop.fs_probe import make_folder
 from niftidrop.gzip_blocks import GzipBlockWriter
 from niftidrop.names import temp_path_for, unique_name, unique_names
 from niftidrop.steps import step
@@ -93,7 +94,7 @@ def make_folders(folder: Path, *, fsync: bool = True) -> None:
         step("folder_create")
         # Created by another thread meanwhile: fsync'ed all the same, since this
         # thread's file may be durable before the other thread's fsync.
-        new.mkdir(exist_ok=True)
+        make_folder(new)
         if fsync:
             fsync_folder(new.parent)
 

@@ -15,6 +15,7 @@ from niftidrop.fs_probe import (
     STALE_PROBE_SECONDS,
     Capability,
     fs_time,
+    make_folder,
     missing,
     probe,
 )
@@ -75,3 +76,19 @@ class TestClock:
         now = fs_time(tmp_path)
         assert before - 1 <= now <= time.time() + 1
         assert list(tmp_path.iterdir()) == []
+
+    def test_make_folder_makes_or_finds_it_and_says_what_is_in_the_way(
+        self, tmp_path: Path
+    ) -> None:
+        """Made with its parents, found when it exists; a file in its place, or a
+        missing parent without `parents`, is the OS error (only ESTALE is tried
+        again: the racing clients of test_sharedfs.py)."""
+        folder = tmp_path / "a" / "b"
+        make_folder(folder, parents=True)
+        make_folder(folder)
+        assert folder.is_dir()
+        (tmp_path / "file").write_text("")
+        with pytest.raises(FileExistsError):
+            make_folder(tmp_path / "file")
+        with pytest.raises(FileNotFoundError):
+            make_folder(tmp_path / "missing" / "c")
