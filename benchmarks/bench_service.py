@@ -44,6 +44,8 @@ import isal.igzip
 import nibabel
 import numpy as np
 
+from niftidrop.writer import fsync_folder
+
 nib: Any = nibabel  # nibabel's functions carry no annotations
 
 THROUGHPUT_BAR = 2.0  # niftidrop at least this many times the baseline's files per second
@@ -230,14 +232,6 @@ def durable_work(root: str, names: Sequence[str]) -> None:
         (archive / name).hardlink_to(claim)
         fsync_folder(archive)
         claim.unlink()
-
-
-def fsync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 class DurableLimit:
