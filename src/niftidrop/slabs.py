@@ -30,8 +30,10 @@ SLAB_BYTES = 4 * 1024 * 1024
 TRANSPOSE_SLAB_FRACTION = 8
 TRANSPOSE_SLAB_CAP = 1024 * 1024 * 1024
 PIECE_BYTES = 4 * 1024 * 1024
-# A streamed `.npz` member is decompressed again for each such slab: fewer, larger ones.
+# A streamed `.npz` member is decompressed again for each such slab: fewer, larger ones,
+# and smaller pieces, as its two slabs take more of the memory the pieces share.
 STREAM_SLAB_FRACTION = 6
+STREAM_PIECE_BYTES = 2 * 1024 * 1024
 
 Index = tuple[slice | int, ...]
 # A transposing copy is cache-friendly in tiles this long along the axes that
@@ -113,7 +115,7 @@ def _pieces(part: Array, argmax: bool, source: InputArray) -> Iterator[tuple[Ind
     stride, axis = max(sizes)
     # With argmax every step along `axis` reads each channel's stretch of the file.
     span = max(stride, 1) * (part.shape[-1] if argmax else 1)
-    step = max(1, PIECE_BYTES // span)
+    step = max(1, (STREAM_PIECE_BYTES if source.stream else PIECE_BYTES) // span)
     for start in range(0, part.shape[axis], step):
         index = (slice(None),) * axis + (slice(start, start + step),)
         values = part[index]
