@@ -16,7 +16,8 @@ run's file, the folder fsynced). Its file must be byte for byte niftidrop's.
 Streamed `.npz` members and lean argmax have cases of their own: a 256³ float32
 `.npz`, and 4x256³ float16 softmax maps (a channels-first `.npz`, and a (C, Z, Y, X)
 `.npy` read with `axis_order = "zyx"`) arg-maxed, against the time of compressing the
-`.npz`'s `keep` output alone (its compress-only run).
+`.npz`'s `keep` output alone (its compress-only run). A CT-sized 512x512x300 uint8
+label map (whatever `--size` says) shows the transposing copy on a large input.
 
     python -m benchmarks convert            # or: python -m benchmarks.bench_convert
     python -m benchmarks.bench_convert --runs 5 --size 256
@@ -50,6 +51,7 @@ LEVELS = range(4)  # the compression levels ISA-L offers (`compression_level`)
 ARGMAX_TIME_BAR = 1.5  # argmax at most this many times the keep output's compress-only time
 SOFTMAX_CHANNELS = 4
 SMALL_ARRAY = 8 * 2**20  # below this, memory ÷ array size is not shown
+CT_SHAPE = (512, 512, 300)  # a CT's label map, as nnU-Net writes it for a 3-D scan
 LABEL_FILES = 40  # 64³ label maps converted per child, for a per-file time
 
 
@@ -69,6 +71,15 @@ def smooth_probabilities(size: int, channels: int = 0) -> np.ndarray:
     scores = np.stack(shells).astype(np.float32) + np.float32(1e-3)
     softmax: np.ndarray = (scores / scores.sum(axis=0)).astype(np.float32)
     return softmax
+
+
+def ct_labels(shape: tuple[int, int, int]) -> np.ndarray:
+    """A CT-sized label map in C order: nested ellipsoids labelled 0-4."""
+    axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shape]
+    x, y, z = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
+    radius = np.sqrt(x * x + 1.3 * y * y + 0.7 * z * z)
+    labels: np.ndarray = np.clip(5.0 - radius * 6.0, 0, 4).astype(np.uint8)
+    return labels
 
 
 def reference_image(path: Path, shape: tuple[int, ...], spacing: float) -> None:
@@ -92,6 +103,9 @@ def build_inputs(folder: Path, size: int) -> None:
     np.save(folder / "labels.npy", labels)
     np.save(folder / "labels_large.npy", (probabilities * 4.99).astype(np.uint8))
     reference_image(folder / "small.nii.gz", (64,) * 3, 1.0)
+    np.save(folder / "labels_ct.npy", ct_labels(CT_SHAPE))
+    ct_affine = np.diag([0.7, 0.7, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(np.zeros(CT_SHAPE, np.int16), ct_affine), folder / "ct.nii.gz")
     channel_size = size * 5 // 8
     np.save(folder / "softmax.npy", smooth_probabilities(channel_size, channels=4))
     reference_image(folder / "mid.nii.gz", (channel_size,) * 3, 1.0)
@@ -326,6 +340,13 @@ CASES = [
         3,
         ["niftidrop", "compress-only", "nib.save"]
         + [f"niftidrop, level {level}" for level in LEVELS if level != 1],
+    ),
+    (
+        "512x512x300 uint8 label map (CT), C order",
+        "labels_ct.npy",
+        "ct.nii.gz",
+        1,
+        ["niftidrop", "compress-only", "nib.save"],
     ),
     (
         "64³ uint8 label map (per file)",
