@@ -57,6 +57,7 @@ def small_steps() -> Iterator[None]:
         for module, name, value in [
             (slabs, "SLAB_BYTES", 300),
             (slabs, "PIECE_BYTES", 200),
+            (slabs, "STREAM_PIECE_BYTES", 200),
             (argmax, "PIECE_BYTES", 200),
             (members, "FILL_BYTES", 500),
             (members, "_MIN_FILL", 100),
