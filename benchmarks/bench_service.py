@@ -4,7 +4,8 @@ The baseline is the obvious script: a watchdog handler that, for each new file,
 globs the library for its reference, calls nidataset's `numpy_to_nifti` (plain
 nibabel when nidataset is missing) and moves the input to an archive folder, one
 file at a time. niftidrop runs as `python -m niftidrop run` with its defaults
-(fsync on, one worker per CPU). Both run as child processes on fresh folders.
+(fsync on, one worker per CPU; `--workers` sets another count). Both run as child
+processes on fresh folders.
 
 1. Throughput: FILES 64³ uint8 label maps, each with its reference, renamed into
    the inbox at once; from the first rename to the last input archived.
@@ -21,6 +22,7 @@ file at a time. niftidrop runs as `python -m niftidrop run` with its defaults
 
     python -m benchmarks service            # or: python -m benchmarks.bench_service
     python -m benchmarks.bench_service --files 200 --drops 10 --idle 5
+    python -m benchmarks.bench_service --workers 4   # niftidrop with 4 workers
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,10 +137,6 @@ def start_niftidrop(root: Path, *extra: str) -> Child:
     child = Child(command, root)
     child.wait_for('"service_ready"')
     return child
-
-
-def start_hooked(root: Path) -> Child:
-    return start_niftidrop(root, *HOOK)
 
 
 def start_baseline(root: Path) -> Child:
@@ -324,9 +322,11 @@ def idle_cpu(pid: int, seconds: float) -> float:
     return (cpu_seconds(pid) - before) / (time.monotonic() - started)
 
 
-def measure(parent: Path, files: int, drops: int, idle: float, rounds: int) -> dict[str, Any]:
+def measure(
+    parent: Path, files: int, drops: int, idle: float, rounds: int, *, workers: int | None = None
+) -> dict[str, Any]:
     """Throughput: best of `rounds`, the methods taking turns (the machine may be shared).
-    Latency and idle CPU: in the first round.
+    Latency and idle CPU: in the first round. `workers`: niftidrop's, if not its default.
 
     Every run's folders are kept until the end: deleting thousands of files just
     before the next run would slow its file creation down (ext4 without a journal
@@ -341,7 +341,12 @@ def measure(parent: Path, files: int, drops: int, idle: float, rounds: int) -> d
         "hooked_last_hook_seconds": [],
         "limit_files_per_second": [],
     }
-    services = {"niftidrop": start_niftidrop, "hooked": start_hooked, "baseline": start_baseline}
+    extra = ("--workers", str(workers)) if workers else ()
+    services: dict[str, Callable[[Path], Child]] = {
+        "niftidrop": lambda root: start_niftidrop(root, *extra),
+        "hooked": lambda root: start_niftidrop(root, *HOOK, *extra),
+        "baseline": start_baseline,
+    }
     methods = ["niftidrop", "limit", "hooked", "baseline"]
     for turn in range(rounds):
         for method in methods if turn % 2 == 0 else methods[::-1]:
@@ -423,15 +428,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--drops", type=int, default=30, help="isolated drops for latency")
     parser.add_argument("--idle", type=float, default=20.0, help="seconds of idle CPU sampling")
     parser.add_argument("--rounds", type=int, default=2, help="throughput runs per method")
+    parser.add_argument("--workers", type=int, help="niftidrop's workers (default: its own)")
     parser.add_argument("--json", action="store_true", help="also print the raw results")
     parser.add_argument("--baseline", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.baseline:
         baseline(args.baseline)
         return 0
-    print(f"service benchmark: {os.cpu_count()} CPUs, {args.files} 64³ uint8 label maps")
+    workers = f", niftidrop with {args.workers} workers" if args.workers else ""
+    print(f"service benchmark: {os.cpu_count()} CPUs, {args.files} 64³ uint8 label maps{workers}")
     with tempfile.TemporaryDirectory(prefix="niftidrop-bench-") as temp:
-        results = measure(Path(temp), args.files, args.drops, args.idle, args.rounds)
+        results = measure(
+            Path(temp), args.files, args.drops, args.idle, args.rounds, workers=args.workers
+        )
     bars = report(results, args.files, args.idle)
     if args.json:
         print(json.dumps(results))
