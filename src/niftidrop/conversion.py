@@ -25,7 +25,7 @@ import numpy.typing as npt
 from niftidrop.arrays import InputArray
 from niftidrop.errors import ConversionError, ErrorCode
 from niftidrop.reference import SPATIAL, NiftiHeader, Reference, nib
-from niftidrop.slabs import copy_in_tiles, slabs_of
+from niftidrop.slabs import copy_in_blocks, slabs_of
 
 Array = npt.NDArray[Any]
 # What becomes of a channel axis (README: Conversion).
@@ -389,6 +389,6 @@ def encode_volume(volume: Volume, source: InputArray) -> Iterator[memoryview | b
                 volume.check(piece)
             # Imaginary parts of a complex -> real cast were checked to be zero.
             values = piece.real if piece.dtype.kind == "c" and volume.dtype.kind != "c" else piece
-            copy_in_tiles(buffer if index is None else buffer[index], values)
+            copy_in_blocks(buffer if index is None else buffer[index], values)
         yield buffer.reshape(-1, order="F").view(np.uint8).data
         source.release_pages()

@@ -1,4 +1,4 @@
-"""Fortran-order slabs of an output volume, and the tiled copy into them."""
+"""Fortran-order slabs of an output volume, and the blocked copy into them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from niftidrop.slabs import copy_in_tiles, slab_indices
+from niftidrop import slabs
+from niftidrop.slabs import copy_in_blocks, slab_indices
 
 
 class TestSlabs:
@@ -23,14 +24,14 @@ class TestSlabs:
         np.testing.assert_array_equal(seen, np.arange(order.size))
 
     @pytest.mark.parametrize("axes", [(0, 1, 2), (2, 1, 0), (1, 2, 0), (0, 2, 1, 3), (3, 2, 1, 0)])
-    def test_tiled_copy_equals_plain_copy(self, axes: tuple[int, ...]) -> None:
-        """The cache-tiled transposing copy writes exactly what a plain copy would."""
+    def test_blocked_copy_equals_plain_copy(self, axes: tuple[int, ...]) -> None:
+        """The transposing copy through blocks writes exactly what a plain copy would."""
         shape = (70, 33, 150, 2)[: len(axes)]
         stored = np.random.default_rng(4).random([shape[a] for a in axes]).astype(np.float32)
         values = stored.transpose(np.argsort(axes))
         assert values.shape == shape
         target = np.zeros(shape, np.float64, order="F")
-        copy_in_tiles(target, values)
+        copy_in_blocks(target, values)
         np.testing.assert_array_equal(target, values)
 
     @settings(max_examples=60, deadline=None)
@@ -41,6 +42,7 @@ class TestSlabs:
         source=st.sampled_from(["u1", "i2", "f2", "f4", "i8", "f8", "c8", "c16"]),
         target=st.sampled_from(["u1", "i2", "f4", "f8", "c16"]),
         reversed_axis=st.integers(-1, 3),
+        block_bytes=st.sampled_from([16, 100, 4096, slabs.BLOCK_BYTES]),
     )
     def test_every_layout_and_item_size_copies_exactly(
         self,
@@ -51,9 +53,11 @@ class TestSlabs:
         source: str,
         target: str,
         reversed_axis: int,
+        block_bytes: int,
     ) -> None:
-        """Any axis order (one axis perhaps reversed), any item size and cast: the tiled
-        copy writes what a plain copy writes."""
+        """Any axis order (one axis perhaps reversed), any item size and cast, blocks
+        of any size (smaller than a value, or than a run along the source's fastest
+        axis, too): the blocked copy writes what a plain copy writes."""
         assume(source.startswith("c") <= target.startswith("c"))  # no complex to real
         shape = [*shape, channels] if channels else shape
         axes = list(range(len(shape)))
@@ -66,5 +70,8 @@ class TestSlabs:
         want = np.zeros(values.shape, target, order="F")
         np.copyto(want, values, casting="unsafe")
         got = np.zeros(values.shape, target, order="F")
-        copy_in_tiles(got, values)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(slabs, "BLOCK_BYTES", block_bytes)
+            patch.setattr(slabs, "PLAIN_COPY_VALUES", 0)
+            copy_in_blocks(got, values)
         np.testing.assert_array_equal(got, want)
