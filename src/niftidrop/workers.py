@@ -12,7 +12,6 @@ the thread of the last one finishes it. What a worker does with a job is
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import queue
 import threading
@@ -279,7 +278,7 @@ class SharedProcesses:
     def __init__(self, processes: list[ConversionProcess]) -> None:
         self.all = processes
         self._idle = list(processes)
-        self._waiting: list[tuple[int, int]] = []  # a heap of the waiting jobs' priorities
+        self._waiting: set[tuple[int, int]] = set()  # the priorities of the jobs waiting
         self._changed = threading.Condition()
         self._lending = True
 
@@ -299,13 +298,12 @@ class SharedProcesses:
     def convert(self, priority: tuple[int, int], *args: Any, **kwargs: Any) -> Any:
         """Convert in the next process lent to `priority`; the process's result."""
         with self._changed:
-            heapq.heappush(self._waiting, priority)
+            self._waiting.add(priority)
             try:
-                while self._lending and not (self._idle and self._waiting[0] == priority):
+                while self._lending and not (self._idle and min(self._waiting) == priority):
                     self._changed.wait()
             finally:
-                self._waiting.remove(priority)
-                heapq.heapify(self._waiting)
+                self._waiting.discard(priority)
                 self._changed.notify_all()  # the next in line may be lent the rest
             if not self._lending:
                 raise ConversionCrashed("the service is stopping: no conversion process is lent")
