@@ -55,8 +55,9 @@ def copy_in_blocks(target: Array, values: Array) -> None:
     laid out as `values` is, except that the target's fastest axis comes second
     fastest (a copy in runs along the source's fastest axis), and then from the
     buffer into `target`, whose reads now stride over a few hundred bytes of
-    cache. NumPy's copy walks in the target's order either way; this is 2-4x
-    faster than tiles of a plain copy for label maps and probabilities alike.
+    cache. NumPy's copy walks in the target's order either way; for arrays in
+    memory this is 2-4x faster than tiles of a plain copy, label maps and
+    probabilities alike (for a mapped file read in pieces, page faults weigh more).
     """
     moving = [(abs(values.strides[a]), a) for a in range(values.ndim) if values.shape[a] > 1]
     source_fast = min(moving)[1] if moving else 0
