@@ -1,6 +1,7 @@
-"""`python tests/killed_at.py STEP ARGS...`: `niftidrop ARGS...` that kills its own
-process group with SIGKILL at the first occurrence of protocol step STEP (see
-niftidrop.steps): a crash exactly there, for tests on real processes."""
+"""`python tests/killed_at.py [--stop] STEP ARGS...`: `niftidrop ARGS...` that kills
+its own process group with SIGKILL at the first occurrence of protocol step STEP
+(see niftidrop.steps): a crash exactly there, for tests on real processes. With
+`--stop` the group is stopped with SIGSTOP instead (a pause there, until a SIGCONT)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,23 @@ from niftidrop.cli import main
 from niftidrop.steps import hooked
 
 
-def kill_at(wanted: str) -> None:
+def signal_at(wanted: str, number: signal.Signals, args: list[str]) -> None:
+    fired = False
+
     def hook(name: str) -> None:
-        if name == wanted:
-            os.killpg(0, signal.SIGKILL)
+        nonlocal fired
+        if name == wanted and not fired:
+            fired = True
+            os.killpg(0, number)
 
     with hooked(hook):
-        main(sys.argv[2:])
-    sys.exit(f"step {wanted} was never reached")
+        main(args)
+    if not fired:
+        sys.exit(f"step {wanted} was never reached")
 
 
 if __name__ == "__main__":
-    kill_at(sys.argv[1])
+    if sys.argv[1] == "--stop":
+        signal_at(sys.argv[2], signal.SIGSTOP, sys.argv[3:])
+    else:
+        signal_at(sys.argv[1], signal.SIGKILL, sys.argv[2:])

@@ -63,8 +63,9 @@ class Claim:
     """An input taken from the inbox: `folder` is its token folder, `relative` its
     path inside the inbox (kept so outputs and archive mirror the inbox).
 
-    `links` is the input's hard-link count when this process claimed it (0 for a
-    claim found at start): a higher count means it may be in archive or failed.
+    `links` is the input's hard-link count when this process claimed it: a higher
+    count means it may be in archive or failed. It is 0 for a claim found at start
+    or adopted, which archive and failed are searched for.
     """
 
     folder: Path

@@ -218,11 +218,15 @@ class Finisher(Claimer):
         """Finish a move to archive or failed that a crash or a failure interrupted."""
         move = read_json(claim.folder / MOVE_RECORD)
         if move is not None:
-            return self._resume_move(claim, info, move)
-        if info.st_nlink > max(1, claim.links):
-            # A claim left by an earlier version, which kept no move record. Other
-            # links alone (a producer's hard link) do not need the search of archive
-            # and failed, which reads the whole folder.
+            resumed = self._resume_move(claim, info, move)
+            if resumed is not None or claim.links:
+                return resumed
+        if not claim.links or info.st_nlink > claim.links:
+            # A claim this process did not take (found at start, or adopted), or one
+            # with more links than when it was taken: the search of archive and
+            # failed, which reads the whole folder. An adopted claim's move record
+            # and link count come from another client of a shared file system, whose
+            # caches may not show them yet; an earlier version kept no move record.
             return self._resume_linked(claim, info)
         return None
 

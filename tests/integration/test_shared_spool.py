@@ -6,6 +6,8 @@ its input's voxels, and nothing is left claimed or half-written."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -64,13 +66,16 @@ KILLED_AT = Path(__file__).resolve().parent.parent / "killed_at.py"
 FAST = ["--settle-seconds", "0.1", "--heartbeat-interval", "0.5", "--log-format", "json"]
 
 
-def niftidrop(root: Path, name: str, *args: str, killed_at: str | None = None) -> list[str]:
-    """The command line of instance `name` on mount point `root`."""
-    head = (
-        [sys.executable, str(KILLED_AT), killed_at]
-        if killed_at
-        else [sys.executable, "-m", "niftidrop"]
-    )
+def niftidrop(
+    root: Path, name: str, *args: str, killed_at: str | None = None, stopped_at: str | None = None
+) -> list[str]:
+    """The command line of instance `name` on mount point `root`: killed (SIGKILL) or
+    stopped (SIGSTOP) at a protocol step if asked."""
+    head = [sys.executable, "-m", "niftidrop"]
+    if killed_at:
+        head = [sys.executable, str(KILLED_AT), killed_at]
+    elif stopped_at:
+        head = [sys.executable, str(KILLED_AT), "--stop", stopped_at]
     return [*head, *args, "--root", str(root), "--instance", name, *FAST]
 
 
@@ -122,6 +127,41 @@ class TestTwoInstances:
             state = second / "inbox" / ".niftidrop" / "instances"
             assert [p for p in files_in(state) if "/claimed/" in p] == []
 
+    @pytest.mark.parametrize("at", ["move_record_commit", "input_link", "input_unlink"])
+    def test_paused_in_the_move_past_its_lease(self, kind: Kind, at: str, tmp_path: Path) -> None:
+        """Stopped (SIGSTOP) at a step of the move into archive, on one mount, past its
+        lease; the other instance adopts the claim and finishes it; then the first
+        one is continued: archive holds the input once, and the first one gives the
+        claim up (`claim_lost`)."""
+        with shared_fs(kind, tmp_path / "fs", mounts=2) as (first, second):
+            write_reference(first / "library" / "case.nii.gz")
+            (first / "inbox").mkdir()
+            drop_by_rename(first / "inbox", "case_1.npy", prediction(1))
+            lease = ["--lease-timeout", "2"]
+            paused = subprocess.Popen(
+                niftidrop(first, "node-a", "run", "--once", *lease, stopped_at=at),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                start_new_session=True,
+            )  # fmt: skip
+            try:
+                _wait_until_stopped(paused.pid)
+                time.sleep(3)  # past node-a's lease
+                done = subprocess.run(
+                    niftidrop(second, "node-b", "run", "--once", *lease),
+                    capture_output=True, text=True, timeout=120, check=False,
+                )  # fmt: skip
+                assert done.returncode == 0, done.stdout + done.stderr
+            finally:
+                os.killpg(paused.pid, signal.SIGCONT)
+                out, err = paused.communicate(timeout=120)
+            events = [json.loads(line) for line in done.stdout.splitlines() if line[:1] == "{"]
+            [adopted] = [event for event in events if event["event"] == "claim_adopted"]
+            assert (adopted["instance"], adopted["count"]) == ("node-a", 1)
+            assert files_in(second / "archive") == ["case_1.npy"], out + err + done.stdout
+            assert np.array_equal(output_of(second, "case_1.npy"), prediction(1))
+            state = second / "inbox" / ".niftidrop" / "instances"
+            assert [p for p in files_in(state) if "/claimed/" in p] == []
+
     def test_one_name_on_two_mounts_the_second_exits_2(self, kind: Kind, tmp_path: Path) -> None:
         """The same instance name started on both mounts: the second is refused."""
         with shared_fs(kind, tmp_path / "fs", mounts=2) as (first, second):
@@ -144,3 +184,13 @@ class TestTwoInstances:
                 running.communicate(timeout=60)
             assert refused.returncode == 2, refused.stdout + refused.stderr
             assert "no live instance named 'node-a'" in refused.stdout + refused.stderr
+
+
+def _wait_until_stopped(pid: int) -> None:
+    """Until process `pid` is stopped (state T in /proc)."""
+    for _ in range(1200):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] == "T":
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} was never stopped")

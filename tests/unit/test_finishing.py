@@ -300,6 +300,24 @@ class TestRecovery:
         assert calls.names == []
         assert files_under(spool.archive_folder) == ["a.npy"]
 
+    def test_a_claim_found_at_start_is_looked_for_past_its_record(self, spool: Spool) -> None:
+        """A claim this process did not take (found at start, or adopted from another
+        client of a shared file system, whose caches may still show an older move
+        record or link count) is looked for in archive by inode when its record does
+        not lead there: it is finished, not converted and archived a second time."""
+        claim = spool.claim(drop(spool, "a.npy"))
+        assert claim is not None
+        (claim.folder / CONVERTED_MARKER).write_text('{"input": "a.npy"}')
+        (claim.folder / MOVE_RECORD).write_text('{"to": "archive", "name": "a-1.npy"}')
+        os.link(claim.path, spool.archive_folder / "a.npy")
+        (found,) = spool.claims()
+        assert found.links == 0
+        calls = Recorder()
+        assert isinstance(spool.handle(found, calls), Converted)
+        assert calls.names == []
+        assert files_under(spool.archive_folder) == ["a.npy"]
+        assert spool.claims() == []
+
     @pytest.mark.parametrize("differs", ["bytes", "time"])
     def test_a_recorded_name_holding_another_file_is_not_taken(
         self, spool: Spool, differs: str
