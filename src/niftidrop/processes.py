@@ -1,4 +1,4 @@
-"""Conversions in child processes: each worker thread has one of its own.
+"""Conversions in child processes, `workers` of them, lent to the worker threads in turn.
 
 Why not in the worker threads themselves: a conversion is mostly Python between
 short system calls and NumPy or igzip work, and the interpreter lock lets one
@@ -67,7 +67,8 @@ class ConversionCrashed(ChildProcessError):
 class ConversionProcess:
     """One child process running `niftidrop.api.convert_file`, one call at a time.
 
-    It belongs to one worker thread; only `kill()` may be called from another.
+    One thread at a time calls it (`niftidrop.workers.SharedProcesses` lends it);
+    only `kill()` may be called from another meanwhile.
     A child that dies is started again at the next call; the call it died in
     (or was killed in after `timeout` seconds) raises `ConversionCrashed`.
     `max_memory` caps the child's private memory (RLIMIT_DATA: its heap and

@@ -1,10 +1,13 @@
 """The service's worker pool (README: Running the service): threads, queue, processes.
 
 Worker threads take jobs from one priority queue ordered by modification time,
-so a backlog goes oldest first; an inbox path waits in it once. Each worker
-converts in a child process of its own (`niftidrop.processes`): the interpreter
-lock would let threads run only one conversion's Python at a time. What a
-worker does with a job is `niftidrop.jobs`.
+so a backlog goes oldest first; an inbox path waits in it once. Conversions run
+in `workers` child processes (`niftidrop.processes`): the interpreter lock would
+let threads run only one conversion's Python at a time. There are
+THREADS_PER_PROCESS worker threads per process, each borrowing an idle process
+for a conversion (`SharedProcesses`), so a process converts the next input while
+the thread of the last one finishes it. What a worker does with a job is
+`niftidrop.jobs`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -21,7 +25,7 @@ from niftidrop.errors import ServiceError
 from niftidrop.hooks import Deliveries
 from niftidrop.jobs import Job, JobRunner, Retries
 from niftidrop.logs import get_logger
-from niftidrop.processes import ConversionProcess
+from niftidrop.processes import ConversionCrashed, ConversionProcess
 
 if TYPE_CHECKING:
     from niftidrop.convert import ConvertFile
@@ -33,6 +37,10 @@ if TYPE_CHECKING:
 
 # At a stop: how long a worker whose conversion process was killed has to notice.
 KILLED_JOB_SECONDS: Final = 5.0
+# Worker threads per conversion process. Besides converting, a job claims its input
+# and finishes it (records, the link into the archive and its fsync, the log line):
+# on small inputs about as long as the conversion, which a second thread overlaps.
+THREADS_PER_PROCESS: Final = 2
 
 log = get_logger()
 
@@ -59,7 +67,7 @@ class WorkerPool:
         # None: `niftidrop.api.convert_file` in a child process per worker; a
         # converter given here (tests) runs in the worker threads themselves.
         self._convert_file = convert_file
-        self._processes: list[ConversionProcess] = []
+        self._processes = SharedProcesses([])
         self._queue: queue.PriorityQueue[tuple[int, int, Job | None]] = queue.PriorityQueue()
         self._order = itertools.count()
         self._queued: set[Path] = set()  # inbox paths waiting in `_queue`
@@ -124,34 +132,33 @@ class WorkerPool:
         # now rather than when the first conversion is done.
         import niftidrop.api  # noqa: F401
 
-        self._processes = [
-            ConversionProcess(
-                max_memory=self.settings.max_memory,
-                timeout=self.settings.conversion_timeout,
-                on_output=self._process_output,
-            )
-            for _ in range(self.settings.workers)
-        ]
-        for process in self._processes:
+        self._processes = SharedProcesses(
+            [
+                ConversionProcess(
+                    max_memory=self.settings.max_memory,
+                    timeout=self.settings.conversion_timeout,
+                    on_output=self._process_output,
+                )
+                for _ in range(self.settings.workers)
+            ]
+        )
+        for process in self._processes.all:
             process.start()
 
     def start(self) -> None:
-        """Wait for the conversion processes, then start a worker thread for each."""
-        converters: list[ConvertFile] = []
-        if self._convert_file is not None:
-            converters = [self._convert_file] * self.settings.workers
-        for process in self._processes:
+        """Wait for the conversion processes, then start THREADS_PER_PROCESS worker
+        threads for each (one per worker for a converter given to run in them)."""
+        threads = self.settings.workers
+        for process in self._processes.all:
             try:
                 process.wait_ready()
             except ChildProcessError as error:
                 raise ServiceError(f"a conversion process did not start: {error}") from None
-            converters.append(process)
-        for number, convert_file in enumerate(converters):
+        if self._convert_file is None:
+            threads *= THREADS_PER_PROCESS
+        for number in range(threads):
             worker = threading.Thread(
-                target=self._work,
-                args=(convert_file,),
-                name=f"niftidrop-worker-{number}",
-                daemon=True,
+                target=self._work, name=f"niftidrop-worker-{number}", daemon=True
             )
             worker.start()
             self._workers.append(worker)
@@ -181,9 +188,11 @@ class WorkerPool:
 
     def release(self) -> None:
         """End the conversion processes (closed already after a normal stop)."""
-        for number, process in enumerate(self._processes):
+        self._processes.stop_lending()
+        busy = self._processes.busy()
+        for process in self._processes.all:
             process.kill()
-            if not self._worker_busy(number):
+            if process not in busy:
                 process.close()
 
     def _process_output(self, pid: int, report: Mapping[str, Any]) -> None:
@@ -198,33 +207,33 @@ class WorkerPool:
             level = "warning"
         getattr(log, level)(event, **fields)
 
-    def _worker_busy(self, number: int) -> bool:
-        return number < len(self._workers) and self._workers[number].is_alive()
-
     def _stop_processes(self, force: bool) -> None:
-        """Close the conversion processes of idle workers; kill those still converting.
+        """Close the idle conversion processes; kill those still converting.
 
-        A killed conversion ends its job at once (its input stays claimed); the
-        worker is given a moment to notice, so that nothing about the input is
-        logged after `service_stopped`.
+        No process is lent any more, so a worker still waiting for one leaves its
+        input claimed. A killed conversion ends its job at once (its input stays
+        claimed); the worker is given a moment to notice, so that nothing about
+        the input is logged after `service_stopped`.
         """
-        for number, process in enumerate(self._processes):
-            if self._worker_busy(number) or force:
-                process.kill()
+        self._processes.stop_lending()
+        for process in self._processes.all if force else self._processes.busy():
+            process.kill()
         deadline = time.monotonic() + KILLED_JOB_SECONDS
         for worker in self._workers:
             worker.join(timeout=max(0.0, deadline - time.monotonic()))
-        for number, process in enumerate(self._processes):
-            if not self._worker_busy(number):  # a worker still inside keeps its pipes
+        busy = self._processes.busy()  # a worker still inside keeps its pipes
+        for process in self._processes.all:
+            if process not in busy:
                 process.close()
 
     # Jobs (on the worker threads).
 
-    def _work(self, convert_file: ConvertFile) -> None:
+    def _work(self) -> None:
         while True:
-            _, _, job = self._queue.get()
+            mtime_ns, order, job = self._queue.get()
             if job is None:
                 return
+            convert_file = self._convert_file or self._processes.converter((mtime_ns, order))
             try:
                 if not self.jobs.stopping.is_set():
                     self._run_job(job, convert_file)
@@ -253,6 +262,80 @@ class WorkerPool:
             if claim is None:
                 return
         self.jobs.finish(job, claim, convert_file)
+
+
+class SharedProcesses:
+    """The conversion processes, lent to the worker threads one conversion at a time.
+
+    `converter(priority)` is a job's `convert_file`: it waits for an idle process
+    and converts in it. Of the jobs waiting, the one first in the queue's order
+    (`priority`) is lent the next process, so a backlog still converts oldest
+    first, give or take the jobs that asked at the same moment. After
+    `stop_lending` a call fails as crashed, which at a stop leaves the input
+    claimed, as a killed conversion does.
+    """
+
+    def __init__(self, processes: list[ConversionProcess]) -> None:
+        self.all = processes
+        self._idle = list(processes)
+        self._waiting: set[tuple[int, int]] = set()  # the priorities of the jobs waiting
+        self._changed = threading.Condition()
+        self._lending = True
+
+    def __repr__(self) -> str:
+        return f"SharedProcesses({len(self.all)}, busy={len(self.busy())}, waiting={self.waiting})"
+
+    @property
+    def waiting(self) -> int:
+        """Jobs waiting for a process now."""
+        with self._changed:
+            return len(self._waiting)
+
+    def converter(self, priority: tuple[int, int]) -> ConvertFile:
+        """The `convert_file` of the job `priority` ((mtime_ns, order) in the queue)."""
+        return _Lent(self, priority)
+
+    def convert(self, priority: tuple[int, int], *args: Any, **kwargs: Any) -> Any:
+        """Convert in the next process lent to `priority`; the process's result."""
+        with self._changed:
+            self._waiting.add(priority)
+            try:
+                while self._lending and not (self._idle and min(self._waiting) == priority):
+                    self._changed.wait()
+            finally:
+                self._waiting.discard(priority)
+                self._changed.notify_all()  # the next in line may be lent the rest
+            if not self._lending:
+                raise ConversionCrashed("the service is stopping: no conversion process is lent")
+            process = self._idle.pop()  # the one given back last: its caches are warm
+        try:
+            return process(*args, **kwargs)
+        finally:
+            with self._changed:
+                self._idle.append(process)
+                self._changed.notify_all()
+
+    def busy(self) -> list[ConversionProcess]:
+        """The processes lent out now."""
+        with self._changed:
+            return [process for process in self.all if process not in self._idle]
+
+    def stop_lending(self) -> None:
+        """Lend no process any more; the jobs waiting for one are told so."""
+        with self._changed:
+            self._lending = False
+            self._changed.notify_all()
+
+
+@dataclass(frozen=True)
+class _Lent:
+    """One job's `convert_file`: a conversion in a process lent in the job's turn."""
+
+    processes: SharedProcesses
+    priority: tuple[int, int]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.processes.convert(self.priority, *args, **kwargs)
 
 
 def _waits_once(job: Job) -> bool:
