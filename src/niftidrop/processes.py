@@ -10,7 +10,9 @@ not the service, and its input stays claimed and is retried.
 
 The child is `python -m niftidrop.processes <parent pid>`. Its stdin carries
 first its limits (`{"max_memory": bytes}`), then pickled requests (positional
-and keyword arguments of `convert_file`); its stdout pickled replies (`("ok",
+and keyword arguments of `convert_file`; a `settings` that is the object the
+last request carried is sent as SAME_SETTINGS, which saves pickling it both
+ways for every input); its stdout pickled replies (`("ok",
 result)`, `("error", exception)` for a rejection or an environmental error, or
 `("crashed", text)` for any other exception); it starts with `("ready", pid)`.
 What it reports on its own (a traceback, a limit it could not set) are JSON
@@ -46,6 +48,8 @@ READY: Final = "ready"
 OK: Final = "ok"
 ERROR: Final = "error"
 CRASHED: Final = "crashed"
+# Stands for the last request's `settings` (see above).
+SAME_SETTINGS: Final = "same settings as the last request"
 _PR_SET_PDEATHSIG: Final = 1
 # The kernel's OOM killer picks the process with the highest score: a child
 # converting a huge input, rather than the service that holds every claim.
@@ -91,6 +95,7 @@ class ConversionProcess:
         self._child: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
         self._ready = False
+        self._settings_sent: object = None  # held, so its id() is not reused
 
     def __repr__(self) -> str:
         return f"ConversionProcess(pid={self.pid})"
@@ -110,7 +115,7 @@ class ConversionProcess:
             stdout=subprocess.PIPE,
             stderr=None if self._on_output is None else subprocess.PIPE,
         )
-        self._child, self._ready = child, False
+        self._child, self._ready, self._settings_sent = child, False, None
         if self._on_output is not None:
             self._reader = threading.Thread(
                 target=_forward_output,
@@ -139,11 +144,15 @@ class ConversionProcess:
         if not self._ready:
             self.wait_ready()
         child = self._running()
+        settings = kwargs.get("settings")
+        if settings is not None and settings is self._settings_sent:
+            kwargs = {**kwargs, "settings": SAME_SETTINGS}
         request = pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
         try:
             _send(_stream(child.stdin), request)
         except OSError:  # a broken pipe: the child is gone
             raise self._ended(child) from None
+        self._settings_sent = settings
         if not _readable(_stream(child.stdout), self.timeout):
             self._end_child()
             raise ConversionCrashed(
@@ -319,11 +328,16 @@ def serve(parent: int) -> int:
         limits = pickle.load(requests)
         _limit_memory(limits.get("max_memory"))
         _send(replies, pickle.dumps((READY, os.getpid())))
+        settings = None
         while True:
             try:
                 args, kwargs = pickle.load(requests)
             except EOFError:
                 return 0
+            if isinstance(kwargs.get("settings"), str) and kwargs["settings"] == SAME_SETTINGS:
+                kwargs["settings"] = settings
+            else:
+                settings = kwargs.get("settings")
             _reply(replies, _call(convert_file, args, kwargs))
     except BrokenPipeError:  # the parent closed our pipes: nobody to reply to
         return 0

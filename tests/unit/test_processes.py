@@ -59,6 +59,21 @@ class TestCalls:
         assert (there.shape_out, there.dtype_out) == (here.shape_out, here.dtype_out)
         assert there.outputs[0].read_bytes() == here.outputs[0].read_bytes()
 
+    def test_each_call_converts_with_its_own_settings(
+        self, process: ConversionProcess, tmp_path: Path, make_reference: MakeReference
+    ) -> None:
+        """Settings sent once and then stood for by a marker (the same object as the
+        last call's), or sent again when they change: each call uses its own."""
+        reference = make_reference(shape=(4, 5, 6))
+        source = tmp_path / "case.npy"
+        np.save(source, np.ones((4, 5, 6), np.uint8))
+        plain = Settings.model_validate({"fsync": False, "compress": False})
+        for number, settings in enumerate([SETTINGS, SETTINGS, plain, plain, SETTINGS]):
+            out = tmp_path / str(number)
+            result = process(source, out, settings=settings, reference=reference)
+            name = "case.nii.gz" if settings.compress else "case.nii"
+            assert result.outputs == (out / name,)
+
     def test_a_rejection_crosses_with_its_code(
         self, process: ConversionProcess, tmp_path: Path, make_reference: MakeReference
     ) -> None:
