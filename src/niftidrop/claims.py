@@ -269,7 +269,11 @@ class SpoolFolders:
     def _write_record(
         self, path: Path, data: Mapping[str, Any], kind: str, *, durable: bool = True
     ) -> None:
-        write_json_atomic(path, data, durable=durable and self.durable, owner=self.owner, kind=kind)
+        # Indented where people read it: the `.error.json` beside a failed input.
+        indent = 2 if kind == "error_record" else None
+        write_json_atomic(
+            path, data, durable=durable and self.durable, owner=self.owner, kind=kind, indent=indent
+        )
 
 
 def _state_id(path: Path) -> str:

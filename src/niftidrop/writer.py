@@ -331,11 +331,22 @@ def write_file(
 
 
 def write_json_atomic(
-    path: Path, data: Mapping[str, Any], *, durable: bool, owner: str = "", kind: str
+    path: Path,
+    data: Mapping[str, Any],
+    *,
+    durable: bool,
+    owner: str = "",
+    kind: str,
+    indent: int | None = None,
 ) -> None:
     """Replace `path` with `data` as JSON, atomically: readers see the old or the new
-    whole file, and a failure at any step leaves no temporary file behind."""
-    text = json.dumps(data, indent=2, default=str) + "\n"
+    whole file, and a failure at any step leaves no temporary file behind.
+
+    `indent` for files people read: JSON with it is made by Python code, about
+    three times slower than the C encoder's compact JSON (40 against 12 µs for a
+    move record).
+    """
+    text = json.dumps(data, indent=indent, default=str) + "\n"
     write_file(
         path,
         [text.encode()],
