@@ -38,9 +38,12 @@ TEMP_PREFIX: Final = "."
 TEMP_SUFFIX: Final = ".tmp"
 # Characters a temporary name adds to the final name at most, for an owner of up
 # to OWNER_MAX_CHARS: the dot before the name, the owner's and the random part's
-# dots, 12 random hex digits and the suffix.
+# dots, RANDOM_DIGITS random hex digits and the suffix.
 OWNER_MAX_CHARS: Final = 24
-TEMP_EXTRA_CHARS: Final = len(TEMP_PREFIX) + 1 + OWNER_MAX_CHARS + 1 + 12 + len(TEMP_SUFFIX)
+RANDOM_DIGITS: Final = 12
+TEMP_EXTRA_CHARS: Final = (
+    len(TEMP_PREFIX) + 1 + OWNER_MAX_CHARS + 1 + RANDOM_DIGITS + len(TEMP_SUFFIX)
+)
 DEFAULT_NAME_MAX: Final = 255
 DEFAULT_PATH_MAX: Final = 4096
 # Room kept for a unique suffix (`-1` ... `-9999`): archive and failed never
@@ -127,10 +130,15 @@ def unique_names(name: str) -> Iterator[str]:
 
 def temp_path_for(final: Path, owner: str = "") -> Path:
     """A fresh hidden temporary name next to `final`, tagged with `owner` if given."""
+    random = secrets.token_hex(RANDOM_DIGITS // 2)
+    return final.with_name(_temp_name(final.name, owner, random))
+
+
+def _temp_name(name: str, owner: str, random: str) -> str:
     if owner and ("." in owner or "/" in owner or len(owner) > OWNER_MAX_CHARS):
         raise ValueError(f"owner: expected at most {OWNER_MAX_CHARS} characters, no dot or /")
     tag = f"{owner}." if owner else ""
-    return final.with_name(f"{TEMP_PREFIX}{final.name}.{tag}{secrets.token_hex(6)}{TEMP_SUFFIX}")
+    return f"{TEMP_PREFIX}{name}.{tag}{random}{TEMP_SUFFIX}"
 
 
 def is_temp_name(name: str) -> bool:
@@ -151,8 +159,10 @@ def is_owned_by(name: str, owner: str) -> bool:
 
 
 def temporary_name(name: str) -> str:
-    """The longest hidden temporary name niftidrop writes before `name` exists."""
-    return temp_path_for(Path(name), owner="x" * OWNER_MAX_CHARS).name
+    """The longest hidden temporary name niftidrop writes before `name` exists: one
+    `temp_path_for` makes, with the longest owner (its random part costs a system
+    call, and only its length matters here)."""
+    return _temp_name(name, "x" * OWNER_MAX_CHARS, "0" * RANDOM_DIGITS)
 
 
 @dataclass(frozen=True)

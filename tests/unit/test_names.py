@@ -90,6 +90,9 @@ class TestShortening:
         made = names.temporary_name("a.nii.gz")
         assert made.startswith(".a.nii.gz")
         assert made.endswith(".tmp")
+        written = names.temp_path_for(Path("a.nii.gz"), "x" * names.OWNER_MAX_CHARS).name
+        assert len(made) == len(written) == len("a.nii.gz") + names.TEMP_EXTRA_CHARS
+        assert names.is_owned_by(made, "x" * names.OWNER_MAX_CHARS)
 
 
 class TestCandidateFilter:
