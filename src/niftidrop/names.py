@@ -200,18 +200,22 @@ def problem(relative: PurePosixPath, destinations: Iterable[Destination]) -> str
     """
     if len(relative.parts) > MAX_DEPTH:
         return f"a path at most {MAX_DEPTH} folders deep, found {len(relative.parts)}"
+    subfolders = relative.parent.parts
     for destination in destinations:
         limits = destination.limits
-        for name in (*relative.parent.parts, *destination.names):
+        for name in (*subfolders, *destination.names):
             if byte_length(name) > limits.name_max:
                 return (
                     f"names of at most {limits.name_max} bytes in {destination.folder}, "
                     f"found that {name!r} would be {byte_length(name)} bytes"
                 )
-        folder = destination.folder / relative.parent
+        folder = destination.folder / relative.parent if subfolders else destination.folder
+        # Counted rather than joined for each name (a Path per name was most of
+        # the cost of this check, made for every input claimed).
+        folder_bytes = byte_length(folder) + (0 if str(folder).endswith("/") else 1)
         for name in destination.names:
             # The limit counts the path's closing NUL byte.
-            path_bytes = byte_length(folder / name)
+            path_bytes = folder_bytes + byte_length(name)
             if path_bytes >= limits.path_max:
                 return (
                     f"paths shorter than {limits.path_max} bytes, found that "

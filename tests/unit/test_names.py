@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -56,6 +57,20 @@ class TestProblem:
         found = names.problem(PurePosixPath("a.npy"), [outbox("n" * (fits + 1), path_max=100)])
         assert found is not None
         assert "shorter than 100 bytes" in found
+
+    @pytest.mark.parametrize(
+        ("folder", "relative"),
+        [("/spool/outbox", "a.npy"), ("/spool/outbox", "site/é/a.npy"), ("/", "a.npy")],
+    )
+    def test_the_path_limit_is_exact_for_any_folder(self, folder: str, relative: str) -> None:
+        """The path's bytes as the joined path has them (subfolders, a non-ASCII name,
+        the root folder): a path of path_max - 1 bytes fits, one more does not."""
+        inner = PurePosixPath(relative)
+        for made, fits in (("n", True), ("nn", False)):
+            path = Path(folder) / inner.parent / made
+            limit = len(os.fsencode(path)) + (1 if fits else 0)
+            where = Destination(Path(folder), Limits(255, limit), (made,))
+            assert (names.problem(inner, [where]) is None) is fits
 
     def test_too_many_folders(self) -> None:
         """Deeper than MAX_DEPTH folders cannot be mirrored."""
