@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 from niftidrop.cli import main
 from niftidrop.steps import hooked
@@ -21,6 +22,10 @@ def signal_at(wanted: str, number: signal.Signals, args: list[str]) -> None:
         if name == wanted and not fired:
             fired = True
             os.killpg(0, number)
+            # The stop is taken by one of the process's threads, perhaps another
+            # one, while this one runs on for a moment: it waits here meanwhile, so
+            # the step is not done before the stop (and 1 s after a SIGCONT).
+            time.sleep(1.0)
 
     with hooked(hook):
         main(args)
