@@ -267,10 +267,14 @@ class SpoolFolders:
         return len(mine)
 
     def _write_record(
-        self, path: Path, data: Mapping[str, Any], kind: str, *, durable: bool = True
+        self,
+        path: Path,
+        data: Mapping[str, Any],
+        kind: str,
+        *,
+        durable: bool = True,
+        indent: int | None = None,
     ) -> None:
-        # Indented where people read it: the `.error.json` beside a failed input.
-        indent = 2 if kind == "error_record" else None
         write_json_atomic(
             path, data, durable=durable and self.durable, owner=self.owner, kind=kind, indent=indent
         )

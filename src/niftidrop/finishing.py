@@ -130,7 +130,8 @@ class Finisher(Claimer):
 
     def _write_error(self, failed_as: Path, record: Mapping[str, Any]) -> None:
         error_path = failed_as.with_name(failed_as.name + ERROR_SUFFIX)
-        self._write_record(error_path, record, "error_record")
+        # Indented: people read it, beside the failed input.
+        self._write_record(error_path, record, "error_record", indent=2)
 
     def _destination(self, to: str) -> Path:
         return self.archive_folder if to == ARCHIVE else self.failed_folder

@@ -98,7 +98,9 @@ class TestFinish:
         outcome = spool.handle(claim, rejected)
         assert isinstance(outcome, Failed)
         assert files_under(spool.failed_folder) == ["site/a.npy", "site/a.npy.error.json"]
-        record = json.loads((spool.failed_folder / "site/a.npy.error.json").read_text())
+        text = (spool.failed_folder / "site/a.npy.error.json").read_text()
+        assert text.startswith('{\n  "input": ')  # indented: people read it
+        record = json.loads(text)
         assert record["input"] == "site/a.npy"
         assert record["error"] == "shape_mismatch"
         assert "expected" in record["message"]
