@@ -208,7 +208,9 @@ class Settings(BaseSettings):
         description="bytes each conversion process may allocate (default: 1/4 of the memory)",
     )
     conversion_timeout: float = Field(
-        default=600.0, gt=0, description="seconds one conversion may take (then: a crash)"
+        default=600.0,
+        gt=0,
+        description="seconds one conversion may take, from its turn in its process (then: a crash)",
     )
 
     # Hand-off to what comes next (README: Hand-off).

@@ -4,10 +4,11 @@ Worker threads take jobs from one priority queue ordered by modification time,
 so a backlog goes oldest first; an inbox path waits in it once. Conversions run
 in `workers` child processes (`niftidrop.processes`): the interpreter lock would
 let threads run only one conversion's Python at a time. There are
-THREADS_PER_PROCESS worker threads per process, each borrowing an idle process
-for a conversion (`SharedProcesses`), so a process converts the next input while
-the thread of the last one finishes it. What a worker does with a job is
-`niftidrop.jobs`.
+THREADS_PER_PROCESS worker threads per process, each borrowing a process with a
+free place for a conversion (`SharedProcesses`; CALLS_IN_FLIGHT places each), so
+a process converts the next input while the thread of the last one finishes it,
+and has the request after that waiting in its pipe. What a worker does with a
+job is `niftidrop.jobs`.
 """
 
 from __future__ import annotations
@@ -37,10 +38,16 @@ if TYPE_CHECKING:
 
 # At a stop: how long a worker whose conversion process was killed has to notice.
 KILLED_JOB_SECONDS: Final = 5.0
+# Calls a conversion process is lent at once: while it converts one, the next
+# waits in its pipe, so it starts as soon as the last reply is written rather than
+# when the worker given that reply gets this process's interpreter lock and
+# another worker has sent a request (README: Performance).
+CALLS_IN_FLIGHT: Final = 2
 # Worker threads per conversion process. Besides converting, a job claims its input
 # and finishes it (records, the link into the archive and its fsync, the log line):
-# on small inputs about as long as the conversion, which a second thread overlaps.
-THREADS_PER_PROCESS: Final = 2
+# on small inputs about as long as the conversion. CALLS_IN_FLIGHT of them wait on
+# the process while another claims or finishes.
+THREADS_PER_PROCESS: Final = CALLS_IN_FLIGHT + 1
 
 log = get_logger()
 
@@ -140,7 +147,8 @@ class WorkerPool:
                     on_output=self._process_output,
                 )
                 for _ in range(self.settings.workers)
-            ]
+            ],
+            calls_in_flight=CALLS_IN_FLIGHT,
         )
         for process in self._processes.all:
             process.start()
@@ -265,19 +273,23 @@ class WorkerPool:
 
 
 class SharedProcesses:
-    """The conversion processes, lent to the worker threads one conversion at a time.
+    """The conversion processes, each lent to up to `calls_in_flight` worker threads
+    at a time (see `ConversionProcess`: their calls are converted in turn).
 
-    `converter(priority)` is a job's `convert_file`: it waits for an idle process
-    and converts in it. Of the jobs waiting, the one first in the queue's order
-    (`priority`) is lent the next process, so a backlog still converts oldest
-    first, give or take the jobs that asked at the same moment. After
+    `converter(priority)` is a job's `convert_file`: it waits for a process with a
+    free place, the least busy one, and converts in it. Of the jobs waiting, the
+    one first in the queue's order (`priority`) is lent the next place, so a
+    backlog still converts oldest first, give or take the jobs that asked at the
+    same moment. After
     `stop_lending` a call fails as crashed, which at a stop leaves the input
     claimed, as a killed conversion does.
     """
 
-    def __init__(self, processes: list[ConversionProcess]) -> None:
+    def __init__(self, processes: list[ConversionProcess], *, calls_in_flight: int = 1) -> None:
         self.all = processes
-        self._idle = list(processes)
+        self._calls_in_flight = calls_in_flight
+        # A process once per call it may still be lent, the one given back last last.
+        self._free = list(processes) * calls_in_flight
         self._waiting: set[tuple[int, int]] = set()  # the priorities of the jobs waiting
         self._changed = threading.Condition()
         self._lending = True
@@ -300,25 +312,29 @@ class SharedProcesses:
         with self._changed:
             self._waiting.add(priority)
             try:
-                while self._lending and not (self._idle and min(self._waiting) == priority):
+                while self._lending and not (self._free and min(self._waiting) == priority):
                     self._changed.wait()
             finally:
                 self._waiting.discard(priority)
                 self._changed.notify_all()  # the next in line may be lent the rest
             if not self._lending:
                 raise ConversionCrashed("the service is stopping: no conversion process is lent")
-            process = self._idle.pop()  # the one given back last: its caches are warm
+            # The least busy; of those, the one given back last: its caches are warm.
+            process = max(reversed(self._free), key=self._free.count)
+            self._free.remove(process)
         try:
             return process(*args, **kwargs)
         finally:
             with self._changed:
-                self._idle.append(process)
+                self._free.append(process)
                 self._changed.notify_all()
 
     def busy(self) -> list[ConversionProcess]:
         """The processes lent out now."""
         with self._changed:
-            return [process for process in self.all if process not in self._idle]
+            return [
+                process for process in self.all if self._free.count(process) < self._calls_in_flight
+            ]
 
     def stop_lending(self) -> None:
         """Lend no process any more; the jobs waiting for one are told so."""

@@ -102,7 +102,7 @@ class ThreadedService:
 
 
 def conversion_processes(parent: int) -> list[int]:
-    """Running `niftidrop.processes` children started by `parent` (found in /proc)."""
+    """Running `niftidrop.conversion_child` processes started by `parent` (found in /proc)."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
@@ -110,8 +110,8 @@ def conversion_processes(parent: int) -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        # The command line ends "-m niftidrop.processes <parent pid>" (and a NUL).
-        if command[-3:-1] == [b"niftidrop.processes", str(parent).encode()] and state != "Z":
+        # The command line ends "-m niftidrop.conversion_child <parent pid>" (and a NUL).
+        if command[-3:-1] == [b"niftidrop.conversion_child", str(parent).encode()] and state != "Z":
             found.append(int(entry.name))
     return found
 

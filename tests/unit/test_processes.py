@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
+import select
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,7 @@ import pytest
 
 from fifos import wait_for_reader
 from niftidrop import ConversionError, ErrorCode, convert_file
+from niftidrop.conversion_child import receive, send
 from niftidrop.processes import ConversionCrashed, ConversionProcess
 from niftidrop.settings import Settings
 from waiting import wait_until
@@ -333,3 +338,184 @@ def interrupted_call(
     caller.join(timeout=20)
     os.close(writer)
     return raised
+
+
+class TestCallsInFlight:
+    """Calls from several threads at once queue in the child's pipe and convert in turn."""
+
+    def queued_behind_a_blocked_call(
+        self, process: ConversionProcess, folder: Path, second_reference: Path | None = None
+    ) -> tuple[dict[str, Any], list[threading.Thread], int]:
+        """A first call blocked on a FIFO reference and a second queued behind it
+        (with `second_reference`); what each returned or raised (by name), the
+        callers, the FIFO's writer."""
+        outcomes: dict[str, Any] = {}
+        blocking = folder / "reference.nii"
+        os.mkfifo(blocking)
+
+        def call(name: str, reference: Path | None) -> None:
+            source = folder / f"{name}.npy"
+            np.save(source, np.zeros((3, 3, 3), np.uint8))
+            try:
+                outcomes[name] = process(
+                    source, folder / "out", settings=SETTINGS, reference=reference
+                )
+            except BaseException as error:
+                outcomes[name] = error
+
+        first = threading.Thread(target=call, args=("first", blocking))
+        first.start()
+        writer = wait_for_reader(blocking, timeout=20.0)
+        second = threading.Thread(target=call, args=("second", second_reference))
+        second.start()
+        wait_until(lambda: len(process._requests) == 2, what="the second call to be queued")
+        return outcomes, [first, second], writer
+
+    def test_each_call_gets_its_own_reply_in_turn(self, tmp_path: Path) -> None:
+        """The queued call waits for the blocked one; then each has its own outcome,
+        also when both replies are in the pipe before the first is read."""
+        process = started(timeout=10.0)
+        try:
+            outcomes, callers, writer = self.queued_behind_a_blocked_call(process, tmp_path)
+            assert outcomes == {}
+            os.close(writer)  # an empty reference: the first call is rejected
+            # Hold the interpreter lock (a loop in C) while the child replies to
+            # both, so that the callers find both replies in the pipe at once.
+            sum(range(50_000_000))
+            for caller in callers:
+                caller.join(timeout=30)
+        finally:
+            process.close()
+        assert isinstance(outcomes["first"], ConversionError)
+        assert outcomes["second"].outputs[0].name == "second.nii.gz"
+
+    def test_a_call_queued_behind_a_crash_is_sent_to_the_new_child(
+        self, process: ConversionProcess, tmp_path: Path
+    ) -> None:
+        """The child dies in the first call: that one crashed; the queued one never
+        started, so it converts in the next child instead of failing."""
+        outcomes, callers, writer = self.queued_behind_a_blocked_call(process, tmp_path)
+        first = process.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        for caller in callers:
+            caller.join(timeout=30)
+        os.close(writer)
+        assert isinstance(outcomes["first"], ConversionCrashed)
+        assert "SIGKILL" in str(outcomes["first"])
+        assert outcomes["second"].outputs[0].name == "second.nii.gz"
+        assert process.pid not in (None, first)
+
+    def test_kill_ends_every_call_in_flight(
+        self, process: ConversionProcess, tmp_path: Path
+    ) -> None:
+        """`kill()` (a forced stop) abandons the queued call too: it is not sent again."""
+        outcomes, callers, writer = self.queued_behind_a_blocked_call(process, tmp_path)
+        process.kill()
+        for caller in callers:
+            caller.join(timeout=30)
+        os.close(writer)
+        assert [type(outcomes[name]) for name in ("first", "second")] == [ConversionCrashed] * 2
+
+    def test_a_call_queued_behind_a_timeout_converts_in_the_new_child(self, tmp_path: Path) -> None:
+        """The first call runs over `timeout` and its child is killed; the queued
+        one never started, so it converts in the next child."""
+        process = started(timeout=1.0)
+        try:
+            outcomes, callers, writer = self.queued_behind_a_blocked_call(process, tmp_path)
+            first = process.pid
+            for caller in callers:
+                caller.join(timeout=30)
+            os.close(writer)
+            assert isinstance(outcomes["first"], ConversionCrashed)
+            assert "killed after 1 s (conversion_timeout)" in str(outcomes["first"])
+            assert outcomes["second"].outputs[0].name == "second.nii.gz"
+            assert process.pid not in (None, first)
+        finally:
+            process.close()
+
+    def test_a_queued_call_has_its_whole_timeout_from_its_turn(self, tmp_path: Path) -> None:
+        """Queued behind a call of 2 s, a call of 1.5 s is not killed at 3 s: its
+        time runs from its turn, not from when it was sent."""
+        process = started(timeout=3.0)
+        try:
+            later = tmp_path / "later.nii"
+            os.mkfifo(later)
+            outcomes, callers, writer = self.queued_behind_a_blocked_call(
+                process, tmp_path, second_reference=later
+            )
+            time.sleep(2.0)
+            os.close(writer)  # the first call ends (rejected: an empty reference)
+            second = wait_for_reader(later, timeout=20.0)
+            time.sleep(1.5)
+            os.close(second)
+            for caller in callers:
+                caller.join(timeout=30)
+            assert [type(outcomes[name]) for name in ("first", "second")] == [ConversionError] * 2
+        finally:
+            process.close()
+
+    def test_many_calls_from_three_threads_each_get_their_own_reply(
+        self, process: ConversionProcess, tmp_path: Path
+    ) -> None:
+        """Three threads, as in the service, call one process 60 times each with
+        small inputs while a fourth keeps the interpreter busy: every call gets
+        the result of its own input, in the order each thread made them."""
+        results: dict[str, list[str]] = {}
+        done = threading.Event()
+
+        def busy() -> None:
+            while not done.is_set():
+                sum(range(10_000))
+
+        def calls(thread: str) -> None:
+            results[thread] = []
+            for number in range(60):
+                source = tmp_path / f"{thread}_{number}.npy"
+                np.save(source, np.full((4, 4, 4), number, np.uint8))
+                result = process(source, tmp_path / "out", settings=SETTINGS, reference=None)
+                results[thread].append(result.outputs[0].name)
+
+        callers = [threading.Thread(target=calls, args=(name,)) for name in "abc"]
+        spinner = threading.Thread(target=busy)
+        for thread in [spinner, *callers]:
+            thread.start()
+        for caller in callers:
+            caller.join(timeout=60)
+        done.set()
+        spinner.join()
+        assert not any(caller.is_alive() for caller in callers)
+        assert results == {
+            thread: [f"{thread}_{number}.nii.gz" for number in range(60)] for thread in "abc"
+        }
+
+
+class TestMessages:
+    """The messages on the child's pipes."""
+
+    def test_receive_takes_exactly_one_message_off_the_pipe(self) -> None:
+        """Two messages in the pipe: receiving the first leaves the second in the
+        pipe itself, where a poll sees it (not in a buffer of the reader)."""
+        reader, writer = os.pipe()
+        with os.fdopen(reader, "rb", buffering=0) as replies:
+            with os.fdopen(writer, "wb") as requests:
+                send(requests, pickle.dumps(("ok", 1)))
+                send(requests, pickle.dumps(("ok", "two" * 10_000)))
+            assert receive(replies) == ("ok", 1)
+            poller = select.poll()
+            poller.register(replies.fileno(), select.POLLIN)
+            assert poller.poll(0)
+            assert receive(replies) == ("ok", "two" * 10_000)
+            with pytest.raises(EOFError):
+                receive(replies)
+
+    def test_a_message_cut_short_is_an_end_of_the_pipe(self) -> None:
+        """A child that dies in the middle of a reply: EOFError, not a partial value."""
+        reader, writer = os.pipe()
+        with os.fdopen(reader, "rb", buffering=0) as replies:
+            with os.fdopen(writer, "wb") as requests:
+                message = io.BytesIO()
+                send(message, pickle.dumps(("ok", list(range(100)))))
+                requests.write(message.getvalue()[:-5])
+            with pytest.raises(EOFError, match="bytes into a message"):
+                receive(replies)

@@ -134,3 +134,33 @@ class TestSharedProcesses:
         busy.join(timeout=30)
         assert process.calls == ["busy"]
         assert len(errors) == 1
+
+    def test_a_process_is_lent_to_calls_in_flight_jobs_the_least_busy_first(self) -> None:
+        """With two calls in flight, two processes take four jobs, two each (the least
+        busy is lent first); a fifth waits until one gives its place back."""
+        processes = [_Gate(), _Gate()]
+        shared = SharedProcesses(processes, calls_in_flight=2)  # type: ignore[arg-type]
+        threads = [
+            threading.Thread(target=shared.converter((n, n)), args=(f"job{n}",)) for n in range(5)
+        ]
+        for thread in threads[:2]:
+            thread.start()
+        wait_until(
+            lambda: [len(process.calls) for process in processes] == [1, 1],
+            what="one job in each process",
+        )
+        for thread in threads[2:4]:
+            thread.start()
+        wait_until(
+            lambda: [len(process.calls) for process in processes] == [2, 2],
+            what="two jobs in each process",
+        )
+        threads[4].start()
+        wait_until(lambda: shared.waiting == 1, what="the fifth job to wait")
+        assert shared.busy() == processes
+        for process in processes:
+            process.gate.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert sum(len(process.calls) for process in processes) == 5
+        assert (shared.busy(), shared.waiting) == ([], 0)
