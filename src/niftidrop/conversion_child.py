@@ -56,8 +56,7 @@ def send(stream: IO[bytes], message: bytes) -> None:
     length first, so that the reader takes exactly this message off the pipe."""
     data = memoryview(_LENGTH.pack(len(message)) + message)
     while data:  # an unbuffered pipe may take part of it (a signal in the write)
-        written = stream.write(data)
-        data = data[len(data) if written is None else written :]
+        data = data[stream.write(data) :]
     stream.flush()
 
 

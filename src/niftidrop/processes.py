@@ -191,9 +191,9 @@ class ConversionProcess:
             return request
 
     def _reply(self, child: subprocess.Popen[bytes]) -> Any:
-        """The reply to the request whose turn it is: `(status, value)`."""
+        """The reply to the request whose turn it is: `(status, value)`. Over its
+        time, ConversionCrashed: `_take_turn` then kills the child."""
         if not _readable(_stream(child.stdout), self.timeout):
-            self._end_child(child)
             raise ConversionCrashed(
                 f"conversion process {child.pid} killed after {self.timeout:g} s "
                 "(conversion_timeout)"

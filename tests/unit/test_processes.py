@@ -340,6 +340,17 @@ def interrupted_call(
     return raised
 
 
+def assert_second_converted_in_a_new_child(
+    outcomes: dict[str, Any], crash: str, process: ConversionProcess, first: int | None
+) -> None:
+    """The first call crashed (`crash` in its message); the second, queued behind
+    it, converted in a child other than `first`."""
+    assert isinstance(outcomes["first"], ConversionCrashed)
+    assert crash in str(outcomes["first"])
+    assert outcomes["second"].outputs[0].name == "second.nii.gz"
+    assert process.pid not in (None, first)
+
+
 class TestCallsInFlight:
     """Calls from several threads at once queue in the child's pipe and convert in turn."""
 
@@ -401,10 +412,7 @@ class TestCallsInFlight:
         for caller in callers:
             caller.join(timeout=30)
         os.close(writer)
-        assert isinstance(outcomes["first"], ConversionCrashed)
-        assert "SIGKILL" in str(outcomes["first"])
-        assert outcomes["second"].outputs[0].name == "second.nii.gz"
-        assert process.pid not in (None, first)
+        assert_second_converted_in_a_new_child(outcomes, "SIGKILL", process, first)
 
     def test_kill_ends_every_call_in_flight(
         self, process: ConversionProcess, tmp_path: Path
@@ -427,10 +435,9 @@ class TestCallsInFlight:
             for caller in callers:
                 caller.join(timeout=30)
             os.close(writer)
-            assert isinstance(outcomes["first"], ConversionCrashed)
-            assert "killed after 1 s (conversion_timeout)" in str(outcomes["first"])
-            assert outcomes["second"].outputs[0].name == "second.nii.gz"
-            assert process.pid not in (None, first)
+            assert_second_converted_in_a_new_child(
+                outcomes, "killed after 1 s (conversion_timeout)", process, first
+            )
         finally:
             process.close()
 
