@@ -76,10 +76,11 @@ def copy_in_blocks(target: Array, values: Array) -> None:
         for axis in range(values.ndim)
     ]
     buffer = _block_buffer(math.prod(steps) * values.itemsize)
+    back = sorted(range(values.ndim), key=order.__getitem__)  # the buffer's axes to values'
     for block in itertools.product(*ranges):
         part = values[block]
         compact = buffer[: part.nbytes].view(part.dtype).reshape([part.shape[a] for a in order])
-        staged = compact.transpose(np.argsort(order))
+        staged = compact.transpose(back)
         np.copyto(staged, part)
         np.copyto(target[block], staged, casting="unsafe")
 
