@@ -147,12 +147,13 @@ def file_kind(mode: int) -> str:
     return "special file"
 
 
-def open_regular(path: Path) -> BinaryIO:
+def open_regular(path: Path, *, buffering: int = -1) -> BinaryIO:
     """`path` open for reading, if it is a regular file (UNSAFE_INPUT otherwise).
 
     A plain `open` follows a symlink swapped in after the caller's `lstat` and
     blocks forever on a FIFO; this opens without following or blocking and checks
     what it opened. Other OSErrors (EACCES, ENOENT, EIO) are let through.
+    `buffering` as for `open`: 0 for a few large reads, each one system call.
     """
     try:
         fd = os.open(path, _OPEN_FLAGS)
@@ -166,7 +167,7 @@ def open_regular(path: Path) -> BinaryIO:
         try:
             mode = os.fstat(fd).st_mode
             if stat.S_ISREG(mode):
-                return os.fdopen(fd, "rb")
+                return os.fdopen(fd, "rb", buffering=buffering)
         except BaseException:
             os.close(fd)
             raise

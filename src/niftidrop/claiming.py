@@ -201,11 +201,12 @@ class Claimer(SpoolFolders):
         return limits
 
     def _empty_folder(self) -> Path:
-        """A token folder for a new claim: a spare one, or a new one."""
+        """A token folder for a new claim, a spare one or a new one: it holds no record."""
         with self._spare_lock:
-            if self._spare_folders:
-                return self._spare_folders.pop()
-        return Path(tempfile.mkdtemp(prefix="", dir=self.claims_folder))
+            folder = self._spare_folders.pop() if self._spare_folders else None
+        folder = folder or Path(tempfile.mkdtemp(prefix="", dir=self.claims_folder))
+        self._written[folder] = set()
+        return folder
 
     def remove_spare_folders(self) -> None:
         """Remove the empty token folders kept for next claims (when the service stops)."""
@@ -224,6 +225,7 @@ class Claimer(SpoolFolders):
         """
         with self._spare_lock:
             self._spare_folders.clear()
+        self._written.clear()
         found: list[tuple[int, Claim]] = []
         try:
             folders = sorted(entry for entry in self.claims_folder.iterdir() if entry.is_dir())
@@ -237,7 +239,7 @@ class Claimer(SpoolFolders):
             if claimed is None:
                 _remove_if_empty(folder)
                 continue
-            found.append((_mtime_ns(claimed), Claim(folder, self._relative_in(folder, claimed))))
+            found.append((_mtime_ns(claimed), Claim(folder, _relative_in(folder, claimed))))
         return [claim for _, claim in sorted(found, key=lambda item: item[0])]
 
     def adopt(self, expired: list[tuple[str, str]] | None = None) -> list[tuple[str, list[Claim]]]:
@@ -267,7 +269,7 @@ class Claimer(SpoolFolders):
         if claimed is None:
             _remove_if_empty(folder)
             return None
-        relative = self._relative_in(folder, claimed)
+        relative = _relative_in(folder, claimed)
         self.claims_folder.mkdir(parents=True, exist_ok=True)
         target = self.claims_folder / folder.name
         if os.path.lexists(target):  # token names are per instance: two may meet
@@ -277,17 +279,8 @@ class Claimer(SpoolFolders):
             folder.rename(target)
         except FileNotFoundError:
             return None  # another instance adopted it first
+        self._written.pop(target, None)  # it may hold any record: all are looked for
         return Claim(target, relative)
-
-    @staticmethod
-    def _relative_in(folder: Path, claimed: Path) -> PurePosixPath:
-        return PurePosixPath(claimed.relative_to(folder).as_posix())
-
-    def _holds_input(self, folder: Path) -> bool:
-        try:
-            return claimed_input(folder) is not None
-        except OSError:
-            return False  # released meanwhile (the service is running)
 
     def release(self, claim: Claim) -> None:
         """Empty a claim's folder once its input has left, and keep it for a next claim."""
@@ -299,19 +292,34 @@ class Claimer(SpoolFolders):
         try:
             step("release")
             for marker in self._markers:
-                with contextlib.suppress(FileNotFoundError):
-                    (claim.folder / marker).unlink()
+                if self._may_hold(claim, marker):
+                    with contextlib.suppress(FileNotFoundError):
+                        (claim.folder / marker).unlink()
             for folder in [claim.subfolder, *claim.subfolder.parents][:-1]:  # deepest first
                 (claim.folder / folder).rmdir()
         except OSError:
             _remove_if_empty(claim.folder)
             return
+        finally:
+            self._written.pop(claim.folder, None)
         with self._spare_lock:
             if len(self._spare_folders) < SPARE_FOLDERS:
                 self._spare_folders.append(claim.folder)
                 return
         with contextlib.suppress(OSError):  # left empty: the next start removes it
             claim.folder.rmdir()
+
+
+def holds_input(folder: Path) -> bool:
+    """Whether the claim `folder` holds an input (False if it is gone or unreadable)."""
+    try:
+        return claimed_input(folder) is not None
+    except OSError:
+        return False  # released meanwhile (the service is running)
+
+
+def _relative_in(folder: Path, claimed: Path) -> PurePosixPath:
+    return PurePosixPath(claimed.relative_to(folder).as_posix())
 
 
 def _folders_in(folder: Path) -> list[Path]:

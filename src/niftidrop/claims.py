@@ -161,6 +161,12 @@ class SpoolFolders:
             )
         )
         self.lease = InstanceLease(self.state, self.instance, lease_timeout=settings.lease_timeout)
+        # Claim folder -> the records this process has written in it since it took the
+        # folder, empty, for a claim (`Claimer.claim`). Only this process writes a
+        # claim's records (its conversion, `.committing.json`): the others are not
+        # there, and need not be looked for (a read or unlink that finds nothing
+        # costs a system call, and the interpreter lock, per record per input).
+        self._written: dict[Path, set[str]] = {}
 
     def __repr__(self) -> str:
         return f"Spool(inbox={str(self.inbox)!r}, state={str(self.state)!r})"
@@ -266,6 +272,16 @@ class SpoolFolders:
             discard(folder / name)
         return len(mine)
 
+    def _record(self, claim: Claim, name: str) -> dict[str, Any] | None:
+        """The record `name` in `claim`'s folder (None if missing or unreadable); not
+        read when this process took the folder empty and has not written it since."""
+        return read_json(claim.folder / name) if self._may_hold(claim, name) else None
+
+    def _may_hold(self, claim: Claim, name: str) -> bool:
+        """Whether `claim`'s folder may hold the record `name` (see `_record`)."""
+        written = self._written.get(claim.folder)
+        return written is None or name in written or name == COMMIT_RECORD
+
     def _write_record(
         self,
         path: Path,
@@ -275,6 +291,9 @@ class SpoolFolders:
         durable: bool = True,
         indent: int | None = None,
     ) -> None:
+        written = self._written.get(path.parent)
+        if written is not None:
+            written.add(path.name)  # before the write: one that fails may leave it
         write_json_atomic(
             path, data, durable=durable and self.durable, owner=self.owner, kind=kind, indent=indent
         )

@@ -55,7 +55,11 @@ def readiness(path: Path) -> Readiness:
     its bounds), opens like `open_regular`, and never raises.
     """
     try:
-        with open_regular(path) as stream:
+        # A `.npy` header is one read, unbuffered (a buffered file also asks whether
+        # it is a terminal, and where it is); a zip's reads, which a file system may
+        # cut short, stay buffered (a buffered read loops until it has them all).
+        buffering = 0 if path.suffix.lower() == ".npy" else -1
+        with open_regular(path, buffering=buffering) as stream:
             return _stream_readiness(stream, path)
     except (ConversionError, FileNotFoundError, NotADirectoryError):
         return Readiness.CHANGED  # a symlink, a special file or nothing now: look again

@@ -33,7 +33,6 @@ from niftidrop.claims import (
     Failed,
     Outcome,
     error_record,
-    read_json,
 )
 from niftidrop.errors import ConversionError, ErrorCode
 from niftidrop.events import EventStore
@@ -74,16 +73,16 @@ class Finisher(Claimer):
             if not os.path.lexists(claim.folder):
                 raise ClaimLost(claim) from None  # adopted while this instance was paused
             # It left before a crash (or a failure) let the claim be released.
-            self._drop_copy(claim, read_json(claim.folder / MOVE_RECORD))
+            self._drop_copy(claim, self._record(claim, MOVE_RECORD))
             self.release(claim)
             return None
         resumed = self._resume(claim, info)
         if resumed is not None:
             return resumed
-        record = read_json(claim.folder / FAILURE_MARKER)
+        record = self._record(claim, FAILURE_MARKER)
         if record is not None:
             return self.fail(claim, record)
-        summary = read_json(claim.folder / CONVERTED_MARKER) or self._unrecorded.get(claim.folder)
+        summary = self._record(claim, CONVERTED_MARKER) or self._unrecorded.get(claim.folder)
         if summary is None:
             if not stat.S_ISREG(info.st_mode):
                 error = ConversionError(
@@ -148,7 +147,7 @@ class Finisher(Claimer):
         folder = self._destination(move["to"]) / claim.subfolder
         make_folders(folder, fsync=self.durable)
         # A copy left by an earlier try may be partial: it is made again.
-        self._drop_copy(claim, read_json(claim.folder / MOVE_RECORD))
+        self._drop_copy(claim, self._record(claim, MOVE_RECORD))
         for candidate in names.unique_names(claim.name):
             target = folder / candidate
             if os.path.lexists(target) or (
@@ -217,7 +216,7 @@ class Finisher(Claimer):
 
     def _resume(self, claim: Claim, info: os.stat_result) -> Outcome | None:
         """Finish a move to archive or failed that a crash or a failure interrupted."""
-        move = read_json(claim.folder / MOVE_RECORD)
+        move = self._record(claim, MOVE_RECORD)
         if move is not None:
             resumed = self._resume_move(claim, info, move)
             if resumed is not None or claim.links:
@@ -254,13 +253,13 @@ class Finisher(Claimer):
         if self.durable:
             fsync_folder(target.parent)
         if to == FAILED:
-            record = read_json(claim.folder / FAILURE_MARKER) or {}
+            record = self._record(claim, FAILURE_MARKER) or {}
             if not os.path.lexists(target.with_name(name + ERROR_SUFFIX)):
                 self._write_error(target, record)
             return self._leave(claim, move, Failed(claim, record, target))
         summary = move.get("summary")
         if not isinstance(summary, dict):
-            summary = read_json(claim.folder / CONVERTED_MARKER) or {}
+            summary = self._record(claim, CONVERTED_MARKER) or {}
         return self._leave(claim, move, Converted(claim, summary, target))
 
     def _resume_linked(self, claim: Claim, info: os.stat_result) -> Outcome | None:
@@ -271,11 +270,11 @@ class Finisher(Claimer):
             if twin is None:
                 continue
             if folder == self.failed_folder:
-                record = read_json(claim.folder / FAILURE_MARKER) or {}
+                record = self._record(claim, FAILURE_MARKER) or {}
                 if not twin.with_name(twin.name + ERROR_SUFFIX).exists():
                     self._write_error(twin, record)
                 return self._leave(claim, None, Failed(claim, record, twin))
-            summary = read_json(claim.folder / CONVERTED_MARKER) or {}
+            summary = self._record(claim, CONVERTED_MARKER) or {}
             return self._leave(claim, None, Converted(claim, summary, twin))
         return None
 

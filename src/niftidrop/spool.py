@@ -54,6 +54,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from niftidrop.claiming import holds_input
 from niftidrop.claims import CLAIMS, ERROR_SUFFIX, now_iso, read_json
 from niftidrop.finishing import Finisher
 from niftidrop.listing import scan_inbox
@@ -117,9 +118,7 @@ class Spool(Finisher):
         counters: dict[str, Callable[[], int]] = {
             "inbox": lambda: sum(1 for _ in scan_inbox(self.inbox, recursive=self.recursive)),
             # Counted, not listed: `claims()` tidies up, which is the service's business.
-            CLAIMS: lambda: sum(
-                self._holds_input(folder) for folder in _folders(self.claims_folder)
-            ),
+            CLAIMS: lambda: sum(holds_input(folder) for folder in _folders(self.claims_folder)),
             "outbox": lambda: _count_files(self.outbox, lambda name: not name.endswith(".json")),
             "archive": lambda: _count_files(self.archive_folder, is_candidate),
             "failed": lambda: len(self.failed_inputs()),

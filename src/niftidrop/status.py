@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from niftidrop.claiming import claimed_input
+from niftidrop.claiming import holds_input
 from niftidrop.claims import CLAIMS, HEARTBEAT, read_json
 from niftidrop.instances import INSTANCES, LEASE, Lease, read_lease
 from niftidrop.spool import Spool
@@ -98,11 +98,4 @@ def _holding(folder: Path) -> list[Path]:
         entries = [Path(e.path) for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]
     except OSError:
         return []
-    return [entry for entry in entries if _holds_input(entry)]
-
-
-def _holds_input(folder: Path) -> bool:
-    try:
-        return claimed_input(folder) is not None
-    except OSError:
-        return False  # released meanwhile
+    return [entry for entry in entries if holds_input(entry)]

@@ -52,6 +52,9 @@ Content = Iterable[Chunk] | Callable[[IO[bytes]], object]
 THREADED_GZIP_MIN_BYTES = 4 * 1024 * 1024
 OnConflict = Literal["overwrite", "rename", "fail"]
 COPY_CHUNK_BYTES: Final = 1 << 20
+# A written file's buffer. Given a size, `open` does not ask whether the file is a
+# terminal (a system call, and a turn of the interpreter lock, per file written).
+WRITE_BUFFER_BYTES: Final = 64 * 1024
 # Errors of link() that mean "no hard link here" rather than a failure.
 NO_HARD_LINKS: Final = frozenset(
     {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
@@ -126,7 +129,7 @@ def write_temp(
     temp = temp_path_for(final, owner)
     step(f"{kind}_create")
     try:
-        with temp.open("xb") as raw:
+        with temp.open("xb", buffering=WRITE_BUFFER_BYTES) as raw:
             step(f"{kind}_write")
             if compress:
                 one_thread = size is not None and size < THREADED_GZIP_MIN_BYTES

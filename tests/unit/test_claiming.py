@@ -17,6 +17,7 @@ import pytest
 from niftidrop.claims import (
     COMMIT_RECORD,
     CONVERTED_MARKER,
+    FAILURE_MARKER,
     SPARE_FOLDERS,
     Claim,
     Converted,
@@ -435,6 +436,26 @@ class TestInstances:
             assert isinstance(spool.handle(claim, converted), Converted)
         assert files_under(spool.archive_folder) == ["c.npy", "sub/b.npy"]
         assert spool.adopt() == []
+
+    def test_a_claim_adopted_back_keeps_what_the_other_instance_recorded(
+        self, spool: Spool, other: Spool
+    ) -> None:
+        """A claim taken from this instance while it was paused, then adopted back
+        (into the folder it had), is finished from the record the other wrote."""
+        claim = spool.claim(drop(spool, "a.npy"))
+        assert claim is not None
+        spool.lock()
+        _expire(spool)
+        [(_, [theirs])] = other.adopt()
+        (theirs.folder / FAILURE_MARKER).write_text('{"input": "a.npy", "error": "corrupt"}')
+        _expire(other)
+        [(_, [back])] = spool.adopt()
+        assert back.folder == claim.folder
+        outcome = spool.handle(back, converted)
+        spool.unlock()
+        assert isinstance(outcome, Failed)
+        assert outcome.record["error"] == "corrupt"
+        assert files_under(spool.failed_folder) == ["a.npy", "a.npy.error.json"]
 
     def test_of_two_adopters_exactly_one_takes_each_claim(
         self, settings: Settings, spool: Spool, other: Spool

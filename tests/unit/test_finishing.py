@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -22,7 +25,7 @@ from niftidrop.claims import (
 )
 from niftidrop.errors import ConversionError, ErrorCode
 from niftidrop.names import temp_path_for
-from niftidrop.settings import load_settings
+from niftidrop.settings import Settings, load_settings
 from niftidrop.spool import Spool
 from niftidrop.steps import hooked
 from spools import (
@@ -36,6 +39,28 @@ from spools import (
     rejected,
 )
 
+# The files opened and removed while `file_calls` is active, as the interpreter's
+# audit events report them ("open" for `open` and `os.open`, "os.remove" for unlinks).
+_calls: list[tuple[str, Path]] | None = None
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if _calls is not None and event in ("open", "os.remove") and isinstance(args[0], str | Path):
+        _calls.append((event, Path(args[0])))
+
+
+sys.addaudithook(_audit)
+
+
+@contextmanager
+def file_calls() -> Iterator[list[tuple[str, Path]]]:
+    global _calls  # noqa: PLW0603 - the audit hook is process-wide and cannot be removed
+    _calls = []
+    try:
+        yield _calls
+    finally:
+        _calls = None
+
 
 class TestFinish:
     def test_converted_input_is_archived(self, spool: Spool) -> None:
@@ -47,6 +72,22 @@ class TestFinish:
         assert files_under(spool.archive_folder) == ["site/a.npy"]
         assert files_under(spool.claims_folder) == []
         assert [path.name for path in spool.claims_folder.iterdir()] == [claim.folder.name]
+
+    def test_a_claim_of_this_process_is_finished_without_looking_for_other_records(
+        self, spool: Spool
+    ) -> None:
+        """A claim this process took into an empty folder holds only the records it
+        wrote since: the others are neither read nor unlinked (a system call each)."""
+        for name in ("a.npy", "b.npy"):  # b's folder is a's, emptied and kept
+            claim = spool.claim(drop(spool, name))
+            assert claim is not None
+            with file_calls() as calls:
+                assert isinstance(spool.handle(claim, converted), Converted)
+            in_claim = [(event, path.name) for event, path in calls if path.parent == claim.folder]
+            assert [e for e in in_claim if e[1] in (CONVERTED_MARKER, FAILURE_MARKER)] == []
+            assert ("open", MOVE_RECORD) not in in_claim  # written under a temporary name
+            assert ("os.remove", MOVE_RECORD) in in_claim
+            assert files_under(spool.archive_folder)[-1] == name
 
     def test_archive_never_overwrites(self, spool: Spool) -> None:
         """A taken name in archive gets a unique suffix before the extension."""
@@ -276,11 +317,12 @@ class TestTransientFaults:
 class TestRecovery:
     """Each test stops the protocol at one crash point and checks the next start."""
 
-    def test_linked_into_archive_but_not_unlinked(self, spool: Spool) -> None:
+    def test_linked_into_archive_but_not_unlinked(self, spool: Spool, settings: Settings) -> None:
         """A crash between link and unlink finishes as converted, without a duplicate."""
         claim = spool.claim(drop(spool, "a.npy"))
         assert claim is not None
         (claim.folder / CONVERTED_MARKER).write_text('{"input": "a.npy"}')
+        spool = Spool(settings)  # the next start: it knows none of these records
         os.link(claim.path, spool.archive_folder / "a.npy")
         calls = Recorder()
         outcome = spool.handle(claim, calls)
@@ -289,20 +331,25 @@ class TestRecovery:
         assert files_under(spool.archive_folder) == ["a.npy"]
         assert spool.claims() == []
 
-    def test_a_recorded_link_is_known_without_its_inode_number(self, spool: Spool) -> None:
+    def test_a_recorded_link_is_known_without_its_inode_number(
+        self, spool: Spool, settings: Settings
+    ) -> None:
         """Where each path gets its own inode number (sshfs), a recorded move whose
         name holds the input's bytes and times is finished, not made twice."""
         claim = spool.claim(drop(spool, "a.npy"))
         assert claim is not None
         (claim.folder / CONVERTED_MARKER).write_text('{"input": "a.npy"}')
         (claim.folder / MOVE_RECORD).write_text('{"to": "archive", "name": "a.npy"}')
+        spool = Spool(settings)  # the next start: it knows none of these records
         shutil.copy2(claim.path, spool.archive_folder / "a.npy")  # same bytes, other inode
         calls = Recorder()
         assert isinstance(spool.handle(claim, calls), Converted)
         assert calls.names == []
         assert files_under(spool.archive_folder) == ["a.npy"]
 
-    def test_a_claim_found_at_start_is_looked_for_past_its_record(self, spool: Spool) -> None:
+    def test_a_claim_found_at_start_is_looked_for_past_its_record(
+        self, spool: Spool, settings: Settings
+    ) -> None:
         """A claim this process did not take (found at start, or adopted from another
         client of a shared file system, whose caches may still show an older move
         record or link count) is looked for in archive by inode when its record does
@@ -311,6 +358,7 @@ class TestRecovery:
         assert claim is not None
         (claim.folder / CONVERTED_MARKER).write_text('{"input": "a.npy"}')
         (claim.folder / MOVE_RECORD).write_text('{"to": "archive", "name": "a-1.npy"}')
+        spool = Spool(settings)  # the next start: it knows none of these records
         os.link(claim.path, spool.archive_folder / "a.npy")
         (found,) = spool.claims()
         assert found.links == 0
@@ -322,7 +370,7 @@ class TestRecovery:
 
     @pytest.mark.parametrize("differs", ["bytes", "time"])
     def test_a_recorded_name_holding_another_file_is_not_taken(
-        self, spool: Spool, differs: str
+        self, spool: Spool, settings: Settings, differs: str
     ) -> None:
         """The recorded name holds someone else's file (other bytes, or the same bytes
         written at another time): the input gets a name of its own."""
@@ -330,6 +378,7 @@ class TestRecovery:
         assert claim is not None
         (claim.folder / CONVERTED_MARKER).write_text('{"input": "a.npy"}')
         (claim.folder / MOVE_RECORD).write_text('{"to": "archive", "name": "a.npy"}')
+        spool = Spool(settings)  # the next start: it knows none of these records
         theirs = spool.archive_folder / "a.npy"
         shutil.copy2(claim.path, theirs)
         if differs == "bytes":
@@ -343,32 +392,37 @@ class TestRecovery:
         assert files_under(spool.archive_folder) == ["a-1.npy", "a.npy"]
         assert (spool.archive_folder / "a-1.npy").read_bytes() == b"data"
 
-    def test_linked_into_failed_before_the_error_file(self, spool: Spool) -> None:
+    def test_linked_into_failed_before_the_error_file(
+        self, spool: Spool, settings: Settings
+    ) -> None:
         """A crash after the failed link writes the missing .error.json from the claim."""
         claim = spool.claim(drop(spool, "a.npy"))
         assert claim is not None
         record = {"input": "a.npy", "error": "corrupt", "message": "bad"}
         (claim.folder / FAILURE_MARKER).write_text(json.dumps(record))
+        spool = Spool(settings)  # the next start: it knows none of these records
         os.link(claim.path, spool.failed_folder / "a.npy")
         outcome = spool.handle(claim, converted)
         assert isinstance(outcome, Failed)
         assert files_under(spool.failed_folder) == ["a.npy", "a.npy.error.json"]
         assert json.loads((spool.failed_folder / "a.npy.error.json").read_text()) == record
 
-    def test_failure_recorded_but_not_moved(self, spool: Spool) -> None:
+    def test_failure_recorded_but_not_moved(self, spool: Spool, settings: Settings) -> None:
         """A recorded rejection is finished without converting again."""
         claim = spool.claim(drop(spool, "a.npy"))
         assert claim is not None
         (claim.folder / FAILURE_MARKER).write_text('{"input": "a.npy", "error": "corrupt"}')
+        spool = Spool(settings)  # the next start: it knows none of these records
         outcome = spool.handle(claim, converted)
         assert isinstance(outcome, Failed)
         assert files_under(spool.failed_folder) == ["a.npy", "a.npy.error.json"]
 
-    def test_converted_but_not_archived(self, spool: Spool) -> None:
+    def test_converted_but_not_archived(self, spool: Spool, settings: Settings) -> None:
         """A durable output (marker written) is archived without converting again."""
         claim = spool.claim(drop(spool, "a.npy"))
         assert claim is not None
         (claim.folder / CONVERTED_MARKER).write_text('{"input": "a.npy", "rule": "exact"}')
+        spool = Spool(settings)  # the next start: it knows none of these records
 
         def must_not_run(claim: Claim) -> dict[str, Any]:
             raise AssertionError("converted twice")
